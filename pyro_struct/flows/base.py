@@ -1,0 +1,196 @@
+"""The conditional flow interface shared by StrAF, graphical residual flows and structured CNFs."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+from torch import nn
+
+__all__ = ["ConditionalFlow", "check_adjacency", "transitive_closure"]
+
+
+def check_adjacency(adjacency: torch.Tensor, context_dim: int) -> torch.Tensor:
+    """Validate a flow adjacency and return it as a bool tensor.
+
+    Args:
+        adjacency: ``(d, d + context_dim)`` bool (or 0/1) tensor; ``A[i, j]`` means latent
+            ``i`` may depend on input ``j`` (latents first, then context columns).
+        context_dim: number of context columns.
+
+    Returns:
+        The adjacency as a bool tensor of shape ``(d, d + context_dim)``.
+
+    Raises:
+        ValueError: wrong shape, or a latent block that is not strictly lower-triangular
+            (the latent columns must be in sampling order).
+    """
+    A = torch.as_tensor(adjacency)
+    if A.dim() != 2:
+        raise ValueError(f"adjacency must be a matrix of shape (d, d + context_dim); got shape {tuple(A.shape)}")
+    if context_dim < 0:
+        raise ValueError(f"context_dim must be >= 0; got {context_dim}")
+    d = A.shape[0]
+    if A.shape[1] != d + context_dim:
+        raise ValueError(
+            f"adjacency has shape {tuple(A.shape)} but a flow over d={d} latents with "
+            f"context_dim={context_dim} needs shape ({d}, {d + context_dim})"
+        )
+    if d == 0:
+        raise ValueError("adjacency has no rows: a flow needs at least one latent dimension")
+    A = A.bool()
+    latent = A[:, :d]
+    if torch.triu(latent).any():
+        i, j = torch.nonzero(torch.triu(latent))[0].tolist()
+        raise ValueError(
+            f"the latent block of the adjacency must be strictly lower-triangular (rows and columns in "
+            f"sampling order); entry ({i}, {j}) is set. Reorder the latents topologically."
+        )
+    return A.clone()
+
+
+def transitive_closure(adjacency: torch.Tensor) -> torch.Tensor:
+    """Reflexive-transitive closure of a flow adjacency.
+
+    Args:
+        adjacency: ``(d, d + c)`` bool tensor as in :func:`check_adjacency`.
+
+    Returns:
+        ``(d, d + c)`` bool tensor: ``C[i, j]`` iff there is a directed path from input ``j``
+        to latent ``i`` (``C[i, i]`` is always true). A flow's output ``z_i`` can only
+        depend on base noise ``eps_j`` and context ``x_k`` where ``C`` is true.
+    """
+    A = torch.as_tensor(adjacency).bool()
+    d = A.shape[0]
+    C = A.clone()
+    C[:, :d] |= torch.eye(d, dtype=torch.bool)
+    # rows in sampling order: row i's closure is its parents' closures ORed together
+    for i in range(d):
+        parents = torch.nonzero(A[i, :d]).flatten()
+        if len(parents):
+            C[i] |= C[parents].any(0)
+    return C
+
+
+class ConditionalFlow(nn.Module, ABC):
+    """A normalizing flow ``z = T(eps; x)`` over ``d`` latents conditioned on a context ``x``.
+
+    The base distribution is a standard normal on ``eps``. Subclasses implement
+    :meth:`forward` and :meth:`inverse`; everything else follows.
+
+    Shapes: ``eps`` and ``z`` are ``(*batch, d)``; ``x`` is ``(*batch, context_dim)`` or
+    ``None`` when ``context_dim == 0``. A context with fewer batch dimensions than ``z``
+    broadcasts.
+
+    Args:
+        adjacency: ``(d, d + context_dim)`` bool tensor, rows and the first ``d`` columns in
+            sampling order (strictly lower-triangular among latents).
+        context_dim: number of context columns.
+    """
+
+    def __init__(self, adjacency: torch.Tensor, context_dim: int = 0):
+        super().__init__()
+        A = check_adjacency(adjacency, context_dim)
+        self.dim = A.shape[0]
+        self.context_dim = int(context_dim)
+        self.register_buffer("adjacency", A, persistent=False)
+
+    # -------------------------------------------------------------- to implement
+    @abstractmethod
+    def forward(self, eps: torch.Tensor, x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Map base noise to latents.
+
+        Args:
+            eps: ``(*batch, d)`` base noise.
+            x: ``(*batch, context_dim)`` context or ``None``.
+
+        Returns:
+            ``z`` of shape ``(*batch, d)`` and ``log|det dz/deps|`` of shape ``(*batch,)``.
+        """
+
+    @abstractmethod
+    def inverse(self, z: torch.Tensor, x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Map latents to base noise.
+
+        Args:
+            z: ``(*batch, d)`` latents.
+            x: ``(*batch, context_dim)`` context or ``None``.
+
+        Returns:
+            ``eps`` of shape ``(*batch, d)`` and ``log|det deps/dz|`` of shape ``(*batch,)``.
+        """
+
+    # ------------------------------------------------------------------- derived
+    def _check_context(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        if self.context_dim == 0:
+            if x is not None and x.shape[-1] != 0:
+                raise ValueError(f"this flow has no context (context_dim=0) but got x of shape {tuple(x.shape)}")
+            return None
+        if x is None:
+            raise ValueError(f"this flow needs a context x of shape (*batch, {self.context_dim}); got None")
+        if x.shape[-1] != self.context_dim:
+            raise ValueError(f"context x must have last dimension {self.context_dim}; got shape {tuple(x.shape)}")
+        return x
+
+    def base_log_prob(self, eps: torch.Tensor) -> torch.Tensor:
+        """Standard normal log density of ``eps`` ``(*batch, d)`` summed over the last dim: ``(*batch,)``."""
+        return -0.5 * (eps * eps).sum(-1) - 0.5 * self.dim * math.log(2 * math.pi)
+
+    def _reference(self) -> torch.Tensor:
+        """A tensor carrying the flow's dtype and device."""
+        for p in self.parameters():
+            return p
+        for b in self.buffers():
+            if b.is_floating_point():
+                return b
+        return torch.empty(0)
+
+    def _noise(self, x: torch.Tensor | None, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        ref = self._reference()
+        dtype = x.dtype if x is not None else (ref.dtype if ref.is_floating_point() else torch.get_default_dtype())
+        device = x.device if x is not None else ref.device
+        batch = tuple(x.shape[:-1]) if x is not None else ()
+        eps = torch.randn((n,) + batch + (self.dim,), dtype=dtype, device=device)
+        if x is not None:
+            x = x.expand((n,) + batch + (self.context_dim,))
+        return eps, x
+
+    def rsample_and_log_prob(self, x: torch.Tensor | None = None, n: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reparameterised samples and their log density.
+
+        Args:
+            x: ``(*batch, context_dim)`` context or ``None``.
+            n: number of samples per context.
+
+        Returns:
+            ``z`` of shape ``(n, *batch, d)`` and ``log q(z | x)`` of shape ``(n, *batch)``.
+        """
+        x = self._check_context(x)
+        eps, xs = self._noise(x, n)
+        z, logdet = self.forward(eps, xs)
+        return z, self.base_log_prob(eps) - logdet
+
+    def rsample(self, x: torch.Tensor | None = None, n: int = 1) -> torch.Tensor:
+        """Reparameterised samples ``(n, *batch, d)``."""
+        return self.rsample_and_log_prob(x, n)[0]
+
+    @torch.no_grad()
+    def sample(self, x: torch.Tensor | None = None, n: int = 1) -> torch.Tensor:
+        """Samples ``(n, *batch, d)`` without gradients."""
+        return self.rsample_and_log_prob(x, n)[0]
+
+    def log_prob(self, z: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Log density ``log q(z | x)`` of ``z`` ``(*batch, d)``; returns ``(*batch,)``."""
+        x = self._check_context(x)
+        if z.shape[-1] != self.dim:
+            raise ValueError(f"z must have last dimension {self.dim}; got shape {tuple(z.shape)}")
+        if x is not None:
+            batch = torch.broadcast_shapes(z.shape[:-1], x.shape[:-1])
+            z = z.expand(batch + (self.dim,))
+            x = x.expand(batch + (self.context_dim,))
+        eps, logdet = self.inverse(z, x)
+        return self.base_log_prob(eps) + logdet
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, context_dim={self.context_dim}, edges={int(self.adjacency.sum())}"
