@@ -1,0 +1,144 @@
+"""Property checks every conditional flow family must pass (shared by the flow test modules).
+
+Each check takes a built flow (float64 recommended) and raises ``AssertionError`` with a
+message saying which property broke.
+"""
+
+from __future__ import annotations
+
+import networkx as nx
+import torch
+
+from pyro_struct.flows.base import ConditionalFlow, transitive_closure
+
+__all__ = [
+    "random_dag_adjacency",
+    "chain_adjacency",
+    "check_jacobian_structure",
+    "check_logdet",
+    "check_log_prob_consistency",
+    "check_round_trip",
+    "check_gradients",
+    "check_all",
+    "dag_from_adjacency",
+]
+
+
+def random_dag_adjacency(d: int, context_dim: int = 0, p: float = 0.3, seed: int = 0) -> torch.Tensor:
+    """A random ``(d, d + context_dim)`` adjacency, strictly lower-triangular among latents."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.rand(d, d + context_dim, generator=g) < p
+    A[:, :d] = torch.tril(A[:, :d], -1)
+    return A
+
+
+def chain_adjacency(d: int, context_dim: int = 0) -> torch.Tensor:
+    """``z_0 -> z_1 -> ... -> z_{d-1}``; the context feeds the first latent only."""
+    A = torch.zeros(d, d + context_dim, dtype=torch.bool)
+    for i in range(1, d):
+        A[i, i - 1] = True
+    A[0, d:] = True
+    return A
+
+
+def _context(flow: ConditionalFlow, batch=(), seed: int = 0):
+    if flow.context_dim == 0:
+        return None
+    g = torch.Generator().manual_seed(seed + 1)
+    return torch.randn(*batch, flow.context_dim, generator=g, dtype=torch.float64)
+
+
+def _noise(flow: ConditionalFlow, batch=(), seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*batch, flow.dim, generator=g, dtype=torch.float64)
+
+
+def check_jacobian_structure(flow: ConditionalFlow, atol: float = 1e-10, seed: int = 0) -> None:
+    """The Jacobian of ``(eps, x) -> z`` is zero wherever the transitive closure has no path."""
+    eps, x = _noise(flow, seed=seed), _context(flow, seed=seed)
+    d = flow.dim
+    if x is None:
+        J = torch.autograd.functional.jacobian(lambda e: flow.forward(e, None)[0], eps)
+    else:
+        inp = torch.cat([eps, x])
+        J = torch.autograd.functional.jacobian(lambda v: flow.forward(v[:d], v[d:])[0], inp)
+    allowed = transitive_closure(flow.adjacency)
+    bad = (J.abs() > atol) & ~allowed
+    assert not bad.any(), (
+        f"z depends on inputs the structure forbids at (row, col) {torch.nonzero(bad)[:5].tolist()}; "
+        f"values {J[bad][:5].tolist()}"
+    )
+
+
+def check_logdet(flow: ConditionalFlow, atol: float = 1e-5, seed: int = 0) -> None:
+    """``log|det dz/deps|`` from ``forward`` equals slogdet of the autograd Jacobian."""
+    eps, x = _noise(flow, seed=seed), _context(flow, seed=seed)
+    J = torch.autograd.functional.jacobian(lambda e: flow.forward(e, x)[0], eps)
+    _, expected = torch.linalg.slogdet(J)
+    _, logdet = flow.forward(eps, x)
+    assert torch.allclose(logdet, expected, atol=atol), f"forward logdet {logdet.item()} != slogdet {expected.item()}"
+    z = flow.forward(eps, x)[0].detach()
+    Ji = torch.autograd.functional.jacobian(lambda v: flow.inverse(v, x)[0], z)
+    _, expected_inv = torch.linalg.slogdet(Ji)
+    _, logdet_inv = flow.inverse(z, x)
+    assert torch.allclose(logdet_inv, expected_inv, atol=atol), (
+        f"inverse logdet {logdet_inv.item()} != slogdet {expected_inv.item()}"
+    )
+
+
+def check_log_prob_consistency(flow: ConditionalFlow, atol: float = 1e-6, n: int = 7, seed: int = 0) -> None:
+    """``log_prob(z, x)`` of ``rsample_and_log_prob(x, n)``'s samples equals the returned density."""
+    torch.manual_seed(seed)
+    x = _context(flow, batch=(3,), seed=seed)
+    z, lq = flow.rsample_and_log_prob(x, n)
+    batch = (3,) if x is not None else ()
+    assert z.shape == (n, *batch, flow.dim), f"sample shape {tuple(z.shape)}"
+    assert lq.shape == (n, *batch), f"log density shape {tuple(lq.shape)}"
+    lp = flow.log_prob(z.detach(), x)
+    assert torch.allclose(lp, lq.detach(), atol=atol), f"max |log_prob - returned| = {(lp - lq).abs().max().item()}"
+
+
+def check_round_trip(flow: ConditionalFlow, atol: float = 1e-6, seed: int = 0) -> None:
+    """Inverse then forward returns the input, and forward then inverse too."""
+    x = _context(flow, batch=(5,), seed=seed)
+    eps = _noise(flow, batch=(5,), seed=seed)
+    z, ld_f = flow.forward(eps, x)
+    eps2, ld_i = flow.inverse(z, x)
+    assert torch.allclose(eps2, eps, atol=atol), f"forward-inverse error {(eps2 - eps).abs().max().item()}"
+    z2, _ = flow.forward(eps2, x)
+    assert torch.allclose(z2, z, atol=atol), f"inverse-forward error {(z2 - z).abs().max().item()}"
+    assert torch.allclose(ld_f, -ld_i, atol=atol * 10), "forward and inverse log-determinants do not cancel"
+
+
+def check_gradients(flow: ConditionalFlow, seed: int = 0) -> None:
+    """Every trainable parameter gets a finite gradient, and at least one is non-zero."""
+    torch.manual_seed(seed)
+    flow.zero_grad()
+    x = _context(flow, batch=(4,), seed=seed)
+    z, lq = flow.rsample_and_log_prob(x, 3)
+    loss = lq.mean() + (z**2).mean() + flow.log_prob(z.detach() + 0.1, x).mean()
+    loss.backward()
+    grads = [p.grad for p in flow.parameters() if p.requires_grad]
+    assert grads, "flow has no trainable parameters"
+    for (name, p) in flow.named_parameters():
+        if p.grad is not None:
+            assert torch.isfinite(p.grad).all(), f"non-finite gradient in {name}"
+    assert any(g is not None and g.abs().sum() > 0 for g in grads), "all gradients are zero"
+
+
+def check_all(flow: ConditionalFlow, logdet_atol: float = 1e-5, roundtrip_atol: float = 1e-6, jac_atol: float = 1e-10) -> None:
+    """Run every property check on ``flow`` (expects float64 parameters)."""
+    check_jacobian_structure(flow, atol=jac_atol)
+    check_logdet(flow, atol=logdet_atol)
+    check_log_prob_consistency(flow, atol=max(roundtrip_atol, 1e-6))
+    check_round_trip(flow, atol=roundtrip_atol)
+    check_gradients(flow)
+
+
+def dag_from_adjacency(A: torch.Tensor) -> nx.DiGraph:
+    """The DAG of a flow adjacency (input index -> latent index), for path-based checks."""
+    g = nx.DiGraph()
+    g.add_nodes_from(range(A.shape[1]))
+    for i, j in torch.nonzero(A).tolist():
+        g.add_edge(j, i)
+    return g
