@@ -1,7 +1,23 @@
 """Binary weight masks whose product has exactly the zero pattern of an adjacency (StrNN).
 
 Reference: Chen et al. (2023), Structured Neural Networks for Density Estimation and Causal
-Inference, Algorithm 1 (greedy factorisation).
+Inference, Algorithm 1 (greedy factorisation), and the MADE-style subset-precedence masks of
+zuko's ``MaskedMLP`` as the baseline.
+
+Both constructions give every hidden unit a *label*: one of the distinct non-zero rows of
+``A`` (a set of inputs). Unit ``k`` reads input ``j`` iff ``j`` is in its label, reads unit
+``k'`` of the previous layer iff ``label(k')`` is a subset of ``label(k)``, and output ``i``
+reads unit ``k`` iff ``label(k)`` is a subset of ``A[i]``. When every label occurs in every
+hidden layer, the mask product has exactly the zero pattern of ``A`` (every path stays inside
+``A[i]``, and the chain of units labelled ``A[i]`` realises every allowed pair). This is the
+StrNN recursion (hidden units copy the rows of the current target, the output-to-hidden mask
+is the next target) written once for all layers.
+
+Units beyond one full cycle over the labels are free. The baseline (``"made"``) gives them to
+the first labels in lexicographic order; the greedy method gives them to the labels that add
+the most input-output paths, by coordinate ascent over the layers started from the
+baseline's assignment: each step is optimal for one layer given the others (the path count is
+linear in one layer's label counts), so greedy never has fewer paths than the baseline.
 
 Example:
     >>> A = torch.tensor([[0, 0, 0], [1, 0, 0], [1, 1, 0]], dtype=torch.bool)
@@ -21,12 +37,14 @@ import torch
 
 __all__ = ["factorize", "mask_product", "count_paths", "check_masks", "minimum_widths"]
 
+_MAX_SWEEPS = 20
 
-def _as_bool_matrix(A) -> torch.Tensor:
+
+def _as_bool_matrix(A, name: str = "adjacency") -> torch.Tensor:
     A = torch.as_tensor(A)
     if A.dim() != 2:
-        raise ValueError(f"adjacency must be a 2-D (out, in) matrix; got shape {tuple(A.shape)}")
-    return A.bool()
+        raise ValueError(f"{name} must be a 2-D (out, in) matrix; got shape {tuple(A.shape)}")
+    return A.detach().cpu().bool()
 
 
 def _subset_mask(patterns: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -44,26 +62,12 @@ def _subset_mask(patterns: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return outside == 0
 
 
-def _distinct_nonzero_rows(A: torch.Tensor) -> torch.Tensor:
+def _labels(A: torch.Tensor) -> torch.Tensor:
+    """Distinct non-zero rows of ``A`` in lexicographic order (``torch.unique``'s): ``(r, in)``."""
     nonzero = A[A.any(1)]
     if len(nonzero) == 0:
         return nonzero
     return torch.unique(nonzero, dim=0)
-
-
-def _cycle_patterns(A: torch.Tensor, width: int, order: str) -> torch.Tensor:
-    """Input patterns of ``width`` hidden units cycling over ``A``'s distinct non-zero rows."""
-    rows = _distinct_nonzero_rows(A)
-    if len(rows) == 0:
-        # nothing to connect: constant hidden units (an all-zero A is valid)
-        return torch.zeros(width, A.shape[1], dtype=torch.bool)
-    if order == "paths":
-        # a unit with pattern p adds |p| x (#rows of A that contain p) paths; the units that
-        # do not fill a whole cycle go to the patterns that add the most
-        score = rows.sum(1).double() * _subset_mask(rows, A).sum(0).double()
-        rows = rows[torch.argsort(score, descending=True, stable=True)]
-    idx = torch.arange(width) % len(rows)
-    return rows[idx]
 
 
 def minimum_widths(A, num_hidden: int) -> int:
@@ -71,8 +75,8 @@ def minimum_widths(A, num_hidden: int) -> int:
 
     Args:
         A: ``(out, in)`` adjacency.
-        num_hidden: number of hidden layers (unused beyond validation: every layer needs the
-            same minimum, the number of distinct non-zero rows of ``A``).
+        num_hidden: number of hidden layers (every layer needs the same minimum: the number
+            of distinct non-zero rows of ``A``).
 
     Returns:
         The minimum width (at least 1).
@@ -80,28 +84,81 @@ def minimum_widths(A, num_hidden: int) -> int:
     A = _as_bool_matrix(A)
     if num_hidden < 0:
         raise ValueError("num_hidden must be >= 0")
-    return max(1, len(_distinct_nonzero_rows(A)))
+    return max(1, len(_labels(A)))
 
 
-def _factorize(A: torch.Tensor, hidden_sizes: Sequence[int], order: str, widen: bool) -> list[torch.Tensor]:
-    masks = []
-    target = A
-    for layer, h in enumerate(hidden_sizes):
-        need = len(_distinct_nonzero_rows(target))
-        if h < need:
-            if not widen:
-                raise ValueError(
-                    f"hidden layer {layer} has width {h} but this adjacency needs at least {need} units "
-                    f"(its number of distinct non-zero rows) for an exact factorisation; use hidden "
-                    f"sizes >= {need} or pass widen=True"
-                )
-            warnings.warn(f"hidden layer {layer} widened from {h} to {need} units to keep the masks exact")
-            h = need
-        patterns = _cycle_patterns(target, h, order)  # (h, in_prev)
-        masks.append(patterns)
-        target = _subset_mask(patterns, target)  # (out, h): output i may use unit k
-    masks.append(target)
-    return masks
+class _LabelPaths:
+    """Input-output path counts of a label assignment, computed on labels rather than units.
+
+    With ``n_l[b]`` units labelled ``b`` in hidden layer ``l``, the paths arriving at the
+    units of label ``b`` are ``v_1 = |b| n_1`` and ``v_l = n_l * (S^T v_{l-1})``; the total is
+    ``c . v_L`` with ``c[b]`` the number of outputs whose row contains ``b``. The total is
+    linear in each ``n_l``, with coefficient ``f_l * g_l`` (paths into one unit times paths
+    out of it).
+    """
+
+    def __init__(self, labels: torch.Tensor, A: torch.Tensor, subset=None, outputs=None):
+        # subset[a, b]: label a is a subset of label b; outputs[i, b]: label b is a subset of A[i]
+        subset = _subset_mask(labels, labels).T if subset is None else subset
+        outputs = _subset_mask(labels, A) if outputs is None else outputs
+        self.S = subset.double()
+        self.size = labels.sum(1).double()
+        self.c = outputs.sum(0).double()
+
+    def marginal(self, counts: list[torch.Tensor], layer: int) -> torch.Tensor:
+        """Paths added by one more unit of each label in ``layer``: ``(r,)``."""
+        f = self.size
+        for n in counts[:layer]:
+            f = self.S.T @ (n * f)
+        g = self.c
+        for n in reversed(counts[layer + 1 :]):
+            g = self.S @ (n * g)
+        return f * g
+
+    def total(self, counts: list[torch.Tensor]) -> float:
+        return float((counts[-1] * self.marginal(counts, len(counts) - 1)).sum())
+
+
+def _assign_labels(paths: _LabelPaths | None, r: int, widths: list[int]) -> list[torch.Tensor]:
+    """Label index of every unit of every hidden layer (a list of ``(h_l,)`` long tensors).
+
+    ``paths`` is ``None`` for the baseline (no optimisation of the leftover units).
+    """
+    # extras[l]: the labels that get one unit more than a full number of cycles
+    extras = [torch.arange(h % r) for h in widths]
+    if paths is not None and any(len(e) for e in extras):
+
+        def counts_of(extra_sets):
+            out = []
+            for h, e in zip(widths, extra_sets):
+                n = torch.full((r,), float(h // r), dtype=torch.float64)
+                n[e] += 1
+                out.append(n)
+            return out
+
+        best = paths.total(counts_of(extras))
+        for _ in range(_MAX_SWEEPS):
+            improved = False
+            for layer, h in enumerate(widths):
+                m = h % r
+                if m == 0:
+                    continue
+                counts = counts_of(extras)
+                gain = paths.marginal(counts, layer)
+                candidate = list(extras)
+                candidate[layer] = torch.argsort(gain, descending=True, stable=True)[:m]
+                total = paths.total(counts_of(candidate))
+                if total > best:
+                    best, extras, improved = total, candidate, True
+            if not improved:
+                break
+    assignments = []
+    for h, e in zip(widths, extras):
+        rest = torch.ones(r, dtype=torch.bool)
+        rest[e] = False
+        ordering = torch.cat([e, torch.nonzero(rest).flatten()])
+        assignments.append(ordering[torch.arange(h) % r])
+    return assignments
 
 
 def factorize(
@@ -114,11 +171,12 @@ def factorize(
 
     Args:
         A: ``(out, in)`` bool adjacency; ``A[i, j]`` means output ``i`` may depend on input ``j``.
+            An all-zero ``A`` is valid (constant outputs).
         hidden_sizes: widths of the hidden layers (may be empty: one masked linear layer).
-        method: ``"greedy"`` (StrNN: hidden units cycle over the distinct rows of the
-            current target, the leftover units given to the patterns that add the most
+        method: ``"greedy"`` (StrNN: hidden units cycle over the distinct non-zero rows of
+            ``A``, the units left after whole cycles go to the rows that add the most
             input-output paths) or ``"made"`` (the subset-precedence baseline as in zuko's
-            MADE: the same construction with rows taken in lexicographic order).
+            MADE: leftover units go to the first rows in lexicographic order).
         widen: widen a hidden layer that is too narrow for an exact factorisation to the
             minimum (with a warning) instead of raising.
 
@@ -128,25 +186,58 @@ def factorize(
 
     Raises:
         ValueError: a hidden layer narrower than the number of distinct non-zero rows of
-            its target (with the minimum in the message) when ``widen=False``, an unknown
-            method, or a malformed ``A``.
+            ``A`` (with the minimum in the message) when ``widen=False``, an unknown method,
+            or a malformed ``A``.
+
+    Example:
+        >>> A = torch.tensor([[0, 0], [1, 0]], dtype=torch.bool)
+        >>> [m.int().tolist() for m in factorize(A, [2])]
+        [[[1, 0], [1, 0]], [[0, 0], [1, 1]]]
     """
     A = _as_bool_matrix(A)
-    hidden_sizes = [int(h) for h in hidden_sizes]
-    if any(h <= 0 for h in hidden_sizes):
-        raise ValueError(f"hidden sizes must be positive; got {hidden_sizes}")
-    if method == "greedy":
-        masks = _factorize(A, hidden_sizes, "paths", widen)
-    elif method == "made":
-        masks = _factorize(A, hidden_sizes, "lexicographic", widen)
-    else:
+    if method not in ("greedy", "made"):
         raise ValueError(f"unknown factorisation method {method!r}; use 'greedy' or 'made'")
+    try:
+        widths = [int(h) for h in hidden_sizes]
+    except TypeError:
+        raise ValueError(f"hidden_sizes must be a sequence of positive integers; got {hidden_sizes!r}") from None
+    if any(h <= 0 for h in widths):
+        raise ValueError(f"hidden sizes must be positive; got {widths}")
+    if not widths:
+        return [A.clone()]
+
+    labels = _labels(A)
+    r = len(labels)
+    if r == 0:
+        # nothing to connect: hidden units and outputs are constants of their biases
+        sizes = widths + [A.shape[0]]
+        ins = [A.shape[1]] + widths
+        return [torch.zeros(o, i, dtype=torch.bool) for o, i in zip(sizes, ins)]
+    for layer, h in enumerate(widths):
+        if h < r:
+            if not widen:
+                raise ValueError(
+                    f"hidden layer {layer} has width {h} but this adjacency needs at least {r} units "
+                    f"(its number of distinct non-zero rows) for an exact factorisation; use hidden "
+                    f"sizes >= {r} or pass widen=True"
+                )
+            warnings.warn(f"hidden layer {layer} widened from {h} to {r} units to keep the masks exact")
+            widths[layer] = r
+
+    S = _subset_mask(labels, labels).T  # S[a, b]: label a subset of label b
+    outputs = _subset_mask(labels, A)  # (out, r): label b subset of A[i]
+    paths = _LabelPaths(labels, A, S, outputs) if method == "greedy" else None
+    assignment = _assign_labels(paths, r, widths)
+    masks = [labels[assignment[0]]]
+    for prev, cur in zip(assignment[:-1], assignment[1:]):
+        masks.append(S[prev][:, cur].T.contiguous())
+    masks.append(outputs[:, assignment[-1]].contiguous())
     check_masks(masks, A)
     return masks
 
 
 def mask_product(masks: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Number of input-output paths through a stack of masks.
+    """Number of input-output paths through a stack of masks, per (output, input) pair.
 
     Args:
         masks: bool masks ``(h1, in), ..., (out, hL)``.
@@ -161,8 +252,23 @@ def mask_product(masks: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def count_paths(masks: Sequence[torch.Tensor]) -> int:
-    """Total number of input-output paths (the quantity the greedy factorisation maximises)."""
-    return int(mask_product(masks).sum().item())
+    """Total number of input-output paths (the quantity the greedy factorisation maximises).
+
+    Equals ``mask_product(masks).sum()``, computed with matrix-vector products.
+    """
+    v = masks[0].double().sum(1)  # paths from all inputs into each first-layer unit
+    for m in masks[1:]:
+        v = m.double() @ v
+    return int(round(float(v.sum())))
+
+
+def _connectivity(masks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Whether any path joins each (output, input) pair: ``(out, in)`` bool."""
+    P = masks[0].to(torch.float32)
+    for m in masks[1:]:
+        # clamping keeps the counts 0/1, so float32 stays exact for any width
+        P = (m.to(torch.float32) @ P).clamp_(max=1.0)
+    return P > 0
 
 
 def check_masks(masks: Sequence[torch.Tensor], A) -> None:
@@ -170,9 +276,16 @@ def check_masks(masks: Sequence[torch.Tensor], A) -> None:
 
     Both directions are checked: a spurious connection breaks the structure (a wrong
     posterior), a missing one loses a dependency silently.
+
+    Args:
+        masks: bool masks ``(h1, in), ..., (out, hL)``.
+        A: ``(out, in)`` adjacency.
     """
     A = _as_bool_matrix(A)
-    P = mask_product(masks) > 0
+    for k, (lower, upper) in enumerate(zip(masks[:-1], masks[1:])):
+        if upper.shape[1] != lower.shape[0]:
+            raise ValueError(f"mask {k + 1} has {upper.shape[1]} inputs but mask {k} has {lower.shape[0]} outputs")
+    P = _connectivity(masks)
     if P.shape != A.shape:
         raise ValueError(f"mask product has shape {tuple(P.shape)}, adjacency {tuple(A.shape)}")
     spurious = P & ~A

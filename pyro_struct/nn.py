@@ -90,6 +90,9 @@ class MaskedLinear(nn.Linear):
         """Unmasked weights plus biases."""
         return int(self.mask.sum()) + (self.bias.numel() if self.bias is not None else 0)
 
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, unmasked={int(self.mask.sum())}"
+
 
 class StrNN(nn.Module):
     """A masked MLP whose outputs depend on its inputs exactly as an adjacency allows.
@@ -166,6 +169,8 @@ class StrNN(nn.Module):
         return pre
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.shape[-1] != self.d_in:
+            raise ValueError(f"StrNN input must have last dimension {self.d_in}; got shape {tuple(input.shape)}")
         h = input
         for layer, act in zip(self.layers[:-1], self.activations):
             h = act(layer(h))
