@@ -1,0 +1,43 @@
+"""Entry point: ``python -m benchmarks NAME [options]`` runs one benchmark and saves its table."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import runpy
+import sys
+from pathlib import Path
+
+BENCHMARKS = {
+    "lgbn": "linear-Gaussian networks: exact KL of amortised guides vs baselines",
+    "circuit": "arithmetic circuit: flows x structures x objectives at equal wall-clock",
+    "scaling": "compile time and time per step against model size",
+    "compile_scaling": "trace and inversion time for HMMs and plated models",
+    "masks": "greedy vs baseline mask paths and factorisation time",
+    "flows": "faithful vs dense adjacency for each flow family",
+    "amortization": "amortised posterior vs NUTS and per-observation SVI",
+}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python -m benchmarks NAME [options]\n\nbenchmarks:")
+        for k, v in BENCHMARKS.items():
+            print(f"  {k:<16} {v}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in BENCHMARKS:
+        print(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"benchmarks.{name}")
+    if hasattr(module, "main"):
+        return int(module.main(rest) or 0)
+    # script-style benchmark: run it as __main__ with its own argv
+    sys.argv = [str(Path(module.__file__))] + rest
+    runpy.run_path(module.__file__, run_name="__main__")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
