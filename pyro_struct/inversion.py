@@ -16,7 +16,7 @@ from .graph import BayesNet
 
 __all__ = ["InverseStructure", "faithful_inverse", "inverse_structure", "INVERSE_KINDS", "INVERSION_MODES"]
 
-INVERSE_KINDS = ("faithful", "dense", "moralized", "random")
+INVERSE_KINDS = ("faithful", "dense", "moralized", "random", "meanfield")
 INVERSION_MODES = ("top", "bottom", "auto")
 
 # Above this many latents the repr lists only a summary line.
@@ -36,7 +36,7 @@ class InverseStructure:
         order: latent node labels in sampling order.
         observed: observed node labels, in ``bn.observed_nodes`` order (sampled "first": they are
             the conditioning input).
-        kind: ``"faithful"``, ``"dense"``, ``"moralized"`` or ``"random"``.
+        kind: ``"faithful"``, ``"dense"``, ``"moralized"``, ``"random"`` or ``"meanfield"``.
         mode: elimination mode used for the latent order (``"top"`` or ``"bottom"``), or ``None``
             for ``"moralized"`` (which uses reversed trace order).
         barren: latents without an observed descendant (for ``"faithful"``: they keep their model
@@ -532,6 +532,12 @@ def _dense(faithful: InverseStructure) -> InverseStructure:
     return InverseStructure(faithful.bn, order, parents, "dense", faithful.mode, faithful.barren)
 
 
+def _meanfield(faithful: InverseStructure) -> InverseStructure:
+    # the amortised mean-field baseline: every latent sees every observation, no latent
+    order, obs = faithful.order, faithful.observed
+    return InverseStructure(faithful.bn, order, {v: list(obs) for v in order}, "meanfield", faithful.mode, faithful.barren)
+
+
 def _moralized(bn: BayesNet) -> InverseStructure:
     # pyro.infer.inspect.get_dependencies: a latent depends on its children and on those
     # co-parents that come later in the trace, and latents are sampled in reverse trace order,
@@ -589,7 +595,9 @@ def inverse_structure(bn: BayesNet, kind: str = "faithful", seed: int = 0, mode:
             latents), ``"moralized"`` (what ``pyro.infer.inspect.get_dependencies`` computes:
             reversed edges plus co-parents, no fill-in, sampled in reverse trace order; not
             faithful in general, e.g. on an HMM) or ``"random"`` (same order and number of edges
-            as the faithful inverse, a uniformly random pattern of allowed positions).
+            as the faithful inverse, a uniformly random pattern of allowed positions) or
+            ``"meanfield"`` (each latent depends on all observed nodes and on no latent: the
+            amortised mean-field baseline).
         seed: seed of the ``"random"`` pattern.
         mode: elimination mode for the faithful order (``"top"``, ``"bottom"``, ``"auto"``).
 
@@ -612,4 +620,6 @@ def inverse_structure(bn: BayesNet, kind: str = "faithful", seed: int = 0, mode:
         return faithful
     if kind == "dense":
         return _dense(faithful)
+    if kind == "meanfield":
+        return _meanfield(faithful)
     return _random(faithful, seed)

@@ -288,6 +288,16 @@ def test_dense_is_faithful_but_not_minimal(random_bns):
     assert any("not minimal at z1" in m for m in violations(hmm_bn(3), inverse_structure(hmm_bn(3), kind="dense")))
 
 
+def test_meanfield_sees_every_observation_and_no_latent():
+    bn = hmm_bn(3)
+    mf = inverse_structure(bn, kind="meanfield")
+    A = mf.adjacency()
+    n = len(mf.order)
+    assert not A[:, :n].any() and A[:, n:].all()
+    # dropping the latent parents of a faithful inverse loses dependencies: unfaithful
+    assert any(m.startswith("unfaithful") for m in violations(bn, mf, minimal=False))
+
+
 @pytest.mark.parametrize("T", [3, 5])
 def test_moralized_is_unfaithful_on_hmm(T):
     bn = hmm_bn(T)
