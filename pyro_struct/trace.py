@@ -910,7 +910,9 @@ def trace_model(
     Args:
         model: a Pyro model.
         *args, **kwargs: passed to the model on every run.
-        observed: names of the observed sites (default: the sites called with ``obs=``).
+        observed: names of the observed sites. Default: the model's ``observed_sites``
+            attribute if it declares one (the example models in :mod:`pyro_struct.models` do,
+            so they can be traced without data), else the sites called with ``obs=``.
             Observed sites called without a value are drawn from the prior while tracing.
             Every other non-deterministic sample site is a latent.
         granularity: ``"element"`` (default) or ``"site"``: every site is one block and
@@ -946,6 +948,8 @@ def trace_model(
     if not isinstance(num_probes, int) or num_probes < 1:
         raise ValueError(f"num_probes must be a positive int; got {num_probes!r}")
     seed = 0 if seed is None else int(seed)
+    if observed is None:
+        observed = getattr(model, "observed_sites", None)
 
     rng_state = pyro.util.get_rng_state()
     # the provenance run keeps every intermediate tensor alive; cyclic GC passes over them

@@ -105,3 +105,18 @@ def test_strided_convolution_matches_conv2d():
     img, k = torch.randn(2, 9, 9), torch.randn(3, 3)
     expected = torch.nn.functional.conv2d(img[:, None], k[None, None], stride=2)[:, 0]
     assert torch.allclose(strided_convolution(img, k, 2), expected, atol=1e-5)
+
+
+def test_models_declare_their_observed_sites():
+    import pyro_struct as ps
+
+    net = LinearGaussianNetwork.random(5, seed=0)
+    for model, expected in [
+        (arithmetic_circuit(), ["x0", "x1"]),
+        (hmm(3), ["x_0", "x_1", "x_2"]),
+        (hierarchical(2), ["x"]),
+        (deconvolution(), ["kernel", "output"]),
+        (net.model, net.observed_sites),
+    ]:
+        assert model.observed_sites == expected
+        assert ps.trace_model(model).observed_sites == expected

@@ -1,5 +1,10 @@
 """Example models: the arithmetic circuit, linear-Gaussian networks, an HMM, a hierarchical model
-and the stochastic deconvolution of Weilbach et al."""
+and the stochastic deconvolution of Weilbach et al.
+
+Every model declares its observed sites as ``model.observed_sites``, which
+:func:`~pyro_struct.trace_model` and :class:`~pyro_struct.StructuredGuide` use as their default
+``observed=``, so the models can be compiled without data.
+"""
 
 from .circuit import arithmetic_circuit
 from .deconvolution import deconvolution

@@ -39,6 +39,7 @@ def arithmetic_circuit():
         return x0, x1
 
     model.__name__ = "arithmetic_circuit"
+    model.observed_sites = ["x0", "x1"]
     return model
 
 

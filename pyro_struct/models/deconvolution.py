@@ -50,4 +50,5 @@ def deconvolution(image_size: int = 9, kernel_size: int = 3, stride: int = 2, no
         return image
 
     model.__name__ = "deconvolution"
+    model.observed_sites = ["kernel", "output"]
     return model

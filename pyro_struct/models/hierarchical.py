@@ -23,8 +23,9 @@ def hierarchical(N: int, noise_scale: float = 1.0):
         mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0), torch.tensor(1.0)))
         tau = pyro.sample("tau", dist.LogNormal(torch.tensor(0.0), torch.tensor(0.5)))
         with pyro.plate("data", N, dim=-1):
-            z = pyro.sample("z", dist.Normal(mu.unsqueeze(-1), tau.unsqueeze(-1)))
+            z = pyro.sample("z", dist.Normal(mu, tau))
             pyro.sample("x", dist.Normal(z, noise_scale), obs=x)
 
     model.__name__ = f"hierarchical_{N}"
+    model.observed_sites = ["x"]
     return model

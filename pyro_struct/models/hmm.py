@@ -28,4 +28,5 @@ def hmm(T: int, transition: float = 0.9, process_scale: float = 0.5, noise_scale
             pyro.sample(f"x_{t}", dist.Normal(z, noise_scale), obs=None if x is None else x[..., t])
 
     model.__name__ = f"hmm_{T}"
+    model.observed_sites = [f"x_{t}" for t in range(T)]
     return model

@@ -232,6 +232,7 @@ class LinearGaussianNetwork:
             return values
 
         model.__name__ = "linear_gaussian_network"
+        model.observed_sites = list(self.observed_sites)
         return model
 
     # ------------------------------------------------------------------ utilities
