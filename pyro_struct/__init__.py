@@ -25,6 +25,8 @@ _EXPORTS = {
     "StructuredGuide": "guide",
     "Posterior": "guide",
     "amortize": "guide",
+    "AmortizedModel": "guide",
+    "TrainingError": "training",
     "CompiledStructure": "inspect",
 }
 

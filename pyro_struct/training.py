@@ -1,0 +1,219 @@
+"""The training loop of amortised guides: simulations, Adam with a schedule, progress bar, checkpoints."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable
+
+import pyro
+import torch
+from tqdm import tqdm
+
+from .objectives import Simulations, get_objective
+
+__all__ = ["fit", "TrainingError", "learning_rate_factor"]
+
+
+class TrainingError(RuntimeError):
+    """Training stopped on a non-finite loss or gradient; the last good parameters were restored."""
+
+
+def learning_rate_factor(schedule: str | Callable | None, step: int, num_steps: int) -> float:
+    """Multiplier of the base learning rate at ``step`` of ``num_steps``.
+
+    ``"cosine"`` decays from 1 to 0.01 along a half cosine; ``None``/``"constant"`` keeps 1;
+    a callable ``schedule(step, num_steps) -> float`` is used as is.
+    """
+    if schedule is None or schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        t = min(step / max(num_steps, 1), 1.0)
+        return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * t))
+    if callable(schedule):
+        return float(schedule(step, num_steps))
+    raise ValueError(f"unknown lr_schedule {schedule!r}; use 'cosine', 'constant', None or a callable (step, num_steps) -> factor")
+
+
+def _simulate_in_chunks(simulator, n: int, chunk: int = 4096) -> Simulations:
+    parts = [simulator.simulate(min(chunk, n - i)) for i in range(0, n, chunk)]
+    return parts[0] if len(parts) == 1 else Simulations.concat(parts)
+
+
+def _pool_to_payload(pool: Simulations | None):
+    return None if pool is None else {"values": dict(pool), "log_joint": pool.log_joint}
+
+
+def _pool_from_payload(payload) -> Simulations | None:
+    return None if payload is None else Simulations(payload["values"], payload["log_joint"])
+
+
+def fit(
+    guide,
+    num_steps: int = 1000,
+    objective: str | Callable = "skl",
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    num_simulations: int | None = None,
+    lr_schedule: str | Callable | None = "cosine",
+    progress: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 100,
+    resume: bool = False,
+    seed: int | None = None,
+    clip_grad: float | None = 10.0,
+    num_standardization: int = 2048,
+) -> list[float]:
+    """Train a :class:`~pyro_struct.StructuredGuide` on simulations ``(z, x) ~ p(z, x)`` of its model.
+
+    Args:
+        guide: the guide.
+        num_steps: total optimisation steps (with ``resume``, training continues from the
+            checkpoint's step up to this number).
+        objective: ``"skl"`` (symmetrised KL, default), ``"fkl"`` (forward KL) or ``"elbo"``
+            (amortised negative ELBO); see :mod:`pyro_struct.objectives`.
+        batch_size: simulations per step.
+        lr: Adam's base learning rate.
+        num_simulations: a fixed simulation budget, simulated once and reused over epochs
+            (shuffled each epoch); ``None`` draws fresh simulations every step.
+        lr_schedule: ``"cosine"`` (default), ``"constant"``/``None`` or ``f(step, num_steps) -> factor``.
+        progress: show a tqdm progress bar with the loss.
+        checkpoint: a path to write a checkpoint to every ``checkpoint_every`` steps and at the end.
+        checkpoint_every: steps between checkpoints.
+        resume: continue from ``checkpoint`` if that file exists (parameters, optimiser state,
+            step, history, simulation budget).
+        seed: seeds Pyro's and torch's random number generators first.
+        clip_grad: maximum gradient norm (``None``: no clipping).
+        num_standardization: simulations used for the context/latent standardisation, the first
+            time a guide is trained (with ``num_simulations``, the budget is used instead).
+
+    Returns:
+        the loss history: one float per step, over every ``fit`` of this guide (also in
+        ``guide.history``). With ``"skl"`` a loss is an estimate of the expected symmetrised KL
+        in nats; with ``"fkl"`` the expected negative log-likelihood of the simulated latents;
+        with ``"elbo"`` the expected negative ELBO.
+
+    Raises:
+        TrainingError: a non-finite loss or gradient; the parameters that last gave a finite
+            loss are restored and ``guide.history`` keeps the losses so far.
+    """
+    loss_fn = get_objective(objective)
+    if not isinstance(num_steps, int) or num_steps < 0:
+        raise ValueError(f"num_steps must be a non-negative int; got {num_steps!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be positive; got {lr!r}")
+    if num_simulations is not None and (not isinstance(num_simulations, int) or num_simulations < 1):
+        raise ValueError(f"num_simulations must be a positive int or None; got {num_simulations!r}")
+    if resume and checkpoint is None:
+        raise ValueError("resume=True needs checkpoint=path (the file to resume from)")
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1; got {checkpoint_every}")
+    learning_rate_factor(lr_schedule, 0, max(num_steps, 1))  # validates the schedule early
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+
+    from .guide import atomic_save
+
+    simulator = guide.simulator()
+    # before any restored random state: deciding consumes random numbers the first time
+    simulator.prepare()
+    params = [p for p in guide.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    start, pool = 0, None
+
+    if resume and os.path.exists(os.fspath(checkpoint)):
+        payload = guide.read_file(checkpoint)
+        guide.load_payload(payload)
+        state = payload.get("training")
+        if state is None:
+            raise ValueError(f"{os.fspath(checkpoint)!r} is a saved guide, not a training checkpoint")
+        optimizer.load_state_dict(state["optimizer"])
+        start = int(state["step"])
+        pool = _pool_from_payload(state.get("pool"))
+        if state.get("rng") is not None:
+            torch.set_rng_state(state["rng"])
+
+    if pool is None and num_simulations is not None:
+        pool = _simulate_in_chunks(simulator, num_simulations)
+    if not bool(guide.standardized):
+        guide.set_standardization(pool if pool is not None else _simulate_in_chunks(simulator, num_standardization))
+
+    order, cursor = None, 0
+
+    def next_batch() -> Simulations:
+        nonlocal order, cursor
+        if pool is None:
+            return simulator.simulate(batch_size)
+        if order is None or cursor + batch_size > pool.num:
+            order, cursor = torch.randperm(pool.num), 0
+        idx = order[cursor : cursor + min(batch_size, pool.num)]
+        cursor += len(idx)
+        return pool.select(idx)
+
+    def write_checkpoint(step: int) -> None:
+        payload = guide.state_payload()
+        payload["training"] = {
+            "step": step,
+            "num_steps": num_steps,
+            "objective": objective if isinstance(objective, str) else getattr(objective, "__name__", "custom"),
+            "optimizer": optimizer.state_dict(),
+            "pool": _pool_to_payload(pool),
+            "rng": torch.get_rng_state(),
+        }
+        atomic_save(payload, checkpoint)
+
+    was_training = guide.training
+    guide.train(True)
+    name = objective if isinstance(objective, str) else getattr(objective, "__name__", "custom")
+    bar = tqdm(total=num_steps, initial=min(start, num_steps), disable=not progress, desc=f"fit[{name}]", dynamic_ncols=True)
+    smoothed, last_good = None, None
+    try:
+        for step in range(start, num_steps):
+            factor = learning_rate_factor(lr_schedule, step, num_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * factor
+            loss = loss_fn(guide, simulator, next_batch())
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                if last_good is not None:
+                    with torch.no_grad():
+                        for p, g in zip(params, last_good):
+                            p.copy_(g)
+                raise TrainingError(
+                    f"the {name!r} loss is {value} at step {step}; training stopped and the parameters that gave "
+                    f"the last finite loss are restored (guide.history keeps the {len(guide.history)} losses so "
+                    f"far). Try a smaller lr (now {lr * factor:.3g}), a tighter clip_grad, objective='fkl' "
+                    "(which never evaluates the model density at guide samples), or check that the model's "
+                    "densities stay finite."
+                )
+            # these parameters gave a finite loss: a later non-finite loss restores them
+            last_good = [p.detach().clone() for p in params]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip_grad:
+                norm = torch.nn.utils.clip_grad_norm_(params, clip_grad)
+            else:
+                grads = [p.grad.norm() for p in params if p.grad is not None]
+                norm = torch.stack(grads).norm() if grads else torch.tensor(0.0)
+            if not torch.isfinite(norm):
+                optimizer.zero_grad(set_to_none=True)
+                raise TrainingError(
+                    f"the gradient of the {name!r} loss is not finite at step {step} (loss {value:.4g}); training "
+                    "stopped before updating, so the parameters that gave that finite loss are in place. Try a "
+                    f"smaller lr (now {lr * factor:.3g}) or objective='fkl'."
+                )
+            optimizer.step()
+            guide.history.append(value)
+            smoothed = value if smoothed is None else 0.95 * smoothed + 0.05 * value
+            bar.set_postfix(loss=f"{smoothed:.4g}", refresh=False)
+            bar.update(1)
+            if checkpoint is not None and (step + 1) % checkpoint_every == 0:
+                write_checkpoint(step + 1)
+    finally:
+        bar.close()
+        guide.train(was_training)
+    if checkpoint is not None and num_steps > start:
+        write_checkpoint(num_steps)
+    return list(guide.history)

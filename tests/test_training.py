@@ -1,0 +1,198 @@
+"""Tests of fit(): exactness against closed-form posteriors, objectives, simulations, checkpoints, failures."""
+
+import math
+import time
+import warnings
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from pyro_struct.guide import StructuredGuide
+from pyro_struct.models import LinearGaussianNetwork
+from pyro_struct.objectives import ModelSimulator, forward_kl, get_objective
+from pyro_struct.training import TrainingError, learning_rate_factor
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    pyro.set_rng_seed(0)
+
+
+def exact_kl(network, guide, num_obs=50, num_samples=2000, seed=123):
+    """Mean over new observations of KL(p(z|x) || q(z|x)) = E_p[log p(z|x) - log q(z|x)], with
+    exact posterior samples and the closed-form log p(z|x)."""
+    obs = network.sample_observations(num_obs, torch.Generator().manual_seed(seed))
+    z = network.sample_posterior(obs, num_samples)  # (num_samples, num_obs, d), float64
+    log_p = network.posterior_log_prob(obs, z)
+    dtype = torch.get_default_dtype()
+    with torch.no_grad():
+        log_q = guide.posterior(**obs).log_prob({s: z[..., i].to(dtype) for i, s in enumerate(network.latent_sites)})
+    return (log_p - log_q.double()).mean().item()
+
+
+@pytest.fixture(scope="module")
+def network():
+    lg = LinearGaussianNetwork.random(8, seed=1)
+    assert 6 <= len(lg.order) <= 10 and len(lg.latent_sites) >= 4
+    return lg
+
+
+def new_guide(lg, **options):
+    options.setdefault("hidden_sizes", (32, 32))
+    return StructuredGuide(lg.model, observed=lg.observed_sites, **options)
+
+
+# ------------------------------------------------------------------ exactness
+@pytest.mark.slow
+def test_straf_skl_reaches_the_exact_posterior(network):
+    guide = new_guide(network)
+    start = time.perf_counter()
+    history = guide.fit(num_steps=450, lr=4e-3, batch_size=256, progress=False, seed=0)
+    elapsed = time.perf_counter() - start
+    kl = exact_kl(network, guide)
+    assert elapsed < 60, f"training took {elapsed:.1f} s"
+    assert kl < 0.05, kl
+    # the skl loss estimates the expected symmetrised KL: near zero when the KL is
+    assert abs(sum(history[-50:]) / 50) < 0.1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["fkl", "elbo"])
+def test_fkl_and_elbo_reduce_the_exact_kl(network, objective):
+    guide = new_guide(network)
+    guide.fit(num_steps=1, lr=1e-9, batch_size=16, progress=False, lr_schedule=None)
+    before = exact_kl(network, guide, num_samples=500)
+    guide.fit(num_steps=300, objective=objective, lr=4e-3, batch_size=256, progress=False, seed=1)
+    after = exact_kl(network, guide)
+    assert after < 0.2 and after < before, (before, after)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "flow,options",
+    [("grf", dict(num_blocks=2, hidden_sizes=(32,))), ("cnf", dict(hidden_sizes=(16, 16), rtol=1e-3, atol=1e-4))],
+)
+def test_grf_and_cnf_guides_train(network, flow, options):
+    guide = StructuredGuide(network.model, flow=flow, observed=network.observed_sites, **options)
+    guide.fit(num_steps=1, lr=1e-9, batch_size=16, progress=False, lr_schedule=None)
+    before = exact_kl(network, guide, num_obs=20, num_samples=200)
+    history = guide.fit(num_steps=40, lr=1e-2, batch_size=64, progress=False, seed=2)
+    after = exact_kl(network, guide, num_obs=20, num_samples=200)
+    assert all(math.isfinite(h) for h in history)
+    assert after < before, (before, after)
+
+
+# ----------------------------------------------------------------- simulation
+def test_simulator_vectorises_and_scores(network):
+    sim = ModelSimulator(network.model, new_guide(network).bn)
+    sims = sim.simulate(64)
+    assert sim.vectorized
+    assert set(sims) == set(network.latent_sites) | set(network.observed_sites)
+    assert all(v.shape == (64,) for v in sims.values()) and sims.log_joint.shape == (64,)
+    # log p(z, x) of the vectorised run equals the closed-form joint Gaussian density
+    joint = torch.stack([sims[network.site_names[n]] for n in network.order], -1).double()
+    expected = dist.MultivariateNormal(network.joint_mean, network.joint_cov).log_prob(joint)
+    assert torch.allclose(sims.log_joint.double(), expected, atol=1e-3)
+    assert torch.allclose(sim.log_joint(sims).double(), expected, atol=1e-3)
+
+
+def branching_model(x=None):
+    z = pyro.sample("z", dist.Normal(0.0, 1.0))
+    # Python control flow on a sampled value: cannot run over a particle plate
+    loc = 2.0 * z if z.item() > 0 else z
+    pyro.sample("x", dist.Normal(loc, 0.5), obs=x)
+
+
+def test_unvectorisable_model_trains_through_the_fallback():
+    guide = StructuredGuide(branching_model, observed=["x"], hidden_sizes=(8, 8))
+    with pytest.warns(UserWarning, match="could not be vectorised") as record:
+        history = guide.fit(num_steps=25, batch_size=16, lr=1e-2, num_standardization=64, progress=False)
+        history = guide.fit(num_steps=5, batch_size=16, lr=1e-2, progress=False)
+    assert sum("could not be vectorised" in str(w.message) for w in record) == 1
+    assert len(history) == 30 and all(math.isfinite(h) for h in history)
+    sim = guide.simulator()
+    assert not sim.vectorized
+    sims = sim.simulate(7)
+    assert sims["z"].shape == (7,) and sims["x"].shape == (7,)
+    post = guide.posterior(x=torch.tensor([-1.0, 3.0]))
+    assert post.sample(5)["z"].shape == (5, 2)
+
+
+def test_fixed_simulation_budget_is_reused(network):
+    guide = new_guide(network, hidden_sizes=(8,))
+    calls = []
+    sim = guide.simulator()
+    original = sim.simulate
+    sim.simulate = lambda n: calls.append(n) or original(n)
+    history = guide.fit(num_steps=12, batch_size=32, num_simulations=100, progress=False)
+    assert calls == [100] and len(history) == 12
+    guide2 = new_guide(network, hidden_sizes=(8,))
+    calls.clear()
+    sim2 = guide2.simulator()
+    original2 = sim2.simulate
+    sim2.simulate = lambda n: calls.append(n) or original2(n)
+    guide2.fit(num_steps=3, batch_size=32, num_standardization=200, progress=False)
+    assert calls == [200, 32, 32, 32]  # standardisation, then fresh simulations every step
+
+
+# ------------------------------------------------------------ checkpointing
+def test_resume_continues_the_history(network, tmp_path):
+    path = tmp_path / "ck.pt"
+    options = dict(batch_size=32, lr=1e-2, lr_schedule=None, progress=False)
+    # a, b and c start from the same parameters
+    torch.manual_seed(0)
+    a = new_guide(network, hidden_sizes=(8,))
+    torch.manual_seed(0)
+    b = new_guide(network, hidden_sizes=(8,))
+    torch.manual_seed(0)
+    c = new_guide(network, hidden_sizes=(8,))
+    pyro.set_rng_seed(7)
+    reference = a.fit(num_steps=20, **options)
+    pyro.set_rng_seed(7)
+    part = b.fit(num_steps=10, checkpoint=path, checkpoint_every=5, **options)
+    assert len(part) == 10 and path.exists()
+    resumed = c.fit(num_steps=20, checkpoint=path, resume=True, **options)
+    assert len(resumed) == 20 and resumed[:10] == part
+    assert resumed == pytest.approx(reference, rel=1e-4, abs=1e-5)
+    # the final checkpoint is also a loadable guide
+    assert StructuredGuide.load(path, network.model).history == resumed
+    with pytest.raises(ValueError, match="resume=True needs checkpoint"):
+        c.fit(num_steps=2, resume=True, progress=False)
+
+
+def test_non_finite_loss_stops_and_restores(network):
+    guide = new_guide(network, hidden_sizes=(8,))
+    snapshots = []
+
+    def flaky(g, simulator, sims):
+        snapshots.append([p.detach().clone() for p in g.parameters()])
+        loss = forward_kl(g, simulator, sims)
+        return loss * float("nan") if len(snapshots) == 4 else loss
+
+    with pytest.raises(TrainingError, match="step 3"):
+        guide.fit(num_steps=10, objective=flaky, batch_size=16, lr=0.1, progress=False)
+    assert len(guide.history) == 3 and all(math.isfinite(h) for h in guide.history)
+    # restored: the parameters that gave the last finite loss (the third call's)
+    for p, q in zip(guide.parameters(), snapshots[2]):
+        assert torch.equal(p.detach(), q)
+    assert not all(torch.equal(p, q) for p, q in zip(snapshots[2], snapshots[3]))
+
+
+def test_argument_errors(network, capsys):
+    guide = new_guide(network, hidden_sizes=(8,))
+    guide.fit(num_steps=3, batch_size=8, progress=True)
+    assert "fit[skl]" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown objective 'kl'"):
+        guide.fit(num_steps=2, objective="kl", progress=False)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        guide.fit(num_steps=2, lr_schedule="linear", progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        guide.fit(num_steps=2, batch_size=0, progress=False)
+    assert get_objective("skl").__name__ == "symmetrized_kl"
+    assert learning_rate_factor("cosine", 0, 100) == pytest.approx(1.0)
+    assert learning_rate_factor("cosine", 100, 100) == pytest.approx(0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert guide.simulator().simulate(4).log_joint.shape == (4,)
