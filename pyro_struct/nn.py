@@ -137,6 +137,7 @@ class StrNN(nn.Module):
         self.layers = nn.ModuleList(MaskedLinear(m) for m in masks)
         self.activations = nn.ModuleList(get_activation(activation) for _ in masks[:-1])
         self.skip = MaskedLinear(A.repeat_interleave(self.num_params, dim=0), bias=False, zero_init=True) if skip else None
+        self._row_plans: dict = {}
 
     @property
     def masks(self) -> list[torch.Tensor]:
@@ -168,9 +169,42 @@ class StrNN(nn.Module):
         pre.append(self.layers[-1](h))
         return pre
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def row_plan(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """The units needed to compute only the output variables ``rows``.
+
+        Args:
+            rows: ``(r,)`` long tensor of output variable indices.
+
+        Returns:
+            ``[inputs, layer_0_units, ..., output_units]``: index tensors of the inputs and of
+            each layer's units that have a path to those outputs (cached per ``rows``).
+        """
+        key = (tuple(rows.tolist()), str(self.layers[0].mask.device))
+        plan = self._row_plans.get(key)
+        if plan is None:
+            device = self.layers[0].mask.device
+            rows = rows.to(device)
+            P = self.num_params
+            units = (rows[:, None] * P + torch.arange(P, device=device)).reshape(-1)
+            plan = [units]
+            for layer in reversed(self.layers):
+                units = torch.nonzero(layer.mask[units].any(0)).flatten()
+                plan.append(units)
+            plan.reverse()
+            self._row_plans[key] = plan
+        return plan
+
+    def forward(self, input: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Outputs ``(*, d_out, num_params)``, or ``(*, len(rows), num_params)`` for output variables ``rows``.
+
+        With ``rows``, only the units with a path to those outputs are evaluated (the same
+        values as the full pass, at a fraction of the cost when few outputs are needed, as
+        in depth-by-depth sampling).
+        """
         if input.shape[-1] != self.d_in:
             raise ValueError(f"StrNN input must have last dimension {self.d_in}; got shape {tuple(input.shape)}")
+        if rows is not None:
+            return self._forward_rows(input, rows)
         h = input
         for layer, act in zip(self.layers[:-1], self.activations):
             h = act(layer(h))
@@ -178,3 +212,18 @@ class StrNN(nn.Module):
         if self.skip is not None:
             out = out + self.skip(input)
         return out.unflatten(-1, (self.d_out, self.num_params))
+
+    def _forward_rows(self, input: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        plan = self.row_plan(rows)
+        h = input.index_select(-1, plan[0])
+        for i, layer in enumerate(self.layers):
+            out_units, in_units = plan[i + 1], plan[i]
+            weight = layer.masked_weight.index_select(0, out_units).index_select(1, in_units)
+            bias = None if layer.bias is None else layer.bias.index_select(0, out_units)
+            h = nn.functional.linear(h, weight, bias)
+            if i < len(self.activations):
+                h = self.activations[i](h)
+        if self.skip is not None:
+            out_units = plan[-1]
+            h = h + nn.functional.linear(input, self.skip.masked_weight.index_select(0, out_units))
+        return h.unflatten(-1, (len(rows), self.num_params))

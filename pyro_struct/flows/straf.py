@@ -6,8 +6,10 @@ Inference (StrAF); Durkan et al. (2019), Neural Spline Flows (rational-quadratic
 Each layer maps a latent ``z`` to noise ``u`` elementwise, ``u_i = tau(z_i; theta_i)``, where
 ``theta_i = h_i(z, x)`` comes from a StrNN whose outputs see exactly the parents of ``z_i`` in
 the adjacency. Density evaluation (``inverse``) is one conditioner pass per layer; sampling
-(``forward``) fills the latents in by depth: after pass ``k`` every latent whose longest path
-from a root has fewer than ``k`` edges is exact, so ``depth + 1`` passes suffice, not ``d``.
+(``forward``) fills the latents in level by level: pass ``k`` computes the latents whose longest
+path from a root has ``k`` edges (their parents are exact by then), evaluating only the
+conditioner units with a path to them, so ``depth + 1`` passes suffice, not ``d``, and together
+they cost about one full pass.
 
 Example:
     >>> A = torch.tensor([[0, 0, 1], [1, 0, 0]], dtype=torch.bool)  # z0 <- x0, z1 <- z0
@@ -29,11 +31,46 @@ from torch.nn import functional as F
 from ..nn import StrNN
 from .base import ConditionalFlow
 
-__all__ = ["StrAF", "AffineNormalizer", "SplineNormalizer", "UMNNNormalizer", "clenshaw_curtis", "latent_depth"]
+__all__ = [
+    "StrAF",
+    "AffineNormalizer",
+    "SplineNormalizer",
+    "UMNNNormalizer",
+    "clenshaw_curtis",
+    "latent_depth",
+    "latent_levels",
+]
 
 
 def _inverse_softplus(y: float) -> float:
     return math.log(math.expm1(y))
+
+
+def latent_levels(adjacency: torch.Tensor) -> list[torch.Tensor]:
+    """Latents grouped by depth: level ``k`` holds the latents whose longest latent path from a
+    root has ``k`` edges.
+
+    Args:
+        adjacency: ``(d, d + context_dim)`` bool, latent block strictly lower-triangular.
+
+    Returns:
+        ``depth + 1`` long tensors of latent indices (all parents of a level-``k`` latent are in
+        earlier levels, so sampling can fill the levels in one pass each).
+    """
+    A = torch.as_tensor(adjacency).bool()
+    d = A.shape[0]
+    latent = A[:, :d].cpu()
+    depth = [0] * d
+    for i in range(d):
+        parents = torch.nonzero(latent[i]).flatten().tolist()
+        if parents:
+            depth[i] = 1 + max(depth[j] for j in parents)
+    if d == 0:
+        return []
+    levels = [[] for _ in range(max(depth) + 1)]
+    for i, k in enumerate(depth):
+        levels[k].append(i)
+    return [torch.tensor(level, dtype=torch.long) for level in levels]
 
 
 def latent_depth(adjacency: torch.Tensor) -> int:
@@ -45,15 +82,7 @@ def latent_depth(adjacency: torch.Tensor) -> int:
     Returns:
         The depth (0 when no latent has a latent parent).
     """
-    A = torch.as_tensor(adjacency).bool()
-    d = A.shape[0]
-    latent = A[:, :d].cpu()
-    depth = [0] * d
-    for i in range(d):
-        parents = torch.nonzero(latent[i]).flatten().tolist()
-        if parents:
-            depth[i] = 1 + max(depth[j] for j in parents)
-    return max(depth) if d else 0
+    return max(len(latent_levels(adjacency)) - 1, 0)
 
 
 class AffineNormalizer(nn.Module):
@@ -276,21 +305,20 @@ class UMNNNormalizer(nn.Module):
         return self._map(z, params), torch.log(self.integrand(z, params[..., 1:]))
 
     def to_latent(
-        self, u: torch.Tensor, params: torch.Tensor, guess: torch.Tensor | None = None
+        self, u: torch.Tensor, params: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``z`` and elementwise ``log|dz/du|`` by a safeguarded Newton solve and one differentiable Newton step.
 
         Args:
             u: ``(*, d)`` noise.
             params: ``(*, d, 1 + embedding_dim)``.
-            guess: optional ``(*, d)`` starting point (e.g. the previous sampling pass).
         """
         with torch.no_grad():
             p = params.detach()
             target = u.detach().expand(p.shape[:-1])
             tol = max(self.tolerance, 64 * torch.finfo(target.dtype).eps) * (1 + target.abs())
-            # without a guess start where the root is when the integrand is 1
-            root = (target - p[..., 0]) if guess is None else guess.detach().expand_as(target).clone()
+            # start where the root is when the integrand is 1
+            root = target - p[..., 0]
             lo = torch.full_like(target, -math.inf)
             hi = torch.full_like(target, math.inf)
             for _ in range(self.max_iterations):
@@ -386,7 +414,8 @@ class StrAF(ConditionalFlow):
         self.normalizers = nn.ModuleList(make() for _ in range(int(num_layers)))
         self.normalizer_name = normalizer
         self.num_layers = int(num_layers)
-        self.depth = latent_depth(self.adjacency)
+        self._levels = latent_levels(self.adjacency)
+        self.depth = len(self._levels) - 1
         self.num_passes = self.depth + 1
         self.last_num_passes: int | None = None
         conditioners = []
@@ -419,18 +448,17 @@ class StrAF(ConditionalFlow):
         logdet = eps.new_zeros(())
         for net, normalizer in zip(self.conditioners, self.normalizers):
             z = torch.zeros_like(self._inputs(u, x)[..., : self.dim])
+            u_full = u.expand_as(z)
             passes = 0
-            for _ in range(self.num_passes):
-                params = net(self._inputs(z, x))
-                if isinstance(normalizer, UMNNNormalizer) and passes > 0:
-                    # latents fixed by earlier passes are already solved: start from them
-                    z, log_grad = normalizer.to_latent(u.expand_as(z), params, guess=z)
-                else:
-                    z, log_grad = normalizer.to_latent(u.expand_as(z), params)
+            # pass k computes only the level-k latents, whose parents earlier passes made exact;
+            # the conditioner evaluates only the units with a path to those outputs
+            for rows in self._levels[: self.num_passes]:
+                rows = rows.to(z.device)
+                params = net(self._inputs(z, x), rows=rows)
+                z_rows, log_grad = normalizer.to_latent(u_full.index_select(-1, rows), params)
+                z = z.index_copy(-1, rows, z_rows)
+                logdet = logdet + log_grad.sum(-1)
                 passes += 1
-            # in the last pass every parent was exact (a latent of maximal depth has no children),
-            # so its normaliser parameters, and this log-derivative, are the final ones
-            logdet = logdet + log_grad.sum(-1)
             u = z
             self.last_num_passes = passes
         return u, logdet.expand(u.shape[:-1])
