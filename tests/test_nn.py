@@ -199,3 +199,21 @@ def test_bad_strnn_arguments():
     with pytest.warns(UserWarning, match="widened"):
         net = StrNN(A, [3], widen=True)
     assert net.hidden_sizes == [5]
+
+
+def test_row_restricted_forward_equals_the_full_pass():
+    from tests.flow_properties import random_dag_adjacency
+
+    A = random_dag_adjacency(12, 3, p=0.3, seed=4)
+    net = StrNN(A, hidden_sizes=(20, 20), num_params=2, skip=True).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_()
+    x = torch.randn(5, 15, dtype=torch.float64)
+    full = net(x)
+    for rows in ([0], [3, 7], list(range(12)), [11, 2]):
+        idx = torch.tensor(rows)
+        assert torch.allclose(net(x, rows=idx), full[:, idx], atol=1e-12)
+        # only the units with a path to those outputs are used
+        plan = net.row_plan(idx)
+        assert len(plan[0]) == int(A[idx].any(0).sum())
