@@ -20,6 +20,7 @@ from pyro.nn import PyroModule
 from torch.distributions import biject_to, constraints
 
 from .errors import ModelStructureError
+from .inversion import INVERSE_KINDS
 
 __all__ = ["StructuredGuide", "Posterior", "AmortizedModel", "amortize", "FLOWS", "STRUCTURES"]
 
@@ -30,7 +31,7 @@ FLOWS: dict[str, tuple[str, str]] = {
     "cnf": ("pyro_struct.flows.cnf", "StructuredCNF"),
 }
 #: inverse-structure kinds accepted by :class:`StructuredGuide`
-STRUCTURES = ("faithful", "dense", "moralized", "random")
+STRUCTURES = INVERSE_KINDS
 
 _FILE_FORMAT = "pyro_struct.StructuredGuide/1"
 _instance_counter = itertools.count()
@@ -154,7 +155,8 @@ class StructuredGuide(PyroModule):
     Args:
         model: a Pyro model.
         flow: ``"straf"`` (default), ``"grf"`` or ``"cnf"``.
-        structure: ``"faithful"`` (default), ``"dense"``, ``"moralized"`` or ``"random"``.
+        structure: ``"faithful"`` (default), ``"dense"``, ``"moralized"``, ``"random"`` or
+            ``"meanfield"`` (see :func:`~pyro_struct.inverse_structure`).
         observed: names of observed sites (default: the sites with ``obs=`` in the traced model).
         model_args, model_kwargs: arguments the model is traced (and simulated) with.
         structure_seed: seed of the ``"random"`` structure.

@@ -7,6 +7,7 @@ from typing import Callable, Mapping, Sequence
 
 import pyro
 import pyro.poutine as poutine
+from pyro.poutine.util import site_is_subsample
 import torch
 
 __all__ = [
@@ -96,7 +97,7 @@ class ModelSimulator:
         ndim = 0
         self._event_dims = {}
         for name, site in tr.nodes.items():
-            if site["type"] == "sample" and type(site["fn"]).__name__ != "_Subsample":  # skip plate sites
+            if site["type"] == "sample" and not site_is_subsample(site):
                 self._event_dims[name] = site["fn"].event_dim
                 ndim = max(ndim, site["value"].dim() - site["fn"].event_dim, len(getattr(site["fn"], "batch_shape", ())))
                 for frame in site["cond_indep_stack"]:
@@ -119,7 +120,8 @@ class ModelSimulator:
         tr.compute_log_prob()
         total = 0.0
         for name, site in tr.nodes.items():
-            if site["type"] != "sample" or site["infer"].get("_deterministic"):
+            # a plate's own subsample site has a scalar log density of 0: not a particle quantity
+            if site["type"] != "sample" or site["infer"].get("_deterministic") or site_is_subsample(site):
                 continue
             lp = site["log_prob"]
             if n is None:
