@@ -195,16 +195,22 @@ class StrNN(nn.Module):
         return plan
 
     def forward(self, input: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Outputs ``(*, d_out, num_params)``, or ``(*, len(rows), num_params)`` for output variables ``rows``.
+        """The conditioner outputs, for all output variables or only for ``rows``.
 
-        With ``rows``, only the units with a path to those outputs are evaluated (the same
-        values as the full pass, at a fraction of the cost when few outputs are needed, as
-        in depth-by-depth sampling).
+        Args:
+            input: ``(*, d_in)``; with ``rows``, feature-major ``(d_in, N)`` instead.
+            rows: optional ``(r,)`` long tensor of output variables to compute. Only the units
+                with a path to them are evaluated (the same values as the full pass, at a
+                fraction of the cost), in the feature-major layout where gathering a few
+                features of many samples is a contiguous copy (depth-by-depth sampling).
+
+        Returns:
+            ``(*, d_out, num_params)``, or ``(r, num_params, N)`` with ``rows``.
         """
-        if input.shape[-1] != self.d_in:
-            raise ValueError(f"StrNN input must have last dimension {self.d_in}; got shape {tuple(input.shape)}")
         if rows is not None:
             return self._forward_rows(input, rows)
+        if input.shape[-1] != self.d_in:
+            raise ValueError(f"StrNN input must have last dimension {self.d_in}; got shape {tuple(input.shape)}")
         h = input
         for layer, act in zip(self.layers[:-1], self.activations):
             h = act(layer(h))
@@ -213,17 +219,18 @@ class StrNN(nn.Module):
             out = out + self.skip(input)
         return out.unflatten(-1, (self.d_out, self.num_params))
 
-    def _forward_rows(self, input: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def _forward_rows(self, input_t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        if input_t.dim() != 2 or input_t.shape[0] != self.d_in:
+            raise ValueError(f"with rows=, the input must be feature-major ({self.d_in}, N); got shape {tuple(input_t.shape)}")
         plan = self.row_plan(rows)
-        h = input.index_select(-1, plan[0])
+        h = input_t.index_select(0, plan[0])
         for i, layer in enumerate(self.layers):
-            out_units, in_units = plan[i + 1], plan[i]
-            weight = layer.masked_weight.index_select(0, out_units).index_select(1, in_units)
-            bias = None if layer.bias is None else layer.bias.index_select(0, out_units)
-            h = nn.functional.linear(h, weight, bias)
+            weight = layer.masked_weight.index_select(0, plan[i + 1]).index_select(1, plan[i])
+            h = weight @ h
+            if layer.bias is not None:
+                h = h + layer.bias.index_select(0, plan[i + 1]).unsqueeze(-1)
             if i < len(self.activations):
                 h = self.activations[i](h)
         if self.skip is not None:
-            out_units = plan[-1]
-            h = h + nn.functional.linear(input, self.skip.masked_weight.index_select(0, out_units))
-        return h.unflatten(-1, (len(rows), self.num_params))
+            h = h + self.skip.masked_weight.index_select(0, plan[-1]) @ input_t
+        return h.unflatten(0, (len(rows), self.num_params))

@@ -444,24 +444,36 @@ class StrAF(ConditionalFlow):
         x = self._check_context(x)
         if eps.shape[-1] != self.dim:
             raise ValueError(f"eps must have last dimension {self.dim}; got shape {tuple(eps.shape)}")
-        u = eps
-        logdet = eps.new_zeros(())
+        batch = eps.shape[:-1] if x is None else torch.broadcast_shapes(eps.shape[:-1], x.shape[:-1])
+        d, c = self.dim, self.context_dim
+        # feature-major (features, samples): each pass gathers a few features of every sample,
+        # a contiguous copy in this layout
+        u_t = eps.expand(batch + (d,)).reshape(-1, d).T.contiguous()
+        n = u_t.shape[1]
+        buf = u_t.new_zeros(d + c, n)
+        if x is not None:
+            buf[d:] = x.expand(batch + (c,)).reshape(-1, c).T
+        in_place = not torch.is_grad_enabled()
+        logdet = eps.new_zeros(n)
         for net, normalizer in zip(self.conditioners, self.normalizers):
-            z = torch.zeros_like(self._inputs(u, x)[..., : self.dim])
-            u_full = u.expand_as(z)
             passes = 0
             # pass k computes only the level-k latents, whose parents earlier passes made exact;
-            # the conditioner evaluates only the units with a path to those outputs
+            # the conditioner evaluates only the units with a path to them
             for rows in self._levels[: self.num_passes]:
-                rows = rows.to(z.device)
-                params = net(self._inputs(z, x), rows=rows)
-                z_rows, log_grad = normalizer.to_latent(u_full.index_select(-1, rows), params)
-                z = z.index_copy(-1, rows, z_rows)
-                logdet = logdet + log_grad.sum(-1)
+                rows = rows.to(buf.device)
+                params = net(buf, rows=rows).transpose(1, 2)  # (r, N, P)
+                z_rows, log_grad = normalizer.to_latent(u_t.index_select(0, rows), params)
+                buf = buf.index_copy_(0, rows, z_rows) if in_place else buf.index_copy(0, rows, z_rows)
+                logdet = logdet + log_grad.sum(0)
                 passes += 1
-            u = z
             self.last_num_passes = passes
-        return u, logdet.expand(u.shape[:-1])
+            if in_place:
+                u_t = buf[:d].clone()
+                buf[:d] = 0
+            else:
+                u_t = buf[:d]
+                buf = torch.cat([torch.zeros_like(u_t), buf[d:]])
+        return u_t.T.reshape(batch + (d,)), logdet.reshape(batch)
 
     def inverse(self, z: torch.Tensor, x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents ``(*batch, d)`` -> noise and ``log|det deps/dz|`` ``(*batch,)``; one pass per layer."""
