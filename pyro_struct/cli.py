@@ -53,7 +53,6 @@ OBJECTIVES = ("skl", "fkl", "elbo")
 #: circuit: about a minute of CPU time).
 DEMO_STEPS = 2000
 DEMO_LAYERS = 2
-DEMO_LR = 1e-2
 
 
 class CLIError(Exception):
@@ -499,10 +498,9 @@ def _run_demo(args) -> int:
     _positive("--samples", args.samples)
     _positive("--kl-samples", args.kl_samples)
     if args.flow == "straf":
-        # two affine StrAF layers at a high learning rate reach a symmetrised KL near 1 nat in
-        # 2000 steps (about a minute of CPU); the library's defaults suit longer runs
+        # two affine StrAF layers reach a symmetrised KL near 1 nat in 2000 steps (about a
+        # minute of CPU); the library's one layer suits longer runs
         args.layers = DEMO_LAYERS if args.layers is None else args.layers
-        args.lr = DEMO_LR if args.lr is None else args.lr
     out = Path(args.out)
     _seed(args.seed)
     model = arithmetic_circuit()
