@@ -47,9 +47,9 @@ PROG = "pyro-struct"
 FLOW_CLASSES = {"straf": "StrAF", "grf": "GraphicalResidualFlow", "cnf": "StructuredCNF"}
 #: the option of each flow class that ``--layers`` sets
 LAYER_OPTION = {"straf": "num_layers", "grf": "num_blocks"}
-STRUCTURES = ("faithful", "dense", "moralized", "random")
+STRUCTURES = ("faithful", "dense", "moralized", "random", "meanfield")  # inversion.INVERSE_KINDS (torch-free here)
 OBJECTIVES = ("skl", "fkl", "elbo")
-#: Training steps, flow layers and learning rate of ``pyro-struct demo`` (StrAF on the arithmetic
+#: Training steps and flow layers of ``pyro-struct demo`` (StrAF on the arithmetic
 #: circuit: about a minute of CPU time).
 DEMO_STEPS = 2000
 DEMO_LAYERS = 2
