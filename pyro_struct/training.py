@@ -63,6 +63,7 @@ def fit(
     seed: int | None = None,
     clip_grad: float | None = 10.0,
     num_standardization: int = 2048,
+    validation_fraction: float = 0.1,
 ) -> list[float]:
     """Train a :class:`~pyro_struct.StructuredGuide` on simulations ``(z, x) ~ p(z, x)`` of its model.
 
@@ -86,6 +87,10 @@ def fit(
             step, history, simulation budget).
         seed: seeds Pyro's and torch's random number generators first.
         clip_grad: maximum gradient norm (``None``: no clipping).
+        validation_fraction: with ``num_simulations``, the share of the budget held out: its
+            loss is evaluated after every epoch (``guide.validation_history``) and the
+            parameters with the best one are restored at the end, so a small budget is not
+            over-fitted (early stopping, as sbi does). ``0`` trains on the whole budget.
         num_standardization: simulations used for the context/latent standardisation, the first
             time a guide is trained (with ``num_simulations``, the budget is used instead).
 
@@ -108,6 +113,8 @@ def fit(
         raise ValueError(f"lr must be positive; got {lr!r}")
     if num_simulations is not None and (not isinstance(num_simulations, int) or num_simulations < 1):
         raise ValueError(f"num_simulations must be a positive int or None; got {num_simulations!r}")
+    if not 0 <= validation_fraction < 1:
+        raise ValueError(f"validation_fraction must be in [0, 1); got {validation_fraction!r}")
     if resume and checkpoint is None:
         raise ValueError("resume=True needs checkpoint=path (the file to resume from)")
     if checkpoint_every < 1:
@@ -143,16 +150,34 @@ def fit(
         guide.set_standardization(pool if pool is not None else _simulate_in_chunks(simulator, num_standardization))
 
     order, cursor = None, 0
+    train_pool, validation = pool, None
+    if pool is not None:
+        n_val = int(round(validation_fraction * pool.num))
+        if 0 < n_val < pool.num:
+            # the pool is in simulation order, i.e. random: its tail is a fair held-out set
+            train_pool = pool.select(torch.arange(pool.num - n_val))
+            validation = pool.select(torch.arange(pool.num - n_val, pool.num))
+    steps_per_epoch = None if train_pool is None else max(1, train_pool.num // min(batch_size, train_pool.num))
+    best_loss, best_params = math.inf, None
+    guide.validation_history = []
 
     def next_batch() -> Simulations:
         nonlocal order, cursor
-        if pool is None:
+        if train_pool is None:
             return simulator.simulate(batch_size)
-        if order is None or cursor + batch_size > pool.num:
-            order, cursor = torch.randperm(pool.num), 0
-        idx = order[cursor : cursor + min(batch_size, pool.num)]
+        if order is None or cursor + batch_size > train_pool.num:
+            order, cursor = torch.randperm(train_pool.num), 0
+        idx = order[cursor : cursor + min(batch_size, train_pool.num)]
         cursor += len(idx)
-        return pool.select(idx)
+        return train_pool.select(idx)
+
+    def validate() -> None:
+        nonlocal best_loss, best_params
+        with torch.no_grad():
+            value = float(loss_fn(guide, simulator, validation))
+        guide.validation_history.append(value)
+        if math.isfinite(value) and value < best_loss:
+            best_loss, best_params = value, [p.detach().clone() for p in params]
 
     def write_checkpoint(step: int) -> None:
         payload = guide.state_payload()
@@ -211,8 +236,14 @@ def fit(
             smoothed = value if smoothed is None else 0.95 * smoothed + 0.05 * value
             bar.set_postfix(loss=f"{smoothed:.4g}", refresh=False)
             bar.update(1)
+            if validation is not None and ((step + 1) % steps_per_epoch == 0 or step + 1 == num_steps):
+                validate()
             if checkpoint is not None and (step + 1) % checkpoint_every == 0:
                 write_checkpoint(step + 1)
+        if best_params is not None and guide.validation_history[-1] > best_loss:
+            with torch.no_grad():
+                for p, b in zip(params, best_params):
+                    p.copy_(b)
     finally:
         bar.close()
         guide.train(was_training)

@@ -152,6 +152,28 @@ def test_fixed_simulation_budget_is_reused(network):
     assert calls == [200, 32, 32, 32]  # standardisation, then fresh simulations every step
 
 
+def test_fixed_budget_holds_out_a_validation_set_and_keeps_the_best(network):
+    guide = new_guide(network, hidden_sizes=(16,))
+    sim = guide.simulator()
+    pools = []
+    original = sim.simulate
+    sim.simulate = lambda n: pools.append(original(n)) or pools[-1]
+    # 60 simulations, 20% held out: 48 to train on, 6 steps of 8 per epoch; a high learning
+    # rate over-fits so that the held-out loss is not monotone
+    guide.fit(num_steps=60, batch_size=8, num_simulations=60, validation_fraction=0.2, lr=5e-2,
+              objective="fkl", lr_schedule=None, progress=False, seed=0)
+    assert len(pools) == 1 and len(guide.validation_history) == 10  # one per epoch
+    # the restored parameters are those with the best held-out loss
+    held_out = pools[0].select(torch.arange(48, 60))
+    with torch.no_grad():
+        value = float(forward_kl(guide, sim, held_out))
+    assert value == pytest.approx(min(guide.validation_history), rel=1e-5)
+    # this run over-fits at the end, so the restore is exercised
+    assert min(guide.validation_history) < guide.validation_history[-1]
+    with pytest.raises(ValueError, match="validation_fraction"):
+        guide.fit(num_steps=1, num_simulations=10, validation_fraction=1.0, progress=False)
+
+
 # ------------------------------------------------------------ checkpointing
 def test_resume_continues_the_history(network, tmp_path):
     path = tmp_path / "ck.pt"
