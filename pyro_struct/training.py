@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 import os
 from typing import Callable
 
@@ -64,6 +65,7 @@ def fit(
     clip_grad: float | None = 10.0,
     num_standardization: int = 2048,
     validation_fraction: float = 0.1,
+    time_budget: float | None = None,
 ) -> list[float]:
     """Train a :class:`~pyro_struct.StructuredGuide` on simulations ``(z, x) ~ p(z, x)`` of its model.
 
@@ -87,6 +89,9 @@ def fit(
             step, history, simulation budget).
         seed: seeds Pyro's and torch's random number generators first.
         clip_grad: maximum gradient norm (``None``: no clipping).
+        time_budget: a wall-clock budget in seconds: training stops after the step that
+            exhausts it (or at ``num_steps``), and the learning-rate schedule follows whichever
+            budget runs out first, so it completes either way.
         validation_fraction: with ``num_simulations``, the share of the budget held out: its
             loss is evaluated after every epoch (``guide.validation_history``) and the
             parameters with the best one are restored at the end, so a small budget is not
@@ -113,6 +118,8 @@ def fit(
         raise ValueError(f"lr must be positive; got {lr!r}")
     if num_simulations is not None and (not isinstance(num_simulations, int) or num_simulations < 1):
         raise ValueError(f"num_simulations must be a positive int or None; got {num_simulations!r}")
+    if time_budget is not None and not time_budget > 0:
+        raise ValueError(f"time_budget must be a positive number of seconds; got {time_budget!r}")
     if not 0 <= validation_fraction < 1:
         raise ValueError(f"validation_fraction must be in [0, 1); got {validation_fraction!r}")
     if resume and checkpoint is None:
@@ -197,8 +204,19 @@ def fit(
     bar = tqdm(total=num_steps, initial=min(start, num_steps), disable=not progress, desc=f"fit[{name}]", dynamic_ncols=True)
     smoothed, last_good = None, None
     try:
+        started = time.perf_counter()
+        end_step = num_steps
         for step in range(start, num_steps):
-            factor = learning_rate_factor(lr_schedule, step, num_steps)
+            elapsed = time.perf_counter() - started
+            if time_budget is not None and elapsed >= time_budget:
+                end_step = step
+                if validation is not None and step > start:
+                    validate()  # the final parameters compete with the best ones too
+                break
+            if time_budget is None or callable(lr_schedule):
+                factor = learning_rate_factor(lr_schedule, step, num_steps)
+            else:
+                factor = learning_rate_factor(lr_schedule, max(step / max(num_steps, 1), elapsed / time_budget), 1.0)
             for group in optimizer.param_groups:
                 group["lr"] = lr * factor
             loss = loss_fn(guide, simulator, next_batch())
@@ -247,6 +265,6 @@ def fit(
     finally:
         bar.close()
         guide.train(was_training)
-    if checkpoint is not None and num_steps > start:
-        write_checkpoint(num_steps)
+    if checkpoint is not None and end_step > start:
+        write_checkpoint(end_step)
     return list(guide.history)

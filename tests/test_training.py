@@ -174,6 +174,15 @@ def test_fixed_budget_holds_out_a_validation_set_and_keeps_the_best(network):
         guide.fit(num_steps=1, num_simulations=10, validation_fraction=1.0, progress=False)
 
 
+def test_time_budget_stops_training(network):
+    guide = new_guide(network, hidden_sizes=(8,))
+    guide.fit(num_steps=2, batch_size=16, progress=False)  # standardisation outside the budget
+    history = guide.fit(num_steps=10**6, batch_size=16, time_budget=0.3, progress=False)
+    assert 2 < len(history) < 10**6
+    with pytest.raises(ValueError, match="time_budget"):
+        guide.fit(num_steps=1, time_budget=0, progress=False)
+
+
 # ------------------------------------------------------------ checkpointing
 def test_resume_continues_the_history(network, tmp_path):
     path = tmp_path / "ck.pt"
