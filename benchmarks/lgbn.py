@@ -1,0 +1,231 @@
+"""Linear-Gaussian networks: exact forward and reverse KL of amortised guides against baselines.
+
+For each network (bnlearn JSON, leaves observed), each flow x structure x training regime
+is trained and evaluated on the same new observations against the closed-form Gaussian
+posterior: forward ``KL(p(z|x) || q)`` from exact posterior samples and reverse
+``KL(q || p(z|x))`` from guide samples (both unbiased Monte-Carlo estimates of exact KLs).
+
+Regimes: ``skl`` (fresh simulations, fixed wall-clock budget, cosine schedule in elapsed
+time) and ``fklN`` (forward KL on a fixed budget of N simulations, ``--fkl-steps`` steps).
+Baselines: an amortised mean-field Gaussian guide (the same training; every latent depends
+on the observations only, affine normaliser, one layer) and sbi's NPE with its default
+density estimator (skipped with a note if sbi is not installed: ``pip install -e ".[bench]"``).
+
+Usage: ``python -m benchmarks lgbn [--networks PATH ...] [--budget 180] [--regimes skl fkl5000]
+[--flows straf] [--structures faithful dense] [--baselines meanfield sbi] [--out NAME]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+import pyro_struct as ps
+from pyro_struct.models import LinearGaussianNetwork, shared_data_dir
+
+from .report import write_results
+from .training_budget import default_learning_rate, fit_for
+
+__all__ = ["main", "evaluate_kl", "meanfield_guide", "DEFAULT_NETWORKS"]
+
+DEFAULT_NETWORKS = ("ecoli70.json", "magic-niab.json")
+
+
+def evaluate_kl(net: LinearGaussianNetwork, obs: dict, log_q, sample_q, num_samples: int) -> tuple[float, float]:
+    """Mean exact forward and reverse KL over a batch of observations.
+
+    Args:
+        net: the network (exact posterior).
+        obs: observed site -> ``(B,)`` values.
+        log_q: ``z (n, B, d) -> log q (n, B)`` in ``net.latent_sites`` order.
+        sample_q: ``n -> (z (n, B, d), log q (n, B))``.
+        num_samples: Monte-Carlo samples per observation.
+
+    Returns:
+        ``(forward KL, reverse KL)`` averaged over the batch, in nats.
+    """
+    with torch.no_grad():
+        zp = net.sample_posterior(obs, num_samples)
+        fkl = (net.posterior_log_prob(obs, zp) - log_q(zp).double()).mean()
+        zq, lq = sample_q(num_samples)
+        rkl = (lq.double() - net.posterior_log_prob(obs, zq.double())).mean()
+    return float(fkl), float(rkl)
+
+
+def meanfield_guide(net: LinearGaussianNetwork, **flow_options) -> ps.StructuredGuide:
+    """An amortised mean-field Gaussian guide: ``q(z|x) = prod_i N(z_i; m_i(x), s_i(x))``
+    (``structure="meanfield"``: every latent sees the observations only; one affine layer)."""
+    options = {"num_layers": 1, "normalizer": "affine", **flow_options}
+    return ps.StructuredGuide(net.model, flow="straf", structure="meanfield", observed=net.observed_sites, **options)
+
+
+def _param_count(guide) -> int:
+    try:
+        return int(guide.structure.num_effective_parameters)
+    except Exception:  # the inspection module is optional for a benchmark row
+        return sum(p.numel() for p in guide.parameters())
+
+
+def _guide_row(net, obs, flow, structure, regime, args, seed):
+    torch.manual_seed(seed)
+    options = dict(args.flow_options.get(flow, {}))
+    if structure == "meanfield":
+        guide = meanfield_guide(net)
+        method = "mean-field"
+    else:
+        guide = ps.StructuredGuide(net.model, flow=flow, structure=structure, observed=net.observed_sites, **options)
+        method = flow
+    common = dict(batch_size=args.batch_size, lr=args.lr, seed=seed)
+    if regime == "skl":
+        history, seconds = fit_for(guide, args.budget, objective="skl", **common)
+        sims = len(history) * args.batch_size
+    else:
+        n = int(regime[3:])
+        t0 = time.perf_counter()
+        common["batch_size"] = min(args.batch_size, n)
+        history = guide.fit(objective="fkl", num_simulations=n, num_steps=args.fkl_steps, progress=False, **common)
+        seconds = time.perf_counter() - t0
+        sims = n
+    post = guide.posterior(**obs)
+    sites = net.latent_sites
+
+    def log_q(z):
+        return post.log_prob({s: z[..., k].to(torch.get_default_dtype()) for k, s in enumerate(sites)})
+
+    def sample_q(n):
+        samples, lq = post.sample_and_log_prob(n)
+        return torch.stack([samples[s] for s in sites], -1), lq
+
+    t0 = time.perf_counter()
+    fkl, rkl = evaluate_kl(net, obs, log_q, sample_q, args.num_samples)
+    return {
+        "method": method,
+        "structure": structure,
+        "regime": regime,
+        "simulations": sims,
+        "steps": len(history),
+        "train_s": seconds,
+        "final_loss": history[-1] if history else None,
+        "forward_kl": fkl,
+        "reverse_kl": rkl,
+        "params": _param_count(guide),
+        "eval_s": time.perf_counter() - t0,
+    }
+
+
+def _sbi_row(net, obs, regime, args, seed):
+    try:
+        from sbi.inference import NPE
+    except ImportError:
+        return {"method": "sbi NPE", "structure": "dense", "regime": regime, "note": 'sbi not installed: pip install -e ".[bench]"'}
+    if regime == "skl":
+        return {"method": "sbi NPE", "structure": "dense", "regime": regime, "note": "NPE trains on a fixed simulation budget; see the fkl rows"}
+    torch.manual_seed(seed)
+    n = int(regime[3:])
+    gen = torch.Generator().manual_seed(seed)
+    joint = net.sample_joint(n, gen)
+    theta = torch.stack([joint[s] for s in net.latent_sites], -1).float()
+    x = torch.stack([joint[s] for s in net.observed_sites], -1).float()
+    lat = [net.order.index(v) for v in net.latent]
+    # the exact prior of the latents (jointly Gaussian); NPE with a Gaussian prior on all of R^d leaks no mass
+    prior = torch.distributions.MultivariateNormal(
+        net.joint_mean[lat].float(), covariance_matrix=net.joint_cov[lat][:, lat].float()
+    )
+    t0 = time.perf_counter()
+    inference = NPE(prior=prior, show_progress_bars=False)
+    estimator = inference.append_simulations(theta, x).train(show_train_summary=False)
+    seconds = time.perf_counter() - t0
+    estimator.eval()
+    xo = torch.stack([obs[s] for s in net.observed_sites], -1).float()  # (B, dx)
+
+    # the trained density estimator, batched over observations (the posterior object loops over them)
+    def log_q(z):
+        return estimator.log_prob(z.float(), condition=xo)
+
+    def sample_q(m):
+        zs = estimator.sample((m,), condition=xo)
+        return zs, estimator.log_prob(zs, condition=xo)
+
+    t0 = time.perf_counter()
+    fkl, rkl = evaluate_kl(net, obs, log_q, sample_q, args.num_samples)
+    return {
+        "method": "sbi NPE",
+        "structure": "dense",
+        "regime": regime,
+        "simulations": n,
+        "steps": (getattr(inference, "_summary", {}).get("epochs_trained") or [None])[-1],
+        "train_s": seconds,
+        "forward_kl": fkl,
+        "reverse_kl": rkl,
+        "params": sum(p.numel() for p in estimator.parameters()),
+        "eval_s": time.perf_counter() - t0,
+        "note": "steps = epochs (early stopping)",
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks lgbn", description=__doc__.splitlines()[0])
+    p.add_argument("--networks", nargs="+", default=None, help="network JSON files (default: ecoli70, magic-niab)")
+    p.add_argument("--flows", nargs="+", default=["straf", "grf", "cnf"])
+    p.add_argument("--structures", nargs="+", default=["faithful", "dense"])
+    p.add_argument("--regimes", nargs="+", default=["skl", "fkl1000", "fkl5000", "fkl20000"])
+    p.add_argument("--baselines", nargs="*", default=["meanfield", "sbi"])
+    p.add_argument("--budget", type=float, default=180.0, help="wall-clock seconds for the skl regime")
+    p.add_argument("--fkl-steps", type=int, default=3000, help="optimisation steps on a fixed simulation budget")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=None, help="Adam's learning rate (default: fit's default)")
+    p.add_argument("--flow-options", default="{}", help='JSON: flow -> options, e.g. \'{"straf": {"num_layers": 2}}\'')
+    p.add_argument("--num-obs", type=int, default=100)
+    p.add_argument("--num-samples", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (more than the free cores slows training a lot)")
+    p.add_argument("--out", default="lgbn")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.lr is None:
+        args.lr = default_learning_rate()
+    args.flow_options = json.loads(args.flow_options)
+    networks = args.networks or [str(shared_data_dir() / "bnlearn" / f) for f in DEFAULT_NETWORKS]
+    rows = []
+    columns = ["network", "method", "structure", "regime", "simulations", "steps", "train_s", "final_loss",
+               "forward_kl", "reverse_kl", "params", "note"]
+
+    def save():
+        write_results(
+            args.out,
+            rows,
+            columns,
+            meta={**vars(args), "networks": [Path(n).name for n in networks], "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
+            notes=(
+                "KLs are in nats, averaged over the observations (the same new observations for every row); "
+                f"forward = KL(p(z|x) || q), reverse = KL(q || p(z|x)), {args.num_samples} samples per observation. "
+                "skl rows: fresh simulations for a wall-clock budget (train_s) with a cosine schedule in elapsed "
+                "time; fklN rows: N simulations reused for fkl_steps steps. final_loss is the last training loss."
+            ),
+        )
+
+    for path in networks:
+        net = LinearGaussianNetwork.from_json(path)
+        name = Path(path).stem
+        obs = net.sample_observations(args.num_obs, torch.Generator().manual_seed(args.seed + 1))
+        for regime in args.regimes:
+            jobs = [(f, s) for f in args.flows for s in args.structures]
+            if "meanfield" in args.baselines:
+                jobs.append(("straf", "meanfield"))
+            for flow, structure in jobs:
+                row = _guide_row(net, obs, flow, structure, regime, args, args.seed)
+                rows.append({"network": name, **row})
+                print(rows[-1], flush=True)
+                save()
+            if "sbi" in args.baselines and regime != "skl":
+                rows.append({"network": name, **_sbi_row(net, obs, regime, args, args.seed)})
+                print(rows[-1], flush=True)
+                save()
+    if not rows:
+        save()
+    return 0
