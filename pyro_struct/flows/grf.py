@@ -21,6 +21,8 @@ Example:
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import math
 import warnings
 from typing import Sequence
@@ -78,11 +80,12 @@ def spectral_norm_bound(weight: torch.Tensor, iterations: int = 8) -> torch.Tens
 
 
 # -------------------------------------------------------------------------------- activations
-class _LipschitzActivation(nn.Module):
+class _LipschitzActivation(nn.Module, ABC):
     """An elementwise activation with ``|f'| <= 1`` that also returns its derivative."""
 
+    @abstractmethod
     def value_and_derivative(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """``f(a)`` and ``f'(a)``, both shaped like ``a``."""
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         return self.value_and_derivative(a)[0]
