@@ -21,10 +21,9 @@ Example:
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-
 import math
 import warnings
+from abc import ABC, abstractmethod
 from typing import Sequence
 
 import torch
