@@ -32,7 +32,8 @@ def main(argv=None) -> int:
         return 2
     module = importlib.import_module(f"benchmarks.{name}")
     if hasattr(module, "main"):
-        return int(module.main(rest) or 0)
+        rc = module.main(rest)
+        return rc if isinstance(rc, int) else 0
     # script-style benchmark: run it as __main__ with its own argv
     sys.argv = [str(Path(module.__file__))] + rest
     runpy.run_path(module.__file__, run_name="__main__")
