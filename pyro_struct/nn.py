@@ -223,7 +223,7 @@ class StrNN(nn.Module):
         if input_t.dim() != 2 or input_t.shape[0] != self.d_in:
             raise ValueError(f"with rows=, the input must be feature-major ({self.d_in}, N); got shape {tuple(input_t.shape)}")
         plan = self.row_plan(rows)
-        h = input_t.index_select(0, plan[0])
+        h = inputs = input_t.index_select(0, plan[0])
         for i, layer in enumerate(self.layers):
             weight = layer.masked_weight.index_select(0, plan[i + 1]).index_select(1, plan[i])
             h = weight @ h
@@ -232,5 +232,6 @@ class StrNN(nn.Module):
             if i < len(self.activations):
                 h = self.activations[i](h)
         if self.skip is not None:
-            h = h + self.skip.masked_weight.index_select(0, plan[-1]) @ input_t
+            # the skip's mask is the adjacency's rows, so its inputs are the plan's inputs
+            h = h + self.skip.masked_weight.index_select(0, plan[-1]).index_select(1, plan[0]) @ inputs
         return h.unflatten(0, (len(rows), self.num_params))
