@@ -23,7 +23,6 @@ Usage: ``python -m benchmarks circuit [--budget 300] [--flows straf grf cnf] [--
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -37,7 +36,7 @@ from pyro_struct.models.circuit import CIRCUIT_OBSERVATION
 from pyro_struct.objectives import symmetrized_kl
 
 from .report import write_results
-from .training_budget import default_learning_rate, fit_for
+from .training_budget import apply_training_arguments, fit_for
 
 __all__ = ["main", "mmd", "nuts_reference", "importance_reference"]
 
@@ -197,10 +196,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--out", default="circuit")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.lr is None:
-        args.lr = default_learning_rate()
-    args.flow_options = json.loads(args.flow_options)
+    apply_training_arguments(args)
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")

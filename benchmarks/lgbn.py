@@ -29,7 +29,7 @@ import pyro_struct as ps
 from pyro_struct.models import LinearGaussianNetwork, shared_data_dir
 
 from .report import write_results
-from .training_budget import default_learning_rate, fit_for
+from .training_budget import apply_training_arguments, fit_for
 
 __all__ = ["main", "evaluate_kl", "meanfield_guide", "DEFAULT_NETWORKS"]
 
@@ -186,10 +186,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (more than the free cores slows training a lot)")
     p.add_argument("--out", default="lgbn")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.lr is None:
-        args.lr = default_learning_rate()
-    args.flow_options = json.loads(args.flow_options)
+    apply_training_arguments(args)
     networks = args.networks or [str(shared_data_dir() / "bnlearn" / f) for f in DEFAULT_NETWORKS]
     rows = []
     columns = ["network", "method", "structure", "regime", "simulations", "steps", "train_s", "final_loss",

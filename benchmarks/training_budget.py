@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import json
 import time
 
-__all__ = ["default_learning_rate", "fit_for"]
+__all__ = ["default_learning_rate", "fit_for", "apply_training_arguments"]
 
 
 def default_learning_rate() -> float:
@@ -25,3 +26,13 @@ def fit_for(guide, budget: float, **fit_options) -> tuple[list[float], float]:
     t0 = time.perf_counter()
     guide.fit(num_steps=10**9, time_budget=budget, progress=False, **fit_options)
     return list(guide.history), time.perf_counter() - t0
+
+
+def apply_training_arguments(args) -> None:
+    """Settle the parsed ``--threads``, ``--lr`` (default: ``fit``'s) and ``--flow-options`` (JSON) in place."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.lr is None:
+        args.lr = default_learning_rate()
+    args.flow_options = json.loads(args.flow_options)
