@@ -22,7 +22,7 @@ BENCHMARKS = {
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m benchmarks NAME [options]\n\nbenchmarks:")
+        print("usage: python -m benchmarks NAME [options]   (or: pyro-struct bench NAME [options])\n\nbenchmarks:")
         for k, v in BENCHMARKS.items():
             print(f"  {k:<16} {v}")
         return 0

@@ -1,4 +1,4 @@
-"""The ``pyro-struct`` command line: demo, inspect, fit and posterior.
+"""The ``pyro-struct`` command line: demo, inspect, fit, posterior and bench.
 
 Usage::
 
@@ -7,6 +7,7 @@ Usage::
     pyro-struct inspect FILE.py:FUNCTION [--observed a,b] [--structure faithful] [--flow straf|none] [--out FOLDER]
     pyro-struct fit FILE.py:FUNCTION --observed x --out guide.pt [--flow straf] [--steps N] [--seed S]
     pyro-struct posterior guide.pt FILE.py:FUNCTION --obs obs.json [--samples N] [--out post.json]
+    pyro-struct bench NAME [options]     (from a source checkout: same as ``python -m benchmarks NAME``)
 
 ``FUNCTION`` is a Pyro model, or a factory that returns one when called (with ``--kwargs``).
 Every failure ends with one line ``pyro-struct: error: ...`` on stderr and a non-zero exit.
@@ -736,12 +737,42 @@ def _run_posterior(args) -> int:
     return 0
 
 
+def _add_bench(p):
+    p.add_argument("name", nargs="?", help="benchmark name (omit to list them)")
+    p.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's own options (see: bench NAME --help)")
+
+
+def _benchmarks_entry():
+    """The ``benchmarks`` package's ``main``: the benchmarks live in the source checkout, not
+    in the installed package, so look in the current folder and beside this package."""
+    candidates = [Path.cwd(), Path(__file__).resolve().parent.parent]
+    for root in candidates:
+        if (root / "benchmarks" / "__main__.py").is_file():
+            if str(root) not in sys.path:
+                sys.path.insert(0, str(root))
+            from benchmarks.__main__ import main as bench_main
+
+            return bench_main
+    raise CLIError(
+        "the benchmarks are part of the source checkout, not of the installed package: run "
+        "'pyro-struct bench' from the repository root (no benchmarks/ folder in "
+        f"{' or '.join(str(c) for c in candidates)})"
+    )
+
+
+def _run_bench(args) -> int:
+    bench_main = _benchmarks_entry()
+    argv = ([args.name] if args.name else []) + list(args.options)
+    return bench_main(argv)
+
+
 #: The subcommands, in the order ``--help`` lists them. Append to add one.
 COMMANDS: list[Command] = [
     Command("demo", "train a guide for the arithmetic circuit and write a report", _add_demo, _run_demo),
     Command("inspect", "trace and invert a model; print the structure and write plots", _add_inspect, _run_inspect),
     Command("fit", "train a guide for a model and save it", _add_fit, _run_fit),
     Command("posterior", "posterior of observations under a saved guide", _add_posterior, _run_posterior),
+    Command("bench", "run a benchmark of benchmarks/ and save its table (python -m benchmarks NAME)", _add_bench, _run_bench),
 ]
 
 

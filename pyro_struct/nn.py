@@ -103,7 +103,11 @@ class StrNN(nn.Module):
         hidden_sizes: widths of the hidden layers.
         num_params: outputs per output variable (e.g. 2 for a shift and a log-scale).
         skip: add a masked linear map from inputs to outputs (zero-initialised), which lets
-            an affine flow represent linear-Gaussian conditionals exactly.
+            an affine flow represent linear-Gaussian conditionals exactly. ``True`` feeds
+            every parameter of an output variable; a sequence of parameter indices feeds only
+            those (e.g. ``(0,)``: the shift of an affine normaliser, whose linear-Gaussian
+            scale does not depend on the inputs; a linear scale would only add parameters to
+            over-fit a fixed simulation budget with).
         activation: activation name, class or module.
         method: mask factorisation, ``"greedy"`` or ``"made"`` (see :func:`factorize`).
         widen: widen hidden layers that are too narrow for an exact factorisation.
@@ -117,7 +121,7 @@ class StrNN(nn.Module):
         adjacency: torch.Tensor,
         hidden_sizes: Sequence[int] = (64, 64),
         num_params: int = 1,
-        skip: bool = False,
+        skip: bool | Sequence[int] = False,
         activation="relu",
         method: str = "greedy",
         widen: bool = True,
@@ -136,8 +140,21 @@ class StrNN(nn.Module):
         self.hidden_sizes = [m.shape[0] for m in masks[:-1]]
         self.layers = nn.ModuleList(MaskedLinear(m) for m in masks)
         self.activations = nn.ModuleList(get_activation(activation) for _ in masks[:-1])
-        self.skip = MaskedLinear(A.repeat_interleave(self.num_params, dim=0), bias=False, zero_init=True) if skip else None
+        self.skip = MaskedLinear(self._skip_mask(A, skip), bias=False, zero_init=True) if skip else None
         self._row_plans: dict = {}
+
+    def _skip_mask(self, A: torch.Tensor, skip) -> torch.Tensor:
+        mask = A.repeat_interleave(self.num_params, dim=0)
+        if skip is True:
+            return mask
+        if isinstance(skip, (bool, int)) or not all(isinstance(k, int) and not isinstance(k, bool) for k in skip):
+            raise ValueError(f"skip must be True, False or a sequence of parameter indices; got {skip!r}")
+        keep = torch.zeros(self.num_params, dtype=torch.bool)
+        for k in skip:
+            if not 0 <= k < self.num_params:
+                raise ValueError(f"skip index {k} is out of range for num_params={self.num_params}")
+            keep[k] = True
+        return mask & keep.repeat(self.d_out).unsqueeze(1)
 
     @property
     def masks(self) -> list[torch.Tensor]:

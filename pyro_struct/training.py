@@ -49,6 +49,18 @@ def _pool_from_payload(payload) -> Simulations | None:
     return None if payload is None else Simulations(payload["values"], payload["log_joint"])
 
 
+def _optimizer(guide, params: list, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """Adam; with ``weight_decay``, AdamW decaying only weight matrices outside the linear skips."""
+    if not weight_decay:
+        return torch.optim.Adam(params, lr=lr)
+    names = {id(p): name for name, p in guide.named_parameters()}
+    decayed = [p for p in params if p.dim() >= 2 and ".skip." not in f".{names.get(id(p), '')}"]
+    chosen = {id(p) for p in decayed}
+    rest = [p for p in params if id(p) not in chosen]
+    groups = [{"params": decayed, "weight_decay": float(weight_decay)}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+
+
 def fit(
     guide,
     num_steps: int = 1000,
@@ -66,6 +78,7 @@ def fit(
     num_standardization: int = 2048,
     validation_fraction: float = 0.1,
     time_budget: float | None = None,
+    weight_decay: float = 0.0,
 ) -> list[float]:
     """Train a :class:`~pyro_struct.StructuredGuide` on simulations ``(z, x) ~ p(z, x)`` of its model.
 
@@ -96,6 +109,12 @@ def fit(
             loss is evaluated after every epoch (``guide.validation_history``) and the
             parameters with the best one are restored at the end, so a small budget is not
             over-fitted (early stopping, as sbi does). ``0`` trains on the whole budget.
+        weight_decay: decoupled weight decay (AdamW) of the conditioners' weight matrices; the
+            linear skip connections and the biases are not decayed, so the decay pulls each
+            conditioner towards its linear part. A regulariser for small fixed budgets
+            (``num_simulations``): on the linear-Gaussian benchmarks 0.3 lowered the exact
+            KL with 5,000 simulations by 10-40% (``benchmarks/results/NOTES.md``). It biases
+            non-linear posteriors, so the default is 0.
         num_standardization: simulations used for the context/latent standardisation, the first
             time a guide is trained (with ``num_simulations``, the budget is used instead).
 
@@ -122,6 +141,8 @@ def fit(
         raise ValueError(f"time_budget must be a positive number of seconds; got {time_budget!r}")
     if not 0 <= validation_fraction < 1:
         raise ValueError(f"validation_fraction must be in [0, 1); got {validation_fraction!r}")
+    if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
+        raise ValueError(f"weight_decay must be a non-negative number; got {weight_decay!r}")
     if resume and checkpoint is None:
         raise ValueError("resume=True needs checkpoint=path (the file to resume from)")
     if checkpoint_every < 1:
@@ -136,7 +157,7 @@ def fit(
     # before any restored random state: deciding consumes random numbers the first time
     simulator.prepare()
     params = [p for p in guide.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=lr)
+    optimizer = _optimizer(guide, params, lr, weight_decay)
     start, pool = 0, None
 
     if resume and os.path.exists(os.fspath(checkpoint)):

@@ -88,6 +88,36 @@ def test_skip_is_masked_and_zero_initialised():
     assert (net.skip.masked_weight[~net.skip.mask] == 0).all()
 
 
+def test_skip_restricted_to_some_parameters_feeds_only_those():
+    A = torch.tensor([[0, 0, 1], [1, 0, 1], [1, 1, 0]], dtype=torch.bool)
+    net = StrNN(A, [8], num_params=2, skip=(0,)).double()
+    assert torch.equal(net.skip.mask[0::2], A) and not net.skip.mask[1::2].any()
+    _randomize(net.skip)
+    with torch.no_grad():  # only the skip is left: the first parameter linear, the second constant
+        net.layers[-1].weight.zero_()
+    J = torch.autograd.functional.jacobian(lambda v: net(v), torch.randn(3, dtype=torch.float64))  # (3, 2, 3)
+    assert torch.equal(J[:, 0] != 0, A)
+    assert (J[:, 1] == 0).all()
+    dense = StrNN(A, [8], num_params=2, skip=True)
+    assert dense.num_effective_parameters() - net.num_effective_parameters() == int(A.sum())
+    for bad in [(2,), (-1,), ("0",), 1]:
+        with pytest.raises(ValueError, match="skip"):
+            StrNN(A, [8], num_params=2, skip=bad)
+
+
+def test_affine_straf_skip_feeds_the_shift_only():
+    from pyro_struct.flows import StrAF
+
+    A = torch.tensor([[0, 0, 1], [1, 0, 1]], dtype=torch.bool)
+    for normalizer, rows in [("affine", slice(1, None, 2)), ("spline", None)]:
+        flow = StrAF(A, context_dim=1, normalizer=normalizer)
+        skip = flow.conditioners[0].skip
+        if rows is None:
+            assert torch.equal(skip.mask, A.repeat_interleave(skip.mask.shape[0] // 2, dim=0))
+        else:
+            assert not skip.mask[rows].any() and torch.equal(skip.mask[0::2], A)
+
+
 def test_skip_makes_an_exact_linear_map_representable():
     A = torch.tensor([[0, 0], [1, 0]], dtype=torch.bool)
     net = StrNN(A, [4], num_params=1, skip=True)

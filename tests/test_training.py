@@ -174,6 +174,34 @@ def test_fixed_budget_holds_out_a_validation_set_and_keeps_the_best(network):
         guide.fit(num_steps=1, num_simulations=10, validation_fraction=1.0, progress=False)
 
 
+def test_weight_decay_shrinks_conditioner_weights_but_not_skips_or_biases(network):
+    lr, wd = 1e-2, 5.0
+
+    def one_step(weight_decay):
+        torch.manual_seed(0)
+        guide = new_guide(network, hidden_sizes=(16,))
+        guide.fit(num_steps=1, batch_size=32, num_simulations=64, validation_fraction=0, progress=False, seed=0)
+        before = {n: p.detach().clone() for n, p in guide.named_parameters()}
+        guide.fit(num_steps=1, batch_size=32, lr=lr, lr_schedule=None, weight_decay=weight_decay, progress=False, seed=1)
+        return before, dict(guide.named_parameters())
+
+    before, plain = one_step(0.0)
+    before_wd, decayed = one_step(wd)
+    skips = [n for n in plain if ".skip." in f".{n}"]
+    assert skips and any(p.dim() == 1 for p in plain.values())
+    for name, p in decayed.items():
+        assert torch.equal(before[name], before_wd[name])
+        # AdamW: the same Adam step, plus -lr * wd * p on the decayed weights only
+        shrink = decayed[name] - plain[name]
+        if p.dim() >= 2 and name not in skips:
+            assert torch.allclose(shrink, -lr * wd * before[name], atol=1e-6), name
+            assert before[name].abs().sum() > 0
+        else:
+            assert torch.allclose(shrink, torch.zeros_like(shrink), atol=1e-7), name
+    with pytest.raises(ValueError, match="weight_decay"):
+        new_guide(network, hidden_sizes=(8,)).fit(num_steps=1, weight_decay=-1.0, progress=False)
+
+
 def test_time_budget_stops_training(network):
     guide = new_guide(network, hidden_sizes=(8,))
     guide.fit(num_steps=2, batch_size=16, progress=False)  # standardisation outside the budget

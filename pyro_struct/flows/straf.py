@@ -96,6 +96,9 @@ class AffineNormalizer(nn.Module):
     """
 
     num_params = 2
+    #: the parameters a conditioner's linear skip feeds: the shift only (a linear-Gaussian
+    #: conditional has a linear mean and a constant scale)
+    skip_params = (0,)
 
     def __init__(self, min_scale: float = 1e-3):
         super().__init__()
@@ -355,7 +358,9 @@ class StrAF(ConditionalFlow):
         normalizer: ``"affine"``, ``"spline"`` (monotonic rational-quadratic spline) or
             ``"umnn"`` (unconstrained monotonic neural network, integral of a positive MLP).
         skip: add the StrNN's masked linear skip from ``[z, x]`` to the normaliser
-            parameters (an affine StrAF then represents linear-Gaussian conditionals exactly).
+            parameters: to the shift only for the affine normaliser (an affine StrAF then
+            represents linear-Gaussian conditionals exactly, with their constant scale), to
+            every parameter for the spline and UMNN normalisers.
         activation: conditioner activation (name, class or module).
         num_bins: spline bins.
         bound: spline interval ``[-bound, bound]`` (identity outside).
@@ -424,7 +429,7 @@ class StrAF(ConditionalFlow):
                 self.adjacency,
                 hidden_sizes,
                 num_params=self.normalizers[0].num_params,
-                skip=skip,
+                skip=(getattr(self.normalizers[0], "skip_params", None) or True) if skip else False,
                 activation=activation,
                 method=method,
                 widen=widen,

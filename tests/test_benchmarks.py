@@ -1,0 +1,76 @@
+"""The benchmark harness: its exact-KL metric, a tiny end-to-end ``lgbn`` run, and ``pyro-struct bench``."""
+
+import json
+
+import pytest
+import torch
+
+from benchmarks.lgbn import evaluate_kl
+from pyro_struct.cli import main as cli_main
+from pyro_struct.models import LinearGaussianNetwork
+
+
+def _gaussian_q(mean, cov):
+    q = torch.distributions.MultivariateNormal(mean, covariance_matrix=cov)
+
+    def sample_q(n):
+        z = q.sample((n,))
+        return z, q.log_prob(z)
+
+    return q.log_prob, sample_q
+
+
+def test_evaluate_kl_is_zero_at_the_exact_posterior_and_half_the_mahalanobis_shift_otherwise():
+    torch.manual_seed(0)
+    net = LinearGaussianNetwork.random(7, seed=3)
+    obs = net.sample_observations(4, torch.Generator().manual_seed(1))
+    mean, cov = net.exact_posterior(obs)
+    fkl, rkl = evaluate_kl(net, obs, *_gaussian_q(mean, cov), num_samples=500)
+    assert abs(fkl) < 1e-9 and abs(rkl) < 1e-9
+
+    # a mean shift delta: both KLs are delta' cov^-1 delta / 2, whatever the direction
+    delta = torch.zeros(mean.shape[-1], dtype=mean.dtype)
+    delta[0] = 0.7 * cov[0, 0].sqrt()
+    exact = 0.5 * float(delta @ torch.linalg.solve(cov, delta))
+    fkl, rkl = evaluate_kl(net, obs, *_gaussian_q(mean + delta, cov), num_samples=20000)
+    assert fkl == pytest.approx(exact, rel=0.05)
+    assert rkl == pytest.approx(exact, rel=0.05)
+
+
+def test_lgbn_benchmark_runs_on_any_network_file_and_writes_its_table(tmp_path):
+    from benchmarks.lgbn import main as lgbn_main
+
+    net = {  # a -> b -> c, a -> c; leaves observed (c), a and b latent
+        "nodes": ["a", "b", "c"],
+        "arcs": [["a", "b"], ["b", "c"], ["a", "c"]],
+        "cpds": {
+            "a": {"coefficients": {"(Intercept)": 0.5}, "variance": 1.0},
+            "b": {"parents": ["a"], "coefficients": {"(Intercept)": 0.0, "a": 0.8}, "variance": 0.5},
+            "c": {"parents": ["b", "a"], "coefficients": {"(Intercept)": 1.0, "b": -1.2, "a": 0.3}, "variance": 0.2},
+        },
+    }
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(net))
+    rc = lgbn_main([
+        "--networks", str(path), "--flows", "straf", "--structures", "faithful", "--regimes", "skl", "fkl300",
+        "--baselines", "meanfield", "--budget", "3", "--fkl-steps", "150", "--num-obs", "5", "--num-samples", "200",
+        "--results-dir", str(tmp_path), "--out", "tiny",
+    ])
+    assert rc == 0
+    table = json.loads((tmp_path / "tiny.json").read_text())
+    rows = table["rows"]
+    assert [(r["method"], r["regime"]) for r in rows] == [
+        ("straf", "skl"), ("mean-field", "skl"), ("straf", "fkl300"), ("mean-field", "fkl300"),
+    ]
+    for r in rows:
+        assert r["network"] == "tiny" and r["forward_kl"] == r["forward_kl"] and r["reverse_kl"] == r["reverse_kl"]
+    assert rows[2]["simulations"] == 300
+    assert (tmp_path / "tiny.md").read_text().startswith("# tiny")
+
+
+def test_bench_subcommand_lists_the_benchmarks_and_rejects_unknown_names(capsys):
+    assert cli_main(["bench"]) == 0
+    out = capsys.readouterr().out
+    assert "lgbn" in out and "circuit" in out and "scaling" in out
+    assert cli_main(["bench", "no-such-benchmark"]) == 2
+    assert "unknown benchmark 'no-such-benchmark'" in capsys.readouterr().err
