@@ -6,13 +6,27 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["RESULTS_DIR", "environment", "markdown_table", "write_results"]
+__all__ = ["RESULTS_DIR", "environment", "library_commit", "markdown_table", "write_results"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def library_commit() -> str | None:
+    """The checkout's commit, with ``+changes`` when ``pyro_struct/`` differs from it (``None`` outside git)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if commit.returncode != 0:
+            return None
+        changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "pyro_struct"], cwd=root, timeout=10).returncode
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit.stdout.strip() + ("+changes" if changed else "")
 
 
 def environment() -> dict[str, Any]:
@@ -39,6 +53,7 @@ def environment() -> dict[str, Any]:
         "pyro": pyro.__version__,
         "networkx": networkx.__version__,
         "torchdiffeq": tde,
+        "commit": library_commit(),
     }
 
 

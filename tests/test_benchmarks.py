@@ -74,3 +74,26 @@ def test_bench_subcommand_lists_the_benchmarks_and_rejects_unknown_names(capsys)
     assert "lgbn" in out and "circuit" in out and "scaling" in out
     assert cli_main(["bench", "no-such-benchmark"]) == 2
     assert "unknown benchmark 'no-such-benchmark'" in capsys.readouterr().err
+
+
+def test_summary_checks_the_goals_from_the_tables(tmp_path):
+    from benchmarks.summary import main as summary_main
+
+    def row(method, structure, regime, fkl, rkl):
+        return {"network": "net", "method": method, "structure": structure, "regime": regime, "train_s": 180.0,
+                "forward_kl": fkl, "reverse_kl": rkl}
+
+    rows = [
+        row("straf", "faithful", "skl", 0.01, 0.04),
+        row("straf", "faithful", "fkl5000", 0.1, 0.1),
+        row("straf", "dense", "fkl5000", 0.3, 0.19),  # reverse ratio 0.53 > 0.5: missed
+        row("sbi NPE", "dense", "fkl5000", 0.5, 0.5),  # ratio 0.2: met
+    ]
+    (tmp_path / "a.json").write_text(json.dumps({"rows": rows[:2], "meta": {}}))
+    (tmp_path / "b.json").write_text(json.dumps({"rows": rows[2:], "meta": {}}))
+    assert summary_main(["--lgbn", "a", "b", "missing", "--circuit", "--circuit-goal", "--results-dir", str(tmp_path)]) == 0
+    text = (tmp_path / "summary.md").read_text()
+    assert "0.010 / 0.040 nats, goal <= 0.05: met" in text
+    assert "faithful / dense = 0.53 (larger of the two KL ratios), goal <= 0.5: **missed**" in text
+    assert "StrAF faithful / sbi NPE = 0.20, goal <= 0.25: met" in text
+    assert "Tables not found: missing" in text
