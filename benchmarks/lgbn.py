@@ -11,7 +11,10 @@ time) and ``fklN`` (forward KL on a fixed budget of N simulations, ``--fkl-steps
 keeps the parameters with the best held-out loss).
 Baselines: an amortised mean-field Gaussian guide (the same training; every latent depends
 on the observations only, affine normaliser, one layer) and sbi's NPE with its default
-density estimator (skipped with a note if sbi is not installed: ``pip install -e ".[bench]"``).
+density estimator (skipped with a note if sbi is not installed: ``pip install -e ".[bench]"``),
+and, for the fklN rows, the least-squares oracle: each latent's linear-Gaussian conditional on its
+faithful-inverse parents fitted by least squares to the same N simulations, the floor that any
+faithful affine guide trained on them can approach.
 
 Usage: ``python -m benchmarks lgbn [--networks PATH ...] [--budget 180] [--regimes skl fkl5000]
 [--flows straf] [--structures faithful dense] [--baselines meanfield sbi] [--out NAME]``
@@ -122,6 +125,64 @@ def _guide_row(net, obs, flow, structure, regime, args, seed):
     }
 
 
+def _oracle_row(net, obs, regime, args, seed):
+    """The statistical floor of a faithful affine guide: each latent's conditional given its
+    faithful-inverse parents fitted by least squares (the maximum-likelihood linear-Gaussian
+    conditional) on the same ``N`` simulations, no network and no optimiser."""
+    n = int(regime[3:])
+    bn = ps.trace_model(net.model, observed=net.observed_sites)
+    inverse = ps.faithful_inverse(bn)
+    joint = net.sample_joint(n, torch.Generator().manual_seed(seed))
+    t0 = time.perf_counter()
+    conditionals = []
+    for v in inverse.order:
+        parents = list(inverse.parents(v))
+        X = torch.stack([joint[u].double() for u in parents] + [torch.ones(n, dtype=torch.float64)], -1)
+        y = joint[v].double()
+        coef = torch.linalg.lstsq(X, y.unsqueeze(-1)).solution.squeeze(-1)
+        sd = (y - X @ coef).pow(2).mean().sqrt()
+        conditionals.append((v, parents, coef, sd))
+    seconds = time.perf_counter() - t0
+    sites = net.latent_sites
+
+    def log_q_of(values):
+        total = 0.0
+        for v, parents, coef, sd in conditionals:
+            mean = torch.stack([values[u] for u in parents] + [torch.ones_like(values[v])], -1) @ coef
+            total = total + torch.distributions.Normal(mean, sd).log_prob(values[v])
+        return total
+
+    def with_obs(values, shape):
+        values.update({s: obs[s].double().expand(shape) for s in net.observed_sites})
+        return values
+
+    def log_q(z):
+        return log_q_of(with_obs({s: z[..., k].double() for k, s in enumerate(sites)}, z.shape[:-1]))
+
+    def sample_q(m):
+        shape = (m,) + next(iter(obs.values())).shape
+        values = with_obs({}, shape)
+        for v, parents, coef, sd in conditionals:
+            mean = torch.stack([values[u] for u in parents] + [torch.ones(shape, dtype=torch.float64)], -1) @ coef
+            values[v] = mean + sd * torch.randn(shape, dtype=torch.float64)
+        return torch.stack([values[s] for s in sites], -1), log_q_of(values)
+
+    t1 = time.perf_counter()
+    fkl, rkl = evaluate_kl(net, obs, log_q, sample_q, args.num_samples)
+    return {
+        "method": "least-squares oracle",
+        "structure": "faithful",
+        "regime": regime,
+        "simulations": n,
+        "train_s": seconds,
+        "forward_kl": fkl,
+        "reverse_kl": rkl,
+        "params": sum(len(c[1]) + 2 for c in conditionals),
+        "eval_s": time.perf_counter() - t1,
+        "note": "linear-Gaussian conditionals on the faithful inverse fitted by least squares: the floor for N simulations",
+    }
+
+
 def _sbi_row(net, obs, regime, args, seed):
     try:
         from sbi.inference import NPE
@@ -175,10 +236,10 @@ def _sbi_row(net, obs, regime, args, seed):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks lgbn", description=__doc__.splitlines()[0])
     p.add_argument("--networks", nargs="+", default=None, help="network JSON files (default: ecoli70, magic-niab)")
-    p.add_argument("--flows", nargs="+", default=["straf", "grf", "cnf"])
+    p.add_argument("--flows", nargs="*", default=["straf", "grf", "cnf"])
     p.add_argument("--structures", nargs="+", default=["faithful", "dense"])
     p.add_argument("--regimes", nargs="+", default=["skl", "fkl1000", "fkl5000", "fkl20000"])
-    p.add_argument("--baselines", nargs="*", default=["meanfield", "sbi"])
+    p.add_argument("--baselines", nargs="*", default=["meanfield", "sbi", "oracle"], help="meanfield, sbi, oracle (fklN rows only)")
     p.add_argument("--budget", type=float, default=180.0, help="wall-clock seconds for the skl regime")
     p.add_argument("--fkl-steps", type=int, default=3000, help="optimisation steps on a fixed simulation budget")
     p.add_argument(
@@ -230,6 +291,10 @@ def main(argv=None) -> int:
             for flow, structure in jobs:
                 row = _guide_row(net, obs, flow, structure, regime, args, args.seed)
                 rows.append({"network": name, **row})
+                print(rows[-1], flush=True)
+                save()
+            if "oracle" in args.baselines and regime != "skl":
+                rows.append({"network": name, **_oracle_row(net, obs, regime, args, args.seed)})
                 print(rows[-1], flush=True)
                 save()
             if "sbi" in args.baselines and regime != "skl":

@@ -53,7 +53,7 @@ def test_lgbn_benchmark_runs_on_any_network_file_and_writes_its_table(tmp_path):
     path.write_text(json.dumps(net))
     rc = lgbn_main([
         "--networks", str(path), "--flows", "straf", "--structures", "faithful", "--regimes", "skl", "fkl300",
-        "--baselines", "meanfield", "--budget", "3", "--fkl-steps", "150", "--num-obs", "5", "--num-samples", "200",
+        "--baselines", "meanfield", "oracle", "--budget", "3", "--fkl-steps", "150", "--num-obs", "5", "--num-samples", "200",
         "--results-dir", str(tmp_path), "--out", "tiny",
     ])
     assert rc == 0
@@ -61,10 +61,13 @@ def test_lgbn_benchmark_runs_on_any_network_file_and_writes_its_table(tmp_path):
     rows = table["rows"]
     assert [(r["method"], r["regime"]) for r in rows] == [
         ("straf", "skl"), ("mean-field", "skl"), ("straf", "fkl300"), ("mean-field", "fkl300"),
+        ("least-squares oracle", "fkl300"),
     ]
     for r in rows:
         assert r["network"] == "tiny" and r["forward_kl"] == r["forward_kl"] and r["reverse_kl"] == r["reverse_kl"]
     assert rows[2]["simulations"] == 300
+    # the least-squares fit of the exact conditionals: about (parameters) / (2 N) nats from the posterior
+    assert rows[4]["params"] == 7 and 0 < rows[4]["forward_kl"] < 0.1 and abs(rows[4]["reverse_kl"]) < 0.1
     assert (tmp_path / "tiny.md").read_text().startswith("# tiny")
 
 
