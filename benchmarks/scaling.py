@@ -15,7 +15,9 @@ hierarchical model ``hierarchical(N)`` (``2N + 2`` nodes), built by
   forward and backward) after warm-up steps.
 
 A row whose single step takes longer than ``--max-step-s`` records that one step and skips
-the rest (the HMM's skl step samples the flow in ``depth + 1`` conditioner passes).
+the rest (the HMM's skl step samples the flow in ``depth + 1`` conditioner passes). Steps are
+timed in a forked process with its address space capped at ``--memory-gib``: a step that needs
+more memory is recorded in the row's note instead of ending the run.
 
 Usage: ``python -m benchmarks scaling [--hmm 10 100 1000] [--plate 10 100 1000 5000 10000]
 [--objectives skl fkl] [--flow straf] [--steps 20] [--out scaling]``
@@ -44,6 +46,46 @@ def _timed(fn):
     t0 = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - t0
+
+
+def _step_time_in_child(guide, objective: str, batch: int, steps: int, warmup: int, max_step_s: float, memory_gib: float):
+    """:func:`_step_time` in a forked process whose address space is capped at ``memory_gib``,
+    so a step that needs more memory than the machine has is recorded instead of bringing the
+    whole benchmark (and its neighbours) down through the kernel's out-of-memory killer.
+
+    Returns:
+        ``(seconds per step, steps timed)``.
+
+    Raises:
+        RuntimeError: the child failed; the message says how (e.g. out of memory).
+    """
+    import multiprocessing
+    import resource
+
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+
+    def child():
+        limit = int(memory_gib * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        try:
+            send.send(("ok", _step_time(guide, objective, batch, steps, warmup, max_step_s)))
+        except BaseException as e:  # report every failure to the parent, MemoryError included
+            send.send(("error", f"{type(e).__name__}: {' '.join(str(e).split())[:120]}"))
+
+    proc = ctx.Process(target=child)
+    proc.start()
+    send.close()
+    try:
+        status, value = receive.recv()
+    except EOFError:
+        status, value = "error", f"the step process died (exit code {proc.exitcode})"
+    proc.join()
+    if status != "ok":
+        if "alloc" in value or "Memory" in value:
+            value = f"out of memory under a {memory_gib:.0f} GiB cap ({value})"
+        raise RuntimeError(value)
+    return value
 
 
 def _step_time(guide, objective: str, batch: int, steps: int, warmup: int, max_step_s: float) -> tuple[float, int]:
@@ -90,13 +132,15 @@ def scaling_row(model_name: str, size: int, args) -> dict:
     _, row["standardize_s"] = _timed(lambda: guide.fit(num_steps=0, objective=args.objectives[0], batch_size=args.batch_size, progress=False))
     for objective in args.objectives:
         try:
-            s, n = _step_time(guide, objective, args.batch_size, args.steps, args.warmup, args.max_step_s)
+            s, n = _step_time_in_child(
+                guide, objective, args.batch_size, args.steps, args.warmup, args.max_step_s, args.memory_gib
+            )
             row[f"ms_per_step_{objective}"] = 1e3 * s
             if n == 1:
                 row["note"] = (row.get("note", "") + f" {objective}: one step timed (> {args.max_step_s}s)").strip()
         except Exception as e:  # a failure is a result here: record it and go on
             row[f"ms_per_step_{objective}"] = None
-            row["note"] = (row.get("note", "") + f" {objective}: {type(e).__name__}: {str(e)[:80]}").strip()
+            row["note"] = (row.get("note", "") + f" {objective}: {str(e)[:160]}").strip()
     return row
 
 
@@ -111,6 +155,10 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--max-step-s", type=float, default=20.0)
+    p.add_argument(
+        "--memory-gib", type=float, default=16.0,
+        help="address-space cap of the process that times the steps (a step over it is recorded as out of memory)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="scaling")

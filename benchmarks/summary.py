@@ -29,7 +29,7 @@ __all__ = ["main", "load_rows", "lgbn_summary", "circuit_summary"]
 LGBN_TABLES = [
     "lgbn_skl_all_ecoli70", "lgbn_skl_straf_ecoli70", "lgbn_skl_all_magic-niab",
     "lgbn_fkl_ecoli70", "lgbn_fkl_magic-niab", "lgbn_fkl5000_cnf_ecoli70", "lgbn_fkl5000_cnf_magic-niab",
-    "lgbn_fkl5000_wd0.3",
+    "lgbn_fkl_cnf_500samples_ecoli70", "lgbn_fkl_cnf_500samples_magic-niab", "lgbn_fkl5000_wd0.3",
 ]
 CIRCUIT_TABLES = ["circuit_grid_90s"]
 CIRCUIT_GOAL_TABLES = ["circuit_300s_spline3_lr1e-2_faithful", "circuit_300s_spline3_lr1e-2_dense", "circuit_300s_spline3_lr1e-2_random"]
