@@ -100,3 +100,18 @@ def test_summary_checks_the_goals_from_the_tables(tmp_path):
     assert "faithful / dense = 0.53 (larger of the two KL ratios), goal <= 0.5: **missed**" in text
     assert "StrAF faithful / sbi NPE = 0.20, goal <= 0.25: met" in text
     assert "Tables not found: missing" in text
+
+
+def test_scaling_times_steps_in_a_memory_capped_child(monkeypatch):
+    import resource
+
+    import benchmarks.scaling as scaling
+
+    monkeypatch.setattr(scaling, "_step_time", lambda *args: (0.25, 3))
+    assert scaling._step_time_in_child(None, "skl", 8, 3, 1, 1.0, 64.0) == (0.25, 3)
+
+    # a step that needs 8 GB more than the cap leaves: recorded as out of memory, the parent lives on
+    used_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    monkeypatch.setattr(scaling, "_step_time", lambda *args: torch.empty(2 * 10**9).sum())
+    with pytest.raises(RuntimeError, match="out of memory under a"):
+        scaling._step_time_in_child(None, "skl", 8, 3, 1, 1.0, max(4.0, 3 * used_gib))
