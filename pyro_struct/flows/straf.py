@@ -25,6 +25,7 @@ import math
 from typing import Sequence
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from torch.nn import functional as F
 
@@ -378,6 +379,9 @@ class StrAF(ConditionalFlow):
 
     Shapes: ``eps``, ``z`` ``(*batch, d)``; ``x`` ``(*batch, context_dim)`` (broadcast).
     Conditioners start with a zero output layer, so the flow starts as the identity.
+    Sampling with gradients recomputes each pass in the backward pass (checkpointing) when
+    ``num_passes x conditioner parameters`` exceeds :attr:`recompute_bytes`, trading time for
+    the memory that deep structures would need.
 
     Example:
         >>> A = torch.tensor([[0, 0], [1, 0]], dtype=torch.bool)
@@ -385,6 +389,10 @@ class StrAF(ConditionalFlow):
         >>> flow.log_prob(flow.sample(n=3)).shape
         torch.Size([3])
     """
+
+    #: memory (bytes) that the gathered weights of all sampling passes may keep for the backward
+    #: pass before the passes are recomputed instead
+    recompute_bytes: int = 2**30
 
     def __init__(
         self,
@@ -462,11 +470,19 @@ class StrAF(ConditionalFlow):
         logdet = eps.new_zeros(n)
         for net, normalizer in zip(self.conditioners, self.normalizers):
             passes = 0
+            # with gradients, every pass keeps the weight blocks it gathered until the backward
+            # pass; on deep structures (a chain of T latents: T passes) that outgrows memory
+            # (24 GB at T = 1000), so there the passes are recomputed in the backward pass
+            weights = sum(p.numel() for p in net.parameters())
+            recompute = not in_place and self.num_passes * weights * eps.element_size() > self.recompute_bytes
             # pass k computes only the level-k latents, whose parents earlier passes made exact;
             # the conditioner evaluates only the units with a path to them
             for rows in self._levels[: self.num_passes]:
                 rows = rows.to(buf.device)
-                params = net(buf, rows=rows).transpose(1, 2)  # (r, N, P)
+                if recompute:
+                    params = torch.utils.checkpoint.checkpoint(net, buf, rows, use_reentrant=False).transpose(1, 2)
+                else:
+                    params = net(buf, rows=rows).transpose(1, 2)  # (r, N, P)
                 z_rows, log_grad = normalizer.to_latent(u_t.index_select(0, rows), params)
                 buf = buf.index_copy_(0, rows, z_rows) if in_place else buf.index_copy(0, rows, z_rows)
                 logdet = logdet + log_grad.sum(0)
