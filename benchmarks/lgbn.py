@@ -62,6 +62,15 @@ def evaluate_kl(net: LinearGaussianNetwork, obs: dict, log_q, sample_q, num_samp
     return float(fkl), float(rkl)
 
 
+def _kl_row(net, obs, log_q, sample_q, args, **fields) -> dict:
+    """A table row: ``fields`` plus the exact forward and reverse KL and the evaluation's seconds."""
+    t0 = time.perf_counter()
+    fkl, rkl = evaluate_kl(net, obs, log_q, sample_q, args.num_samples)
+    row = {**fields, "forward_kl": fkl, "reverse_kl": rkl}
+    row["eval_s"] = time.perf_counter() - t0
+    return row
+
+
 def meanfield_guide(net: LinearGaussianNetwork, **flow_options) -> ps.StructuredGuide:
     """An amortised mean-field Gaussian guide: ``q(z|x) = prod_i N(z_i; m_i(x), s_i(x))``
     (``structure="meanfield"``: every latent sees the observations only; one affine layer)."""
@@ -108,21 +117,10 @@ def _guide_row(net, obs, flow, structure, regime, args, seed):
         samples, lq = post.sample_and_log_prob(n)
         return torch.stack([samples[s] for s in sites], -1), lq
 
-    t0 = time.perf_counter()
-    fkl, rkl = evaluate_kl(net, obs, log_q, sample_q, args.num_samples)
-    return {
-        "method": method,
-        "structure": structure,
-        "regime": regime,
-        "simulations": sims,
-        "steps": len(history),
-        "train_s": seconds,
-        "final_loss": history[-1] if history else None,
-        "forward_kl": fkl,
-        "reverse_kl": rkl,
-        "params": _param_count(guide),
-        "eval_s": time.perf_counter() - t0,
-    }
+    return _kl_row(
+        net, obs, log_q, sample_q, args, method=method, structure=structure, regime=regime, simulations=sims,
+        steps=len(history), train_s=seconds, final_loss=history[-1] if history else None, params=_param_count(guide),
+    )
 
 
 def _oracle_row(net, obs, regime, args, seed):
@@ -167,20 +165,11 @@ def _oracle_row(net, obs, regime, args, seed):
             values[v] = mean + sd * torch.randn(shape, dtype=torch.float64)
         return torch.stack([values[s] for s in sites], -1), log_q_of(values)
 
-    t1 = time.perf_counter()
-    fkl, rkl = evaluate_kl(net, obs, log_q, sample_q, args.num_samples)
-    return {
-        "method": "least-squares oracle",
-        "structure": "faithful",
-        "regime": regime,
-        "simulations": n,
-        "train_s": seconds,
-        "forward_kl": fkl,
-        "reverse_kl": rkl,
-        "params": sum(len(c[1]) + 2 for c in conditionals),
-        "eval_s": time.perf_counter() - t1,
-        "note": "linear-Gaussian conditionals on the faithful inverse fitted by least squares: the floor for N simulations",
-    }
+    return _kl_row(
+        net, obs, log_q, sample_q, args, method="least-squares oracle", structure="faithful", regime=regime,
+        simulations=n, train_s=seconds, params=sum(len(c[1]) + 2 for c in conditionals),
+        note="linear-Gaussian conditionals on the faithful inverse fitted by least squares: the floor for N simulations",
+    )
 
 
 def _sbi_row(net, obs, regime, args, seed):
@@ -216,21 +205,11 @@ def _sbi_row(net, obs, regime, args, seed):
         zs = estimator.sample((m,), condition=xo)
         return zs, estimator.log_prob(zs, condition=xo)
 
-    t0 = time.perf_counter()
-    fkl, rkl = evaluate_kl(net, obs, log_q, sample_q, args.num_samples)
-    return {
-        "method": "sbi NPE",
-        "structure": "dense",
-        "regime": regime,
-        "simulations": n,
-        "steps": (getattr(inference, "_summary", {}).get("epochs_trained") or [None])[-1],
-        "train_s": seconds,
-        "forward_kl": fkl,
-        "reverse_kl": rkl,
-        "params": sum(p.numel() for p in estimator.parameters()),
-        "eval_s": time.perf_counter() - t0,
-        "note": "steps = epochs (early stopping)",
-    }
+    return _kl_row(
+        net, obs, log_q, sample_q, args, method="sbi NPE", structure="dense", regime=regime, simulations=n,
+        steps=(getattr(inference, "_summary", {}).get("epochs_trained") or [None])[-1], train_s=seconds,
+        params=sum(p.numel() for p in estimator.parameters()), note="steps = epochs (early stopping)",
+    )
 
 
 def main(argv=None) -> int:

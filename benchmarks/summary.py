@@ -38,8 +38,8 @@ KL_GOAL = 0.05
 
 
 def load_rows(stems, results_dir: Path = RESULTS_DIR) -> tuple[list[dict], list[str]]:
-    """Rows of the tables ``stems`` (each row gets ``_table`` and ``_fit``: its file and fit options),
-    and the stems that were missing."""
+    """Rows of the tables ``stems`` (each row gets ``_table``, ``_fit`` and ``_budget``: its file, fit
+    options and wall-clock budget per row), and the stems that were missing."""
     rows, missing = [], []
     for stem in stems:
         path = Path(results_dir) / f"{stem}.json"
@@ -48,8 +48,9 @@ def load_rows(stems, results_dir: Path = RESULTS_DIR) -> tuple[list[dict], list[
             continue
         table = json.loads(path.read_text())
         fit = table["meta"].get("fit_options") or {}
+        extra = {"_table": stem, "_fit": json.dumps(fit, sort_keys=True) if fit else "", "_budget": table["meta"].get("budget")}
         for r in table["rows"]:
-            rows.append({**r, "_table": stem, "_fit": json.dumps(fit, sort_keys=True) if fit else ""})
+            rows.append({**r, **extra})
     return rows, missing
 
 
@@ -156,18 +157,6 @@ def circuit_summary(grid: list[dict], goal: list[dict]) -> list[str]:
     return out
 
 
-def _circuit_rows(stems, results_dir):
-    rows, missing = load_rows(stems, results_dir)
-    budgets = {}
-    for stem in stems:
-        path = Path(results_dir) / f"{stem}.json"
-        if path.is_file():
-            budgets[stem] = json.loads(path.read_text())["meta"].get("budget")
-    for r in rows:
-        r["_budget"] = budgets.get(r["_table"])
-    return rows, missing
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks summary", description=__doc__.splitlines()[0])
     p.add_argument("--lgbn", nargs="*", default=LGBN_TABLES, help="lgbn table stems, oldest first")
@@ -178,8 +167,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     results = Path(args.results_dir)
     lgbn_rows, missing = load_rows(args.lgbn, results)
-    grid, missing_grid = _circuit_rows(args.circuit, results)
-    goal, missing_goal = _circuit_rows(args.circuit_goal, results)
+    grid, missing_grid = load_rows(args.circuit, results)
+    goal, missing_goal = load_rows(args.circuit_goal, results)
     lines = ["# Benchmark summary", "", "Built by `python -m benchmarks summary` from the tables named in each cell.", ""]
     lines += ["## lgbn: exact KL on linear-Gaussian networks", ""] + lgbn_summary(lgbn_rows)
     lines += ["## circuit", ""] + circuit_summary(grid, goal)
