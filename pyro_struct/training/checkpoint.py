@@ -20,20 +20,27 @@ class Checkpointer:
         every: steps between checkpoints.
         payload: returns the trained object's payload (e.g. ``guide.state_payload``).
         extra: returns more training state to store (e.g. a simulation pool).
+        save_file: whether this process writes the file. Under data parallelism every rank calls
+            :meth:`write` (``extra`` may gather state from every rank) and only rank 0 saves.
     """
 
-    def __init__(self, path: str | os.PathLike, every: int, payload: Callable[[], dict], extra: Callable[[], dict] | None = None):
+    def __init__(self, path: str | os.PathLike, every: int, payload: Callable[[], dict], extra: Callable[[], dict] | None = None,
+                 save_file: bool = True):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"checkpoint_every must be a positive int; got {every!r}")
         self.path = os.fspath(path)
         self.every = every
         self.payload = payload
         self.extra = extra
+        self.save_file = save_file
 
     def due(self, step: int) -> bool:
         return step % self.every == 0
 
     def write(self, step: int, num_steps: int, optimizer: torch.optim.Optimizer, name: str) -> None:
+        extra = self.extra() if self.extra is not None else {}
+        if not self.save_file:
+            return
         payload = self.payload()
         payload["training"] = {
             "step": step,
@@ -41,6 +48,6 @@ class Checkpointer:
             "objective": name,
             "optimizer": optimizer.state_dict(),
             "rng": torch.get_rng_state(),
-            **(self.extra() if self.extra is not None else {}),
+            **extra,
         }
         atomic_save(payload, self.path)

@@ -15,6 +15,7 @@ from ..simulation import ModelSimulator, Simulations
 from ..threads import torch_threads
 from .batches import PoolSource, SimulationSource
 from .checkpoint import Checkpointer
+from .distributed import DataParallel, data_parallel, rank_seed
 from .loop import FitResult, train
 
 __all__ = ["fit", "TrainableGuide"]
@@ -80,8 +81,11 @@ def _advice(name: str, lr: float) -> str:
     return ", ".join(tips) + ", or check that the model's densities stay finite."
 
 
-def _resume(guide: TrainableGuide, checkpoint) -> tuple[int, dict | None, Simulations | None]:
-    """Read and validate a checkpoint, then restore the guide from it: ``(step, optimizer state, pool)``."""
+def _resume(guide: TrainableGuide, checkpoint, dp: DataParallel | None = None) -> tuple[int, dict | None, Simulations | None]:
+    """Read and validate a checkpoint, then restore the guide from it: ``(step, optimizer state, pool)``.
+
+    Under data parallelism each rank restores its own random state when the checkpoint has one
+    per rank for this world size, and is reseeded per rank otherwise."""
     if not os.path.exists(os.fspath(checkpoint)):
         return 0, None, None
     payload = read_payload(checkpoint)
@@ -92,9 +96,70 @@ def _resume(guide: TrainableGuide, checkpoint) -> tuple[int, dict | None, Simula
     guide.load_payload(payload)
     pool = state.get("pool")
     pool = None if pool is None else Simulations(pool["values"], pool["log_joint"])
-    if state.get("rng") is not None:
-        torch.set_rng_state(state["rng"])
+    rng = state.get("rng")
+    if dp is not None:
+        ranks = state.get("rng_ranks")
+        rng = ranks[dp.rank] if ranks is not None and len(ranks) == dp.world_size else None
+        if rng is None:
+            pyro.set_rng_seed(rank_seed(int(state["step"]), dp.rank))
+    if rng is not None:
+        torch.set_rng_state(rng)
     return int(state["step"]), state["optimizer"], pool
+
+
+def _seed(seed: int | None, dp: DataParallel | None) -> None:
+    if dp is None:
+        if seed is not None:
+            pyro.set_rng_seed(seed)
+        return
+    # torch's generator starts from the same constant in every process: unseeded ranks would
+    # simulate identical batches
+    pyro.set_rng_seed(rank_seed(seed, dp.rank) if seed is not None else int.from_bytes(os.urandom(4), "little"))
+
+
+def _pools(simulator: ModelSimulator, pool: Simulations | None, num_simulations: int | None, dp: DataParallel | None):
+    """``(whole pool, this process's training share)`` of a fixed budget (``(None, None)``: fresh
+    simulations every step). Under data parallelism each rank simulates an equal shard and
+    every rank holds the whole pool (for the standardisation and for checkpoints)."""
+    if dp is None:
+        if pool is None and num_simulations is not None:
+            pool = simulator.simulate_in_chunks(num_simulations)
+        return pool, pool
+    if pool is None:
+        if num_simulations is None:
+            return None, None
+        start, stop = dp.shard(num_simulations)
+        shard = simulator.simulate_in_chunks(stop - start)
+        return dp.gather_simulations(shard), shard
+    start, stop = dp.shard(pool.num)
+    return pool, pool.select(torch.arange(start, stop))
+
+
+def _standardize(guide: TrainableGuide, simulator: ModelSimulator, pool, num_standardization: int, dp) -> None:
+    if bool(guide.standardized):
+        return
+    if pool is None:
+        pool = simulator.simulate_in_chunks(num_standardization)
+        if dp is not None:
+            pool = dp.gather_simulations(pool)
+    guide.set_standardization(pool)
+
+
+def _checkpointer(guide: TrainableGuide, checkpoint, checkpoint_every: int, pool, dp) -> Checkpointer | None:
+    if checkpoint is None:
+        return None
+    def extra() -> dict:
+        out = {} if pool is None else {"pool": {"values": dict(pool), "log_joint": pool.log_joint}}
+        if dp is not None:
+            out["rng_ranks"] = dp.gather(torch.get_rng_state())
+        return out
+    return Checkpointer(checkpoint, checkpoint_every, guide.state_payload, extra, save_file=dp is None or dp.is_main)
+
+
+def _guide_device(guide: TrainableGuide) -> torch.device:
+    for t in guide.parameters():
+        return t.device
+    return torch.device("cpu")
 
 
 def fit(
@@ -116,6 +181,7 @@ def fit(
     time_budget: float | None = None,
     weight_decay: float = 0.0,
     num_threads: int | None = None,
+    distributed: bool | None = None,
 ) -> FitResult:
     """Train a guide on simulations ``(z, x) ~ p(z, x)`` of its model.
 
@@ -137,7 +203,8 @@ def fit(
         checkpoint_every: steps between checkpoints.
         resume: continue from ``checkpoint`` if that file exists (parameters, optimiser state,
             step, history, simulation budget); the file is validated before the guide is touched.
-        seed: seeds Pyro's and torch's random number generators first.
+        seed: seeds Pyro's and torch's random number generators first (under data parallelism,
+            rank ``r`` is seeded with :func:`~pyro_struct.training.distributed.rank_seed` ``(seed, r)``).
         clip_grad: maximum gradient norm, positive (``None``: no clipping).
         time_budget: a wall-clock budget in seconds: training stops after the step that
             exhausts it (or at ``num_steps``), and the learning-rate schedule follows whichever
@@ -150,9 +217,17 @@ def fit(
             (0.3 lowered the exact KL with 5,000 simulations by 10-40%,
             ``benchmarks/results/NOTES.md``); it biases non-linear posteriors, so the default is 0.
         num_standardization: simulations used for the context/latent standardisation, the first
-            time a guide is trained (with ``num_simulations``, the budget is used instead).
+            time a guide is trained (with ``num_simulations``, the budget is used instead); under
+            data parallelism each rank draws this many and the statistics pool them all.
         num_threads: torch threads while training (default :data:`pyro_struct.threads.DEFAULT_NUM_THREADS`,
             or ``$PYRO_STRUCT_THREADS``); the caller's setting is restored afterwards.
+        distributed: ``None`` (default) trains data-parallel when ``torch.distributed`` is
+            initialised (or torchrun's variables are set): each rank simulates its own batches of
+            ``batch_size`` (an effective batch of ``world_size * batch_size``), ``num_simulations``
+            is split into equal shards, gradients are averaged, only rank 0 writes checkpoints and
+            shows progress, and every rank ends with the same parameters; see
+            :mod:`pyro_struct.training.distributed`. ``False``: this process alone; ``True``: like
+            ``None`` but an error when there is no process group.
 
     Returns:
         a :class:`~pyro_struct.training.loop.FitResult`: the loss per step over every fit of this
@@ -169,26 +244,25 @@ def fit(
     loss_fn = get_objective(objective)
     _check_arguments(options)
     name = objective if isinstance(objective, str) else getattr(objective, "__name__", "custom")
+    if distributed not in (None, True, False):
+        raise ValueError(f"distributed must be None, True or False; got {distributed!r}")
+    dp = data_parallel(distributed, _guide_device(guide))
     with torch_threads(num_threads):
-        if seed is not None:
-            pyro.set_rng_seed(seed)
+        _seed(seed, dp)
         simulator = guide.simulator()
         simulator.prepare()  # before any restored random state: deciding consumes random numbers
-        start, optimizer_state, pool = _resume(guide, checkpoint) if resume else (0, None, None)
-        if pool is None and num_simulations is not None:
-            pool = simulator.simulate_in_chunks(num_simulations)
-        if not bool(guide.standardized):
-            guide.set_standardization(pool if pool is not None else simulator.simulate_in_chunks(num_standardization))
-        source = SimulationSource(simulator, batch_size) if pool is None else PoolSource(pool, batch_size, validation_fraction)
-        checkpointer = None
-        if checkpoint is not None:
-            extra = None if pool is None else (lambda: {"pool": {"values": dict(pool), "log_joint": pool.log_joint}})
-            checkpointer = Checkpointer(checkpoint, checkpoint_every, guide.state_payload, extra)
+        start, optimizer_state, pool = _resume(guide, checkpoint, dp) if resume else (0, None, None)
+        if dp is not None:
+            dp.broadcast_module(guide)  # every rank starts from rank 0's parameters and standardisation
+        pool, share = _pools(simulator, pool, num_simulations, dp)
+        _standardize(guide, simulator, pool, num_standardization, dp)
+        source = SimulationSource(simulator, batch_size) if share is None else PoolSource(share, batch_size, validation_fraction)
+        checkpointer = _checkpointer(guide, checkpoint, checkpoint_every, pool, dp)
         guide.validation_history = []
         return train(
             guide, lambda batch: loss_fn(guide, simulator, batch), source,
             num_steps=num_steps, lr=lr, lr_schedule=lr_schedule, time_budget=time_budget, clip_grad=clip_grad,
             weight_decay=weight_decay, progress=progress, desc=f"fit[{name}]", history=guide.history,
             validation_history=guide.validation_history, checkpointer=checkpointer, start_step=start,
-            optimizer_state=optimizer_state, advice=_advice(name, lr),
+            optimizer_state=optimizer_state, advice=_advice(name, lr), sync=dp,
         )

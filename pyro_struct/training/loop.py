@@ -25,10 +25,14 @@ class FitResult(list):
         num_steps: steps run by this call.
         seconds: wall-clock seconds of this call.
         stopped_by: ``"num_steps"`` or ``"time_budget"``.
+        local_losses: this call's losses on this process's own batches; under data parallelism
+            ``history`` holds the mean over ranks, these are this rank's share of it.
     """
 
-    def __init__(self, history, validation_history=(), num_steps: int = 0, seconds: float = 0.0, stopped_by: str = "num_steps"):
+    def __init__(self, history, validation_history=(), num_steps: int = 0, seconds: float = 0.0, stopped_by: str = "num_steps",
+                 local_losses=None):
         super().__init__(float(h) for h in history)
+        self.local_losses = [float(v) for v in (local_losses if local_losses is not None else list(self)[len(self) - int(num_steps):])]
         self.validation_history = [float(v) for v in validation_history]
         self.num_steps = int(num_steps)
         self.seconds = float(seconds)
@@ -54,13 +58,14 @@ def make_optimizer(module: torch.nn.Module, params: list, lr: float, weight_deca
 class _Validation:
     """Held-out loss per epoch; remembers the parameters with the best one (early stopping)."""
 
-    def __init__(self, loss_fn: Callable, pool, params: list, history: list):
+    def __init__(self, loss_fn: Callable, pool, params: list, history: list, reduce: Callable = float):
         self.loss_fn, self.pool, self.params, self.history = loss_fn, pool, params, history
+        self.reduce = reduce  # the mean over ranks under data parallelism, so every rank decides alike
         self.best, self.best_params = math.inf, None
 
     def __call__(self) -> None:
         with torch.no_grad():
-            value = float(self.loss_fn(self.pool))
+            value = self.reduce(float(self.loss_fn(self.pool)))
         self.history.append(value)
         if math.isfinite(value) and value < self.best:
             self.best, self.best_params = value, [p.detach().clone() for p in self.params]
@@ -98,6 +103,7 @@ def train(
     start_step: int = 0,
     optimizer_state: dict | None = None,
     advice: str = "",
+    sync=None,
 ) -> FitResult:
     """Minimise ``loss_fn(batch)`` over ``module``'s trainable parameters.
 
@@ -116,6 +122,9 @@ def train(
         checkpointer: writes checkpoints (every ``checkpointer.every`` steps and at the end).
         start_step, optimizer_state: resume from a checkpoint.
         advice: appended to a :class:`~pyro_struct.training.guard.TrainingError`'s message.
+        sync: a :class:`~pyro_struct.training.distributed.DataParallel` for data-parallel training
+            (gradients, losses and the clock averaged/agreed over ranks; only its main rank shows
+            progress and writes checkpoint files), or ``None`` for one process.
 
     Returns:
         a :class:`FitResult` over ``history``.
@@ -129,11 +138,13 @@ def train(
     optimizer = make_optimizer(module, params, lr, weight_decay)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
-    schedule = Schedule(lr, lr_schedule, num_steps, time_budget)
+    schedule = Schedule(lr, lr_schedule, num_steps, time_budget) if sync is None else sync.schedule(lr, lr_schedule, num_steps, time_budget)
     guard = NonFiniteGuard(params, advice)
-    validate = _Validation(loss_fn, source.validation, params, validation_history) if source.validation is not None else None
-    bar = tqdm(total=num_steps, initial=min(start_step, num_steps), disable=not progress, desc=desc, dynamic_ncols=True)
-    end_step, stopped_by, smoothed = num_steps, "num_steps", None
+    reduce = float if sync is None else sync.mean
+    validate = _Validation(loss_fn, source.validation, params, validation_history, reduce) if source.validation is not None else None
+    show = progress and (sync is None or sync.is_main)
+    bar = tqdm(total=num_steps, initial=min(start_step, num_steps), disable=not show, desc=desc, dynamic_ncols=True)
+    end_step, stopped_by, smoothed, local = num_steps, "num_steps", None, []
     was_training = module.training
     module.train(True)
     try:
@@ -147,9 +158,15 @@ def train(
                 group["lr"] = schedule.learning_rate(step)
             loss = loss_fn(source.next_batch())
             value = float(loss.detach())
-            guard.check_loss(value, step, desc, len(history))
+            if sync is None:
+                guard.check_loss(value, step, desc, len(history))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if sync is not None:
+                # after backward: every rank must reach the all-reduce, whatever its own loss
+                local.append(value)
+                value = sync.average(params, value, schedule)
+                guard.check_loss(value, step, desc, len(history))
             guard.check_gradient(_gradient_norm(params, clip_grad), value, step, desc, len(history))
             guard.accept()
             optimizer.step()
@@ -168,4 +185,5 @@ def train(
         module.train(was_training)
     if checkpointer is not None and end_step > start_step:
         checkpointer.write(end_step, num_steps, optimizer, desc)
-    return FitResult(history, validation_history, max(end_step - start_step, 0), schedule.elapsed, stopped_by)
+    ran = max(end_step - start_step, 0)
+    return FitResult(history, validation_history, ran, schedule.elapsed, stopped_by, local if sync is not None else None)
