@@ -416,14 +416,16 @@ class StructuredGuide(PyroModule):
             ValueError: the model's traced structure differs from the saved one (the message
                 names the site or edges that differ).
         """
-        payload = read_payload(path, map_location=map_location)
+        device = map_location if isinstance(map_location, (str, torch.device)) else None
+        # read on the CPU, where save puts every tensor (the compatibility check reads values), then moved
+        payload = read_payload(path, map_location=None if device is not None else map_location)
         guide = cls(
             model, flow=payload["flow"], structure=payload["structure"], observed=payload["observed"],
             model_args=model_args, model_kwargs=model_kwargs, structure_seed=payload["structure_seed"],
             inversion_mode=payload["inversion_mode"], **payload["flow_options"],
         )
         guide.load_payload(payload)
-        return guide.to(map_location) if map_location is not None else guide
+        return guide.to(device) if device is not None else guide
 
     def extra_repr(self) -> str:
         return (

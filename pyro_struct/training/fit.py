@@ -162,6 +162,14 @@ def _guide_device(guide: TrainableGuide) -> torch.device:
     return torch.device("cpu")
 
 
+def _on(sims: Simulations | None, device: torch.device) -> Simulations | None:
+    """Simulations on the guide's device (no copy when they are there already): a model that
+    computes on the CPU can then train a guide on a GPU with ``"fkl"``."""
+    if sims is None or sims.log_joint.device == device:
+        return sims
+    return Simulations({k: v.to(device) for k, v in sims.items()}, sims.log_joint.to(device))
+
+
 def fit(
     guide: TrainableGuide,
     num_steps: int = 1000,
@@ -246,7 +254,8 @@ def fit(
     name = objective if isinstance(objective, str) else getattr(objective, "__name__", "custom")
     if distributed not in (None, True, False):
         raise ValueError(f"distributed must be None, True or False; got {distributed!r}")
-    dp = data_parallel(distributed, _guide_device(guide))
+    device = _guide_device(guide)
+    dp = data_parallel(distributed, device)
     with torch_threads(num_threads):
         _seed(seed, dp)
         simulator = guide.simulator()
@@ -256,11 +265,11 @@ def fit(
             dp.broadcast_module(guide)  # every rank starts from rank 0's parameters and standardisation
         pool, share = _pools(simulator, pool, num_simulations, dp)
         _standardize(guide, simulator, pool, num_standardization, dp)
-        source = SimulationSource(simulator, batch_size) if share is None else PoolSource(share, batch_size, validation_fraction)
+        source = SimulationSource(simulator, batch_size) if share is None else PoolSource(_on(share, device), batch_size, validation_fraction)
         checkpointer = _checkpointer(guide, checkpoint, checkpoint_every, pool, dp)
         guide.validation_history = []
         return train(
-            guide, lambda batch: loss_fn(guide, simulator, batch), source,
+            guide, lambda batch: loss_fn(guide, simulator, _on(batch, device)), source,
             num_steps=num_steps, lr=lr, lr_schedule=lr_schedule, time_budget=time_budget, clip_grad=clip_grad,
             weight_decay=weight_decay, progress=progress, desc=f"fit[{name}]", history=guide.history,
             validation_history=guide.validation_history, checkpointer=checkpointer, start_step=start,
