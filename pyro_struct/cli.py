@@ -635,9 +635,13 @@ def _add_fit(p):
     p.add_argument("--kwargs", default=None, help="JSON object of keyword arguments for FUNCTION")
     p.add_argument("--observed", default=None, help="comma-separated observed site names (default: sites with obs=)")
     _add_flow_arguments(p, 2000)
+    p.add_argument("--nproc", type=int, default=1, help="train data-parallel in N local processes (runs torchrun; default 1)")
 
 
 def _run_fit(args) -> int:
+    if args.nproc != 1:  # re-run this command line in N processes under torchrun
+        from .training.distributed import launch
+        return launch(sys.argv[1:], args.nproc)
     _positive("--steps", args.steps)
     _positive("--lr", args.lr)
     _positive("--batch-size", args.batch_size)

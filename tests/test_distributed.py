@@ -242,3 +242,17 @@ def test_torchrun_command_and_launch_errors():
         torchrun_command(["fit"], 0)
     with pytest.raises(ValueError, match="not a 'pyro-struct fit"):
         launch(["-m", "pytest", "tests"], 2)
+
+
+@pytest.mark.slow
+def test_cli_fit_nproc_2_trains_under_torchrun(tmp_path):
+    import subprocess
+
+    out = tmp_path / "guide.pt"
+    env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "pyro_struct.cli", "fit", "tests/models_for_cli.py:chain", "--observed", "x",
+           "--out", str(out), "--steps", "5", "--batch-size", "16", "--nproc", "2", "--no-progress"]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert out.exists() and "trained 'chain' for 5 steps" in run.stdout
+    assert run.stdout.count("trained 'chain'") == 1  # only rank 0's output is shown
