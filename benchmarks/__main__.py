@@ -16,6 +16,8 @@ BENCHMARKS = {
     "masks": "greedy vs baseline mask paths and factorisation time",
     "flows": "faithful vs dense adjacency for each flow family",
     "amortization": "amortised posterior vs NUTS and per-observation SVI",
+    "distributed": "data-parallel training: simulations/s and time to a target KL for 1..K processes",
+    "gpu_check": "GPU checks of every flow (sample, score, fit, save/load across devices); exits 0 without CUDA",
     "summary": "the lgbn and circuit tables side by side, checked against the goals",
 }
 

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from pyro_struct import StructuredGuide
 from pyro_struct.models import LinearGaussianNetwork
 from pyro_struct.training import TensorPool, TrainingError, train
-from pyro_struct.training.distributed import DataParallel, data_parallel, launch, rank_seed, torchrun_command
+from pyro_struct.training.distributed import DataParallel, data_parallel, is_main, launch, rank_seed, torchrun_command
 
 WORLD = 2
 BATCH = 64
@@ -83,7 +83,7 @@ def _worker(rank: int, port: int, folder: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
-        out = {}
+        out = {"is_main": is_main()}
         dp = DataParallel()
         # 0. one all-reduce: the mean gradient (a missing one counts as zero), the mean loss, rank 0's clock
         p, q = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
@@ -128,6 +128,14 @@ def _worker(rank: int, port: int, folder: str) -> None:
         out["pool_state"] = _flat_state(guide)
         out["pool_loc"] = guide.latent_layout.loc.clone()
         out["pool_validation"] = list(guide.validation_history)
+        # 6. resume: 4 steps, then resumed to 6 (every rank reads rank 0's file), equals 6 in one go
+        path = os.path.join(folder, "resume.pt")
+        whole = _guide(lg)
+        whole.fit(num_steps=6, **_fit_options())
+        _guide(lg).fit(num_steps=4, checkpoint=path, **_fit_options())
+        resumed = _guide(lg)
+        resumed.fit(num_steps=6, checkpoint=path, resume=True, **_fit_options())
+        out["resume"] = (_flat_state(whole), _flat_state(resumed), len(resumed.history))
         torch.save(out, os.path.join(folder, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -138,6 +146,12 @@ def two_ranks(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("dist"))
     mp.spawn(_worker, args=(_free_port(), folder), nprocs=WORLD, join=True)
     return folder, [torch.load(os.path.join(folder, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+
+
+def test_only_rank_0_is_main(two_ranks):
+    _, ranks = two_ranks
+    assert [r["is_main"] for r in ranks] == [True, False]
+    assert is_main()  # no process group here
 
 
 def test_average_is_one_all_reduce_of_gradients_loss_and_clock(two_ranks):
@@ -216,6 +230,15 @@ def test_sharded_pool_and_pooled_standardisation(two_ranks):
     torch.testing.assert_close(ranks[0]["pool_loc"], guide.latent_layout.loc)
     guide.set_standardization(whole.select(torch.arange(100)))
     assert not torch.allclose(ranks[0]["pool_loc"], guide.latent_layout.loc)
+
+
+def test_resume_continues_every_rank_exactly(two_ranks):
+    _, ranks = two_ranks
+    for r in ranks:
+        whole, resumed, n = r["resume"]
+        assert n == 6
+        torch.testing.assert_close(resumed, whole, rtol=1e-6, atol=1e-7)
+    assert torch.equal(ranks[0]["resume"][1], ranks[1]["resume"][1])
 
 
 def test_rank_seeds_are_distinct_and_rank_0_keeps_the_seed():

@@ -44,6 +44,7 @@ __all__ = [
     "AgreedSchedule",
     "rank_seed",
     "is_initialized",
+    "is_main",
     "init_from_environment",
     "data_parallel",
     "launch",
@@ -63,6 +64,11 @@ def rank_seed(seed: int, rank: int) -> int:
 def is_initialized() -> bool:
     """Whether a ``torch.distributed`` process group is initialised."""
     return dist.is_available() and dist.is_initialized()
+
+
+def is_main() -> bool:
+    """Whether this process is rank 0, or the only process (the one that should write files)."""
+    return not is_initialized() or dist.get_rank() == 0
 
 
 def init_from_environment(device: torch.device | str | None = None, timeout_s: float = 1800.0) -> bool:
@@ -170,6 +176,10 @@ class DataParallel:
         out = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
+
+    def barrier(self) -> None:
+        """Wait for every rank (e.g. until rank 0 has written a file the others read next)."""
+        dist.barrier()
 
     def gather_simulations(self, sims: Simulations) -> Simulations:
         """The simulations of every rank, concatenated in rank order, on ``sims``' device

@@ -262,16 +262,25 @@ def fit(
         simulator.prepare()  # before any restored random state: deciding consumes random numbers
         start, optimizer_state, pool = _resume(guide, checkpoint, dp) if resume else (0, None, None)
         if dp is not None:
+            starts = dp.gather(start)
+            if len(set(starts)) > 1:
+                raise ValueError(
+                    f"the ranks resumed {os.fspath(checkpoint)!r} at different steps {starts}: every rank must read the "
+                    "same checkpoint file (put it on a file system all machines share)"
+                )
             dp.broadcast_module(guide)  # every rank starts from rank 0's parameters and standardisation
         pool, share = _pools(simulator, pool, num_simulations, dp)
         _standardize(guide, simulator, pool, num_standardization, dp)
         source = SimulationSource(simulator, batch_size) if share is None else PoolSource(_on(share, device), batch_size, validation_fraction)
         checkpointer = _checkpointer(guide, checkpoint, checkpoint_every, pool, dp)
         guide.validation_history = []
-        return train(
+        result = train(
             guide, lambda batch: loss_fn(guide, simulator, _on(batch, device)), source,
             num_steps=num_steps, lr=lr, lr_schedule=lr_schedule, time_budget=time_budget, clip_grad=clip_grad,
             weight_decay=weight_decay, progress=progress, desc=f"fit[{name}]", history=guide.history,
             validation_history=guide.validation_history, checkpointer=checkpointer, start_step=start,
             optimizer_state=optimizer_state, advice=_advice(name, lr), sync=dp,
         )
+        if dp is not None and checkpointer is not None:
+            dp.barrier()  # rank 0's last checkpoint is on disk before any rank goes on (and perhaps reads it)
+        return result
