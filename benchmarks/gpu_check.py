@@ -14,6 +14,8 @@ Checks, for each flow family (straf, grf, cnf) on a 5-node linear-Gaussian netwo
   (``torch.device("cuda")`` as the default device while the network is built and trained);
 - ``save/load``: a CUDA guide saved, loaded with ``map_location="cpu"`` and ``"cuda"``, gives the
   same log densities on both devices;
+- ``data-parallel (NCCL)``: ``fit`` inside a one-rank NCCL process group (every collective of
+  :class:`~pyro_struct.training.distributed.DataParallel` on CUDA buffers, a sharded pool);
 - ``ecoli70 throughput``: simulations per second of a few skl steps on ecoli70, CUDA against the
   CPU (when the reference data are found).
 """
@@ -110,6 +112,27 @@ def check_save_load(net, flow, device):
     return f"max |cpu - cuda| log q {float((a - b).abs().max().detach()):.2e}"
 
 
+def check_nccl(net, flow, device):
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.cuda.set_device(torch.device(device).index or 0)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        guide = _guide(net.model, net.observed_sites, flow, device)
+        result = guide.fit(num_steps=20, objective="fkl", batch_size=64, num_simulations=512, progress=False, seed=0, distributed=True)
+    finally:
+        dist.destroy_process_group()
+    _all_on(dict(guide.state_dict()), device)
+    if len(result.local_losses) != 20 or result.history[-20:] != result.local_losses:
+        raise AssertionError("one rank's mean loss should be its own loss")
+    return f"loss {result[0]:.3f} -> {result[-1]:.3f}"
+
+
 def check_throughput(device, steps: int = 30):
     import pyro_struct as ps
     from pyro_struct.models import LinearGaussianNetwork
@@ -164,13 +187,14 @@ def main(argv=None) -> int:
         _run(rows, f"{flow} fit fkl (CPU model)", check_fit, net_factory, flow, args.device, "fkl")
         _run(rows, f"{flow} fit skl (model on GPU)", check_fit, net_factory, flow, args.device, "skl")
         _run(rows, f"{flow} save/load cpu<->gpu", check_save_load, net, flow, args.device)
+    _run(rows, "straf data-parallel (NCCL, 1 rank)", check_nccl, net, "straf", args.device)
     _run(rows, "ecoli70 throughput", check_throughput, args.device)
     meta = {"device": torch.cuda.get_device_name(0), "cuda": torch.version.cuda}
     write_results("gpu_check", rows, meta=meta, notes="benchmarks/gpu_check.py on one GPU.", results_dir=args.results_dir)
     return 1 if any(r["status"] != "ok" for r in rows) else 0
 
 
-CHECKS = {"posterior": check_posterior, "fit": check_fit, "save_load": check_save_load, "throughput": check_throughput}
+CHECKS = {"posterior": check_posterior, "fit": check_fit, "save_load": check_save_load, "nccl": check_nccl, "throughput": check_throughput}
 
 if __name__ == "__main__":
     sys.exit(main())

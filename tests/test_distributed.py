@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 from pyro_struct import StructuredGuide
 from pyro_struct.models import LinearGaussianNetwork
-from pyro_struct.training import TensorPool, TrainingError, train
+from pyro_struct.training import TrainingError, train
 from pyro_struct.training.distributed import DataParallel, data_parallel, is_main, launch, rank_seed, torchrun_command
 
 WORLD = 2
