@@ -136,6 +136,10 @@ def _worker(rank: int, port: int, folder: str) -> None:
         resumed = _guide(lg)
         resumed.fit(num_steps=6, checkpoint=path, resume=True, **_fit_options())
         out["resume"] = (_flat_state(whole), _flat_state(resumed), len(resumed.history))
+        # 7. distributed=False inside a process group: this rank alone (no collective, its own seed)
+        alone = _guide(lg)
+        result = alone.fit(num_steps=3, distributed=False, **(_fit_options() | {"seed": 10 + rank}))
+        out["alone"] = (_flat_state(alone), list(result), list(result.local_losses))
         torch.save(out, os.path.join(folder, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -239,6 +243,13 @@ def test_resume_continues_every_rank_exactly(two_ranks):
         assert n == 6
         torch.testing.assert_close(resumed, whole, rtol=1e-6, atol=1e-7)
     assert torch.equal(ranks[0]["resume"][1], ranks[1]["resume"][1])
+
+
+def test_distributed_false_trains_each_rank_alone(two_ranks):
+    _, ranks = two_ranks
+    (a, history0, local0), (b, history1, _) = ranks[0]["alone"], ranks[1]["alone"]
+    assert not torch.equal(a, b) and history0 != history1
+    assert history0 == local0  # its own losses, not a mean over ranks
 
 
 def test_rank_seeds_are_distinct_and_rank_0_keeps_the_seed():
