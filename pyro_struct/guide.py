@@ -16,7 +16,6 @@ from pyro.distributions import Delta
 from pyro.distributions.torch_distribution import TorchDistribution
 from pyro.distributions.util import sum_rightmost
 from pyro.nn import PyroModule
-from pyro.poutine.util import site_is_subsample
 from torch.distributions import constraints
 
 from .compile import FLOWS, STRUCTURES, compile_model
@@ -280,15 +279,14 @@ class StructuredGuide(PyroModule):
             yield site, latent[..., b.offset : b.offset + b.size].reshape(shape)
 
     def _create_plates(self, trace) -> dict[str, pyro.plate]:
-        """The model's plates, created as ``AutoGuide._create_plates`` does (full size, subsample size, dim)."""
+        """The plates of the latent sites, created as ``AutoGuide._create_plates`` does (full size,
+        subsample size, dim), so the model replays the guide's subsample indices."""
         plates = {}
-        for name, site in trace.nodes.items():
-            if site["type"] != "sample" or site_is_subsample(site):
-                continue
-            for frame in site["cond_indep_stack"]:
+        for name in self.latent_sites:
+            for frame in trace.nodes[name]["cond_indep_stack"]:
                 if frame.vectorized and frame.dim is not None and frame.name not in plates:
                     full = frame.full_size or frame.size
-                    if full != frame.size and name in self.latent_sites:
+                    if full != frame.size:
                         raise ModelStructureError(
                             f"latent site {name!r} is in the subsampled plate {frame.name!r}: this guide compiles one "
                             "flow coordinate per plate member, so subsample only plates without latent sites"
