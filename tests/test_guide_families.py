@@ -24,16 +24,7 @@ FAMILIES = {
 
 
 def family_options(flow):
-    options = dict(FAMILIES[flow])
-    if flow == "grf":
-        # the option name converged on num_layers; older flows call it num_blocks
-        import inspect as _inspect
-
-        from pyro_struct.flows import GraphicalResidualFlow
-
-        if "num_layers" not in _inspect.signature(GraphicalResidualFlow).parameters:
-            options["num_blocks"] = options.pop("num_layers")
-    return options
+    return dict(FAMILIES[flow])
 
 
 def model(data):
