@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import pyro_struct as ps
-from pyro_struct import trace as trace_module
+from pyro_struct.trace.sparsity import LARGE_OUTPUT
 from pyro_struct.errors import ModelStructureError
 from pyro_struct.trace import trace_model
 
@@ -307,19 +307,19 @@ def test_extra_dependencies():
 
 # ----------------------------------------------------------------------------- large sites
 def test_large_plate_uses_compressed_jacobians_exactly():
-    N = 3 * trace_module._LARGE_SITE_EVENTS
+    N = 3 * LARGE_OUTPUT
     bn = trace_model(hierarchical_model(N), torch.zeros(N))
     assert edges(bn) == hierarchical_edges(N)
 
 
 def test_large_convolution_band_is_exact():
-    model, expected = convolution_model(2 * trace_module._LARGE_SITE_EVENTS + 7)
+    model, expected = convolution_model(2 * LARGE_OUTPUT + 7)
     bn = trace_model(model)
     assert edges(bn) == expected
 
 
 def test_large_dense_triangular_jacobian_falls_back_exactly():
-    n = trace_module._LARGE_SITE_EVENTS + 22
+    n = LARGE_OUTPUT + 22
 
     def model():
         z = pyro.sample("z", dist.Normal(torch.zeros(n), 1.0).to_event(1))

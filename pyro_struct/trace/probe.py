@@ -1,0 +1,332 @@
+"""Model runs for tracing: the probe messenger, the per-site records of a run, and site layouts."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
+from torch.distributions import Distribution, Independent, biject_to, transform_to
+from torch.distributions.constraints import Constraint
+from torch.distributions.transforms import IndependentTransform, Transform
+
+from ..errors import ModelStructureError
+from .provenance import ProvenanceMode, object_bits
+
+__all__ = [
+    "Record",
+    "Probe",
+    "SiteLayout",
+    "run_probe",
+    "site_layout",
+    "check_same_structure",
+    "strip_wrappers",
+    "is_discrete",
+    "elementwise_log_prob",
+]
+
+
+def strip_wrappers(fn: Distribution) -> Distribution:
+    """The distribution under ``Independent``/``to_event``, ``mask`` and ``expand`` wrappers.
+
+    Its ``log_prob`` gives one density per factorised element (or per joint event).
+    """
+    while True:
+        if isinstance(fn, Independent):
+            fn = fn.base_dist
+        elif isinstance(fn, (dist.MaskedDistribution, dist.ExpandedDistribution)):
+            fn = fn.base_dist
+        else:
+            return fn
+
+
+def _is_delta(fn: Distribution) -> bool:
+    return isinstance(strip_wrappers(fn), dist.Delta)
+
+
+def is_discrete(fn: Distribution, value: torch.Tensor) -> bool:
+    support = getattr(fn, "support", None)
+    if support is not None and getattr(support, "is_discrete", False):
+        return True
+    if getattr(fn, "has_enumerate_support", False):
+        return True
+    return not (value.is_floating_point() or value.is_complex())
+
+
+def elementwise_log_prob(fn: Distribution, value: torch.Tensor) -> torch.Tensor:
+    """Flat per-event log density: factorised elements separately, joint events as one entry."""
+    base = strip_wrappers(fn)
+    ed = base.event_dim
+    batch = value.shape[: value.dim() - ed]
+    lp = base.log_prob(value)
+    if lp.shape != batch:
+        lp = lp.expand(batch)
+    return lp.reshape(-1)
+
+
+@dataclass
+class Record:
+    """One sample site of one model run."""
+
+    name: str
+    fn: Distribution
+    value: torch.Tensor  # the leaf the model saw
+    was_observed: bool  # carried obs= (or a conditioned value) in the model call
+    prov: int = 0  # provenance bits of the distribution (site level)
+    nondiff: int = 0  # the part of prov reached through ops that gradients cannot see through
+    taint: int = 0  # provenance of values that escaped to Python before this site
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.value.shape)
+
+
+@dataclass
+class Probe:
+    """The sites of one model run, in trace order, and the sites passed through."""
+
+    records: list = field(default_factory=list)
+    spliced: dict = field(default_factory=dict)  # name -> why it is not a node
+    # (provenance run only) whether sampled values reached Python control flow or shapes
+    value_dependent: bool = False
+
+
+class _ProbeMessenger(Messenger):
+    """Samples every site from the prior (observed ones too) as a fresh leaf and records it."""
+
+    def __init__(self, mode: ProvenanceMode | None):
+        super().__init__()
+        self.mode = mode
+        self.probe = Probe()
+        self._names: set = set()
+        self._pending: dict = {}
+
+    def _pyro_sample(self, msg):
+        if site_is_subsample(msg):
+            return
+        name = msg["name"]
+        infer = msg.get("infer") or {}
+        fn = msg["fn"]
+        if infer.get("is_auxiliary"):
+            self.probe.spliced[name] = "an auxiliary site"
+            return
+        if infer.get("_deterministic") or _is_delta(fn):
+            self.probe.spliced[name] = "a deterministic (Delta) site"
+            return
+        if msg["is_observed"] and msg.get("mask") is False:
+            self.probe.spliced[name] = "an observed site masked out with mask=False"
+            return
+        if isinstance(strip_wrappers(fn), dist.Unit):
+            raise ModelStructureError(
+                f"site {name!r} is a pyro.factor: a factor couples its inputs without being a "
+                "variable, which pyro_struct cannot place in a Bayesian network. Write it as an "
+                "observed sample site instead (pyro.sample(name, Distribution(...), obs=value))."
+            )
+        if name in self._names:
+            raise ModelStructureError(
+                f"site name {name!r} is used twice in one model run; give every sample site a unique name"
+            )
+        self._names.add(name)
+        was_observed = bool(msg["is_observed"])
+        self._pending[name] = (was_observed, msg["value"] if was_observed else None)
+        if was_observed:
+            # probes draw observed sites from the prior too: they may be parents of latents
+            msg["is_observed"] = False
+            msg["value"] = None
+            msg["done"] = False
+        if self.mode is not None and not msg["done"]:
+            # draw the value here, out of provenance tracking: it is replaced by a fresh leaf
+            # anyway, and the samplers' own ops and Python escapes are not the model's
+            with torch._C.DisableTorchFunction():
+                msg["value"] = fn(*msg["args"], **msg["kwargs"])
+            msg["done"] = True
+
+    def _pyro_post_sample(self, msg):
+        pending = self._pending.pop(msg["name"], None)
+        if pending is None:
+            return
+        was_observed, obs = pending
+        fn = msg["fn"]
+        value = msg["value"]
+        if was_observed and isinstance(obs, torch.Tensor) and obs.shape != value.shape:
+            # an observation broadcast against the distribution: draw the observation's shape
+            try:
+                with torch._C.DisableTorchFunction():
+                    value = fn.expand(obs.shape[: obs.dim() - fn.event_dim]).sample()
+            except (ValueError, RuntimeError):
+                value = obs
+        with torch._C.DisableTorchFunction():
+            # a fresh tensor object: the leaf must not alias the user's observation
+            leaf = value.detach().clone() if value is obs else value.detach()
+            if leaf.is_floating_point():
+                leaf.requires_grad_(True)
+        msg["value"] = leaf
+        record = Record(msg["name"], fn, leaf, was_observed)
+        mode = self.mode
+        if mode is not None:
+            record.prov, record.nondiff = object_bits(fn, mode)
+            record.taint = mode.taint
+            mode.tag(leaf, 1 << len(self.probe.records))
+        self.probe.records.append(record)
+
+
+def run_probe(model: Callable, args: tuple, kwargs: dict, with_provenance: bool) -> Probe:
+    """Run ``model(*args, **kwargs)`` once with every site drawn from its prior as a fresh leaf
+    (``requires_grad`` for floating sites), with provenance tracking if ``with_provenance``.
+
+    Any exception of the model becomes a :class:`ModelStructureError` naming the last site reached.
+    """
+    mode = ProvenanceMode() if with_provenance else None
+    messenger = _ProbeMessenger(mode)
+    try:
+        with torch.enable_grad(), pyro.validation_enabled(False), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with messenger:
+                if mode is not None:
+                    with mode:
+                        model(*args, **kwargs)
+                else:
+                    model(*args, **kwargs)
+    except ModelStructureError:
+        raise
+    except Exception as e:
+        records = messenger.probe.records
+        where = f"after site {records[-1].name!r}" if records else "before its first sample site"
+        raise ModelStructureError(
+            f"the model raised {type(e).__name__} while being traced ({where}): {e}. "
+            "trace_model runs the model with every site drawn from its prior; make sure the model "
+            "runs with the given arguments and with observed sites left unset."
+        ) from e
+    if mode is not None:
+        messenger.probe.value_dependent = bool(mode.taint) or mode.value_dependent_shapes
+    return messenger.probe
+
+
+@dataclass
+class SiteLayout:
+    """How one site's values, log-density events and scalar nodes line up."""
+
+    name: str
+    pos: int
+    shape: tuple
+    node_shape: tuple
+    observed: bool
+    support: Constraint
+    event_dim: int  # of the site's distribution
+    block: bool
+    mixing: bool  # latent whose bijection mixes elements: children see whole groups
+    n_values: int
+    n_nodes: int
+    n_events: int
+    n_groups: int
+    node_offset: int = 0
+
+    @property
+    def events_per_group(self) -> int:
+        return self.n_events // self.n_groups if self.n_groups else 0
+
+    @property
+    def values_per_group(self) -> int:
+        return self.n_values // self.n_groups if self.n_groups else 0
+
+    @property
+    def nodes_per_group(self) -> int:
+        return self.n_nodes // self.n_groups if self.n_groups else 0
+
+
+def _prod(shape) -> int:
+    return int(math.prod(int(s) for s in shape))
+
+
+def _unconstraining_transform(name: str, support: Constraint, cache: dict | None = None) -> Transform:
+    if cache is not None and id(support) in cache:
+        return cache[id(support)][1]
+    t = _find_transform(name, support)
+    if cache is not None:
+        cache[id(support)] = (support, t)  # the support is held so that its id stays unique
+    return t
+
+
+def _find_transform(name: str, support: Constraint) -> Transform:
+    for factory in (biject_to, transform_to):
+        try:
+            return factory(support)
+        except NotImplementedError:
+            continue
+    raise ModelStructureError(
+        f"latent site {name!r} has support {support}, which has no bijection to unconstrained "
+        "space (torch.distributions.biject_to); reparametrise it with a supported support or observe it"
+    )
+
+
+def site_layout(record: Record, pos: int, observed: bool, granularity: str, cache: dict | None = None) -> SiteLayout:
+    """The :class:`SiteLayout` of site number ``pos`` (``cache``: support id -> bijection, shared
+    across sites). Latents get the node shape of their unconstrained coordinates."""
+    fn, shape = record.fn, record.shape
+    support = fn.support
+    ed = strip_wrappers(fn).event_dim  # joint event dims left after unwrapping Independent
+    group_dims = ed
+    node_shape = shape
+    mixing = False
+    if not observed:
+        t = _unconstraining_transform(record.name, support, cache)
+        node_shape = tuple(int(s) for s in t.inverse_shape(torch.Size(shape)))
+        base = t
+        while isinstance(base, IndependentTransform):
+            base = base.base_transform
+        if base.codomain.event_dim > 0 or node_shape != shape:
+            mixing = True
+            group_dims = max(ed, base.codomain.event_dim)
+    group_dims = min(group_dims, len(shape))
+    n_values = _prod(shape)
+    n_groups = _prod(shape[: len(shape) - group_dims])
+    if granularity == "site":
+        n_groups = 1 if n_values else 0
+    return SiteLayout(
+        name=record.name,
+        pos=pos,
+        shape=shape,
+        node_shape=node_shape,
+        observed=observed,
+        support=support,
+        event_dim=int(fn.event_dim),
+        block=granularity == "site" or group_dims > 0,
+        mixing=mixing,
+        n_values=n_values,
+        n_nodes=_prod(node_shape),
+        n_events=_prod(shape[: len(shape) - min(ed, len(shape))]),
+        n_groups=n_groups,
+    )
+
+
+def check_same_structure(first: Probe, other: Probe, probe: int) -> None:
+    """Raise :class:`ModelStructureError` naming the first site whose presence, order or shape
+    differs between run ``probe`` (``other``) and run 0 (``first``)."""
+    a = [(r.name, r.shape) for r in first.records]
+    b = [(r.name, r.shape) for r in other.records]
+    if a == b:
+        return
+    names_a, names_b = [n for n, _ in a], [n for n, _ in b]
+    for (na, sa), (nb, sb) in zip(a, b):
+        if na == nb and sa != sb:
+            raise ModelStructureError(
+                f"site {na!r} has shape {sa} in one prior draw and {sb} in another (dynamic structure). "
+                "pyro_struct needs sites with fixed shapes; fix the shape (e.g. pad and mask) or make it "
+                "independent of sampled values."
+            )
+    only_a = [n for n in names_a if n not in set(names_b)]
+    only_b = [n for n in names_b if n not in set(names_a)]
+    name = (only_a or only_b or [next(na for (na, _), (nb, _) in zip(a, b) if na != nb)])[0]
+    raise ModelStructureError(
+        f"site {name!r} appears in some prior draws but not in others, or in a different order "
+        f"(dynamic structure: probe {probe} differs from probe 0). pyro_struct needs the same sites "
+        "in every run of the model: replace value-dependent control flow by masking (poutine.mask) "
+        "or sample every site unconditionally."
+    )
+
