@@ -161,6 +161,23 @@ def test_deterministic_site_is_spliced_out():
     assert "d" not in bn.sites
 
 
+def test_eight_schools_with_deterministic_theta_in_the_plate():
+    sigma = torch.tensor([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
+
+    def model(y=None):
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        tau = pyro.sample("tau", dist.HalfCauchy(5.0))
+        with pyro.plate("schools", 8):
+            eta = pyro.sample("eta", dist.Normal(0.0, 1.0))
+            theta = pyro.deterministic("theta", mu + tau * eta)
+            pyro.sample("y", dist.Normal(theta, sigma), obs=y)
+
+    bn = trace_model(model, y=torch.zeros(8))
+    assert list(bn.sites) == ["mu", "tau", "eta", "y"] and bn.observed_sites == ["y"]
+    assert bn.sites["eta"].shape == (8,) and bn.sites["y"].shape == (8,)
+    assert edges(bn) == {(p, f"y[{i}]") for i in range(8) for p in ("mu", "tau", f"eta[{i}]")}
+
+
 def test_delta_site_is_spliced_out():
     def model():
         z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
