@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import pyro_struct as ps
+from pyro_struct import trace as trace_module
+from pyro_struct.trace import probe as probe_module
 from pyro_struct.trace.sparsity import LARGE_OUTPUT
 from pyro_struct.errors import ModelStructureError
 from pyro_struct.trace import trace_model
@@ -399,6 +401,83 @@ def test_dynamic_structure_is_refused():
 
     with pytest.raises(ModelStructureError, match="extra_"):
         trace_model(model)
+
+
+def branch_model(sign, threshold=0.0):
+    def model():
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        if sign * z > threshold:
+            pyro.sample("w", dist.Normal(z, 1.0))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=torch.tensor(0.0))
+
+    return model
+
+
+@pytest.mark.parametrize("sign", [-1, 1])  # `if z < 0` and `if z > 0`
+def test_branch_taken_half_the_time_is_refused_for_every_seed(sign):
+    for seed in range(8):
+        with pytest.raises(ModelStructureError, match="'w'"):
+            trace_model(branch_model(sign), seed=seed)
+
+
+def test_rare_branch_is_found_in_the_prior_tails():
+    # P(z > 2.5) = 0.006: 24 plain prior draws would miss it about 6 times in 7
+    for seed in range(4):
+        with pytest.raises(ModelStructureError, match="'w'"):
+            trace_model(branch_model(1, threshold=2.5), seed=seed)
+
+
+def count_calls(model):
+    def counted(*args, **kwargs):
+        counted.calls += 1
+        return model(*args, **kwargs)
+
+    counted.calls = 0
+    return counted
+
+
+@pytest.mark.parametrize("num_probes", [1, 3, 5])
+def test_structure_runs_only_when_values_reach_python(num_probes):
+    def escaping():
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        loc = 1.0 if float(z) > 0 else -1.0
+        pyro.sample("x", dist.Normal(loc, 1.0), obs=torch.tensor(0.0))
+
+    model = count_calls(escaping)
+    trace_model(model, num_probes=num_probes)
+    assert model.calls == 1 + trace_module.structure_runs(num_probes) >= 17
+    model = count_calls(chain_model)  # no escape and no gradients to read: one run
+    trace_model(model, num_probes=num_probes)
+    assert model.calls == 1
+
+
+def test_model_failing_only_in_the_tails_is_still_traced():
+    raised = []
+
+    def model():
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        if float(z.abs()) > 3.0:  # P = 0.003 under the prior: (nearly) only tail pushes get here
+            raised.append(float(z))
+            raise ValueError("only in the tails")
+        pyro.sample("x", dist.Normal(z, 1.0), obs=torch.tensor(0.0))
+
+    assert edges(trace_model(model)) == {("z", "x")}
+    assert raised  # the failing tail runs were repeated at plain prior draws
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [dist.Normal(torch.zeros(3), 1.0), dist.Gamma(2.0, 1.0).expand([3]), dist.Dirichlet(2 * torch.ones(3)),
+     dist.LogNormal(0.0, 1.0).expand([2]).to_event(1), dist.Poisson(3.0).expand([3])],
+)
+def test_tail_draws_keep_shape_and_support(fn):
+    pyro.set_rng_seed(0)
+    draws = [probe_module.tail_draw(fn) for _ in range(40)]
+    ref = fn.sample()
+    assert all(d.shape == ref.shape and bool(fn.support.check(d).all()) for d in draws)
+    plain = [fn.sample() for _ in range(40)]
+    least_likely = [min(float(fn.log_prob(d).sum()) for d in ds) for ds in (draws, plain)]
+    assert least_likely[0] < least_likely[1]  # reaches further into the tails
 
 
 def test_dynamic_shape_is_refused():

@@ -19,11 +19,20 @@ import torch
 from ..errors import ModelStructureError
 from ..graph import BayesNet
 from .assemble import build_bayesnet, check_acyclic, resolve_dependencies
-from .probe import Probe, check_same_structure, elementwise_log_prob, is_discrete, run_probe, site_layout, strip_wrappers
+from .probe import (
+    Probe,
+    check_same_structure,
+    elementwise_log_prob,
+    is_discrete,
+    run_probe,
+    run_structure,
+    site_layout,
+    strip_wrappers,
+)
 from .provenance import positions
 from .sparsity import PairMask, accumulate_sparsity
 
-__all__ = ["trace_model"]
+__all__ = ["trace_model", "structure_runs"]
 
 
 def trace_model(
@@ -45,6 +54,14 @@ def trace_model(
     to its parents' values, united over the draws. A site pair with provenance but no
     non-zero gradient (rounding, comparisons, integer indexing) is connected all-to-all.
 
+    Dynamic structure: when a sampled value reaches Python control flow (``if z < 0``,
+    ``int(n)``) or a value-dependent shape (``z[z > 0]``), the model is also run
+    :func:`structure_runs` ``(num_probes)`` more times (24 by default) cheaply, without
+    provenance or gradients, with values spread over the prior and its tails (half of the
+    draws at an extreme quantile or the most extreme of several draws); every run must give
+    the same sites in the same order with the same shapes. Without such an escape the sites
+    cannot change from run to run, and these runs are skipped.
+
     Nodes are ordered site by site in trace order, row-major within a site, and labelled
     with :func:`~pyro_struct.graph.node_label` (``"z"``, ``"z[3]"``, ``"L[1,0]"``).
 
@@ -52,9 +69,8 @@ def trace_model(
     overlap are differentiated together); a site with many events (a large plate) is
     differentiated with forward passes for its small parents and compressed reverse passes
     (about ``2 sqrt(events)``) for its large ones, so a plate of ``N`` costs ``O(N^1.5)``
-    rather than ``O(N^2)``. Further draws are skipped when they cannot change the answer (no
-    gradients to read and no sampled value reaching Python control flow or tensor shapes),
-    e.g. for a Python-loop HMM of scalar sites.
+    rather than ``O(N^2)``. Further gradient draws are skipped when there are no gradients to
+    read, e.g. for a Python-loop HMM of scalar sites.
 
     A parent site that reaches a child through any op that gradients cannot see through
     (rounding, comparisons, casts to integers, ``detach``, ``torch.no_grad``) is connected
@@ -78,7 +94,10 @@ def trace_model(
             Every other non-deterministic sample site is a latent.
         granularity: ``"element"`` (default) or ``"site"``: every site is one block and
             every node of a parent site feeds every node of a child site.
-        num_probes: number of prior draws (default 3).
+        num_probes: the number of prior draws whose gradients are read (default 3; each
+            costs a model run plus backward passes); structure checks use
+            ``max(16, 8 * num_probes)`` further cheap runs. Raise it for models whose
+            element-level dependencies or sites change with the sampled values.
         dependencies: extra site-level edges ``{child_site: [parent_site, ...]}`` (every
             node of each parent to every node of the child).
         seed: seed of the prior draws; the global RNG state (torch, random, numpy) is
@@ -118,7 +137,7 @@ def trace_model(
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        first = _probe_model(model, args, kwargs, seed)
+        first = _probe_model(model, args, kwargs, seed, num_probes)
         layouts = _resolve_sites(first, observed, granularity)
         deps = _element_dependencies(model, args, kwargs, first, layouts, granularity, num_probes, seed)
     finally:
@@ -130,10 +149,24 @@ def trace_model(
 
 
 # ----------------------------------------------------------------------------- stages
-def _probe_model(model: Callable, args: tuple, kwargs: dict, seed: int) -> Probe:
-    """Stage 1: the provenance run (sites, their site-level parents and Python escapes)."""
+def structure_runs(num_probes: int) -> int:
+    """How many cheap structure runs :func:`trace_model` makes for a model whose sampled values
+    reach Python control flow or tensor shapes: ``max(16, 8 * num_probes)``."""
+    return max(16, 8 * num_probes)
+
+
+def _probe_model(model: Callable, args: tuple, kwargs: dict, seed: int, num_probes: int) -> Probe:
+    """Stage 1: the provenance run (sites, their site-level parents and Python escapes) and,
+    when sampled values reach Python control flow or shapes, cheap structure runs spread over
+    the prior and its tails that must all give the same sites with the same shapes."""
     pyro.set_rng_seed(seed)
-    return run_probe(model, args, kwargs, with_provenance=True)
+    first = run_probe(model, args, kwargs, with_provenance=True)
+    if first.value_dependent:
+        for k in range(structure_runs(num_probes)):
+            # seeds apart from those of the gradient probes (seed + 1, ...)
+            run = run_structure(model, args, kwargs, seed + 100_003 + k)
+            check_same_structure(first, run, f"structure run {k}")
+    return first
 
 
 def _resolve_sites(first: Probe, observed, granularity: str) -> list:
@@ -209,13 +242,13 @@ def _element_dependencies(model, args, kwargs, first: Probe, layouts: list, gran
                     grad_parents.setdefault(d, []).append(u)
     masks = {(d, u): PairMask(layouts[d].n_events, layouts[u].n_values) for d, us in grad_parents.items() for u in us}
     _gradient_sparsity(first.records, grad_parents, masks)
-    # further draws can only change the answer if gradients are read, or if sampled values
-    # steer Python control flow or tensor shapes (possible dynamic structure)
-    more_probes = num_probes if grad_parents or first.value_dependent else 1
+    # further draws can only change the answer if gradients are read (dynamic structure is
+    # checked by the structure runs of stage 1)
+    more_probes = num_probes if grad_parents else 1
     for p in range(1, more_probes):
         pyro.set_rng_seed(seed + p)
         probe = run_probe(model, args, kwargs, with_provenance=False)
-        check_same_structure(first, probe, p)
+        check_same_structure(first, probe, f"probe {p}")
         _gradient_sparsity(probe.records, grad_parents, masks)
         del probe
     return {"parents": parents, "control": control, "nondiff": nondiff, "masks": masks}

@@ -24,6 +24,8 @@ __all__ = [
     "Probe",
     "SiteLayout",
     "run_probe",
+    "run_structure",
+    "tail_draw",
     "site_layout",
     "check_same_structure",
     "strip_wrappers",
@@ -100,9 +102,10 @@ class Probe:
 class _ProbeMessenger(Messenger):
     """Samples every site from the prior (observed ones too) as a fresh leaf and records it."""
 
-    def __init__(self, mode: ProvenanceMode | None):
+    def __init__(self, mode: ProvenanceMode | None, tails: bool = False):
         super().__init__()
         self.mode = mode
+        self.tails = tails  # a structure run: values pushed into the tails, no gradient leaves
         self.probe = Probe()
         self._names: set = set()
         self._pending: dict = {}
@@ -140,7 +143,10 @@ class _ProbeMessenger(Messenger):
             msg["is_observed"] = False
             msg["value"] = None
             msg["done"] = False
-        if self.mode is not None and not msg["done"]:
+        if self.tails and not msg["done"]:
+            msg["value"] = tail_draw(fn, msg["args"], msg["kwargs"])
+            msg["done"] = True
+        elif self.mode is not None and not msg["done"]:
             # draw the value here, out of provenance tracking: it is replaced by a fresh leaf
             # anyway, and the samplers' own ops and Python escapes are not the model's
             with torch._C.DisableTorchFunction():
@@ -164,7 +170,7 @@ class _ProbeMessenger(Messenger):
         with torch._C.DisableTorchFunction():
             # a fresh tensor object: the leaf must not alias the user's observation
             leaf = value.detach().clone() if value is obs else value.detach()
-            if leaf.is_floating_point():
+            if leaf.is_floating_point() and not self.tails:
                 leaf.requires_grad_(True)
         msg["value"] = leaf
         record = Record(msg["name"], fn, leaf, was_observed)
@@ -176,14 +182,70 @@ class _ProbeMessenger(Messenger):
         self.probe.records.append(record)
 
 
-def run_probe(model: Callable, args: tuple, kwargs: dict, with_provenance: bool) -> Probe:
+class _TailFailure(Exception):
+    """The model raised in a run with values pushed into the tails."""
+
+
+# Tail pushes of structure runs: quantiles between these two (log-uniformly), or the most
+# extreme of this many prior draws for distributions without an inverse cdf.
+_TAIL_QUANTILES = (1e-4, 1e-2)
+_TAIL_DRAWS = 16
+
+
+def tail_draw(fn: Distribution, args=(), kwargs=None) -> torch.Tensor:
+    """A draw of ``fn`` for structure runs, spread over the prior including its tails.
+
+    Half the time a plain prior draw; otherwise every element at one extreme quantile
+    (``icdf`` of ``q`` or ``1 - q``, ``q`` log-uniform in ``_TAIL_QUANTILES``) when the
+    distribution has an inverse cdf, else the least likely of ``_TAIL_DRAWS`` prior draws. Same shape and support as ``fn(*args, **kwargs)``.
+    """
+    kwargs = kwargs or {}
+    with torch._C.DisableTorchFunction(), torch.no_grad():
+        value = fn(*args, **kwargs)
+        u = float(torch.rand(()))
+        if u < 0.5:
+            return value
+        high = u >= 0.75
+        lo, hi = (math.log10(q) for q in _TAIL_QUANTILES)
+        q = 10 ** (lo + (hi - lo) * float(torch.rand(())))
+        if value.is_floating_point():
+            try:
+                v = strip_wrappers(fn).icdf(torch.full_like(value, 1 - q if high else q))
+                if v.shape == value.shape and bool(torch.isfinite(v).all()) and bool(fn.support.check(v).all()):
+                    return v
+            except (NotImplementedError, ValueError, RuntimeError, TypeError, AttributeError):
+                pass
+        draws = torch.stack([value] + [fn(*args, **kwargs) for _ in range(_TAIL_DRAWS - 1)])
+        try:  # the least likely draw
+            score = -fn.log_prob(draws).reshape(_TAIL_DRAWS, -1).double().sum(1)
+        except (NotImplementedError, ValueError, RuntimeError):
+            score = draws.reshape(_TAIL_DRAWS, -1).double().sum(1) * (1 if high else -1)
+        if not bool(torch.isfinite(score).all()):
+            return value
+        return draws[int(score.argmax())]
+
+
+def run_structure(model: Callable, args: tuple, kwargs: dict, seed: int) -> Probe:
+    """One cheap run that only reads which sites appear with which shapes: no provenance, no
+    gradient leaves, every value from :func:`tail_draw` (seeded with ``seed``). If the model
+    raises at those tail values, the run is repeated with plain prior draws."""
+    pyro.set_rng_seed(seed)
+    try:
+        return run_probe(model, args, kwargs, with_provenance=False, tails=True)
+    except _TailFailure:
+        pyro.set_rng_seed(seed)
+        return run_probe(model, args, kwargs, with_provenance=False)
+
+
+def run_probe(model: Callable, args: tuple, kwargs: dict, with_provenance: bool, tails: bool = False) -> Probe:
     """Run ``model(*args, **kwargs)`` once with every site drawn from its prior as a fresh leaf
-    (``requires_grad`` for floating sites), with provenance tracking if ``with_provenance``.
+    (``requires_grad`` for floating sites), with provenance tracking if ``with_provenance``;
+    ``tails``: a structure run (see :func:`run_structure`).
 
     Any exception of the model becomes a :class:`ModelStructureError` naming the last site reached.
     """
     mode = ProvenanceMode() if with_provenance else None
-    messenger = _ProbeMessenger(mode)
+    messenger = _ProbeMessenger(mode, tails=tails)
     try:
         with torch.enable_grad(), pyro.validation_enabled(False), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -196,6 +258,8 @@ def run_probe(model: Callable, args: tuple, kwargs: dict, with_provenance: bool)
     except ModelStructureError:
         raise
     except Exception as e:
+        if tails:
+            raise _TailFailure() from e
         records = messenger.probe.records
         where = f"after site {records[-1].name!r}" if records else "before its first sample site"
         raise ModelStructureError(
@@ -305,9 +369,10 @@ def site_layout(record: Record, pos: int, observed: bool, granularity: str, cach
     )
 
 
-def check_same_structure(first: Probe, other: Probe, probe: int) -> None:
+def check_same_structure(first: Probe, other: Probe, probe: str) -> None:
     """Raise :class:`ModelStructureError` naming the first site whose presence, order or shape
-    differs between run ``probe`` (``other``) and run 0 (``first``)."""
+    differs between the run ``probe`` (a label, e.g. ``"probe 2"``; ``other``) and the first
+    probe (``first``)."""
     a = [(r.name, r.shape) for r in first.records]
     b = [(r.name, r.shape) for r in other.records]
     if a == b:
@@ -325,7 +390,7 @@ def check_same_structure(first: Probe, other: Probe, probe: int) -> None:
     name = (only_a or only_b or [next(na for (na, _), (nb, _) in zip(a, b) if na != nb)])[0]
     raise ModelStructureError(
         f"site {name!r} appears in some prior draws but not in others, or in a different order "
-        f"(dynamic structure: probe {probe} differs from probe 0). pyro_struct needs the same sites "
+        f"(dynamic structure: {probe} differs from the first probe). pyro_struct needs the same sites "
         "in every run of the model: replace value-dependent control flow by masking (poutine.mask) "
         "or sample every site unconditionally."
     )
