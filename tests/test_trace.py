@@ -517,3 +517,36 @@ def test_bad_arguments():
         trace_model(chain_model, granularity="node")
     with pytest.raises(ValueError, match="num_probes"):
         trace_model(chain_model, num_probes=0)
+
+
+# ----------------------------------------------------------------------------- obs=data idiom
+def test_observed_candidates_of_a_data_none_model():
+    def model(data=None):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("n", 10):
+            pyro.sample("x", dist.Normal(mu, 1.0), obs=data)
+
+    assert trace_module.find_observed_candidates(model) == {"x": "data"}
+    assert trace_module.find_observed_candidates(model, torch.zeros(10)) == {}  # data given
+
+
+def test_observed_candidates_of_two_data_arguments():
+    def model(x=None, y=None, scale=1.0):
+        w = pyro.sample("w", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+        with pyro.plate("rows", 5):
+            x = pyro.sample("x_obs", dist.Normal(0.0, 1.0).expand([3]).to_event(1), obs=x)
+            pyro.sample("y_obs", dist.Normal(x @ w, scale), obs=y)
+
+    torch.manual_seed(7)
+    expected = torch.rand(2)
+    torch.manual_seed(7)
+    found = trace_module.find_observed_candidates(model)
+    assert torch.equal(torch.rand(2), expected)  # the global RNG state is restored
+    assert found == {"x_obs": "x", "y_obs": "y"}
+    assert trace_module.find_observed_candidates(model, y=torch.zeros(5)) == {"x_obs": "x"}
+
+
+def test_observed_candidates_of_a_python_loop_indexing_its_data():
+    # x[t] of a scalar draw raises (skipped); the scalar draws stacked into (6,) fit x[t]
+    assert trace_module.find_observed_candidates(hmm_model(3)) == {f"x_{t}": "x" for t in range(3)}
+    assert trace_module.find_observed_candidates(chain_model) == {}  # no data argument

@@ -3,7 +3,8 @@
 Stages: probe the model (:mod:`.probe`, with provenance from :mod:`.provenance`), resolve the
 observed sites and refuse what cannot be traced, find element-level dependencies from Jacobian
 sparsity over several prior draws (:mod:`.sparsity`), turn site pairs into edges and build the
-BayesNet (:mod:`.assemble`).
+BayesNet (:mod:`.assemble`). :func:`find_observed_candidates` (:mod:`.observed`) finds the
+sites a ``def model(data=None)`` model observes once given data.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from ..errors import ModelStructureError
 from ..graph import BayesNet
 from .assemble import build_bayesnet, check_acyclic, resolve_dependencies
+from .observed import find_observed_candidates
 from .probe import (
     Probe,
     check_same_structure,
@@ -32,7 +34,7 @@ from .probe import (
 from .provenance import positions
 from .sparsity import PairMask, accumulate_sparsity
 
-__all__ = ["trace_model", "structure_runs"]
+__all__ = ["trace_model", "structure_runs", "find_observed_candidates"]
 
 
 def trace_model(
