@@ -3,7 +3,7 @@
 Stages: probe the model (:mod:`.probe`, with provenance from :mod:`.provenance`), resolve the
 observed sites and refuse what cannot be traced, find element-level dependencies from Jacobian
 sparsity over several prior draws (:mod:`.sparsity`), turn site pairs into edges and build the
-BayesNet (:mod:`.assemble`). :func:`find_observed_candidates` (:mod:`.observed`) finds the
+BayesNet (:mod:`.assemble`). :func:`find_observed_candidates` (:mod:`.probe`) finds the
 sites a ``def model(data=None)`` model observes once given data.
 """
 
@@ -20,9 +20,9 @@ import torch
 from ..errors import ModelStructureError
 from ..graph import BayesNet
 from .assemble import build_bayesnet, check_acyclic, resolve_dependencies
-from .observed import find_observed_candidates
 from .probe import (
     Probe,
+    find_observed_candidates,
     check_same_structure,
     elementwise_log_prob,
     is_discrete,
