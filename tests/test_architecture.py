@@ -16,6 +16,7 @@ LAYERS = [
     ["graph"],
     ["trace.provenance", "trace.sparsity", "trace.probe", "trace.assemble", "trace"],
     ["inversion"],
+    ["plates"],
     ["masks"],
     ["nn"],
     ["flows.base", "flows.transforms", "flows.straf", "flows.grf", "flows.cnf", "flows"],
