@@ -1,4 +1,4 @@
-"""The ``pyro-struct`` command line: demo, inspect, fit, posterior and bench.
+"""The ``pyro-struct`` command line: demo, inspect, fit, posterior, check and bench.
 
 Usage::
 
@@ -7,6 +7,7 @@ Usage::
     pyro-struct inspect FILE.py:FUNCTION [--observed a,b] [--structure faithful] [--flow straf|none] [--out FOLDER]
     pyro-struct fit FILE.py:FUNCTION --observed x --out guide.pt [--flow straf] [--steps N] [--seed S]
     pyro-struct posterior guide.pt FILE.py:FUNCTION --obs obs.json [--samples N] [--out post.json]
+    pyro-struct check guide.pt FILE.py:FUNCTION [--obs obs.json] [--out FOLDER] [--simulations N]
     pyro-struct bench NAME [options]     (from a source checkout: same as ``python -m benchmarks NAME``)
 
 ``FUNCTION`` is a Pyro model, or a factory that returns one when called (with ``--kwargs``).
@@ -30,6 +31,9 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+# torch-free at import (torch is imported inside), so importing it here keeps threads configurable
+from .diagnostics.checks import prior_predictive_check, symmetrized_kl_estimate
 
 __all__ = [
     "main",
@@ -354,34 +358,6 @@ def _loss_history(guide, fit_result) -> list[float]:
     return []
 
 
-def symmetrized_kl_estimate(guide, num_samples: int = 512, num_batches: int = 8) -> tuple[float, float]:
-    """Monte Carlo estimate of the expected symmetrised KL between ``p(z | x)`` and the guide.
-
-    ``0.5 (E_{p(z,x)}[log p(z,x) - log q(z|x)] + E_{p(x) q(z|x)}[log q(z|x) - log p(z,x)])``
-    in nats (``log p(x)`` cancels), on ``num_samples`` fresh simulations split into
-    ``num_batches`` batches (the training objective, evaluated without gradients).
-
-    Returns:
-        ``(estimate, standard error over the batches)``.
-    """
-    import torch
-
-    from .objectives import symmetrized_kl
-
-    simulator = guide.simulator()
-    num_batches = max(1, min(num_batches, num_samples))
-    per_batch = max(1, num_samples // num_batches)
-    values = []
-    with torch.no_grad():
-        for _ in range(num_batches):
-            values.append(float(symmetrized_kl(guide, simulator, simulator.simulate(per_batch))))
-    finite = torch.tensor([v for v in values if math.isfinite(v)], dtype=torch.float64)
-    if len(finite) == 0:
-        return float("nan"), float("nan")
-    se = float(finite.std() / math.sqrt(len(finite))) if len(finite) > 1 else float("nan")
-    return float(finite.mean()), se
-
-
 def _write_json(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -465,31 +441,6 @@ def _plot_marginals(panels: list[tuple[str, dict, dict | None]], path: Path) -> 
     plt.close(fig)
 
 
-def _outside_prior_predictive(guide, observations: dict, num: int = 4096, level: float = 0.999) -> list[str]:
-    """Observed coordinates outside the central ``level`` range of ``num`` prior simulations.
-
-    An amortised guide is trained on simulated observations; far outside their range its
-    answer is an extrapolation, which the user should know about.
-    """
-    import torch
-
-    sims = guide.simulator().simulate(num)
-    lo_q, hi_q = (1 - level) / 2, 1 - (1 - level) / 2
-    notes = []
-    for site, value in observations.items():
-        v = torch.as_tensor(value).reshape(-1).to(torch.float64)
-        flat = sims[site].reshape(num, -1).to(torch.float64)
-        lo, hi = torch.quantile(flat, torch.tensor([lo_q, hi_q], dtype=torch.float64), dim=0)
-        shape = tuple(guide.bn.sites[site].shape)
-        for k, label in enumerate(_coordinate_labels(site, shape)):
-            if not lo[k] <= v[k] <= hi[k]:
-                notes.append(
-                    f"{label}={float(v[k]):g} lies outside the {100 * level:g}% range [{float(lo[k]):.2f}, "
-                    f"{float(hi[k]):.2f}] of {num} prior simulations: the amortised posterior extrapolates there"
-                )
-    return notes
-
-
 def _run_demo(args) -> int:
     import torch
 
@@ -527,8 +478,8 @@ def _run_demo(args) -> int:
     obs_text = ", ".join(f"{k}={v}" for k, v in CIRCUIT_OBSERVATION.items())
     print(f"\nposterior for {obs_text} ({args.samples} samples):")
     print(format_summary(rows))
-    for warning in _outside_prior_predictive(guide, obs):
-        print(f"note: {warning}")
+    for note in prior_predictive_check(guide, obs):
+        print(f"note: {note}")
 
     simulation = guide.simulator().simulate(1)
     fresh_obs = {n: simulation[n][0].detach() for n in guide.observed_sites}
@@ -766,12 +717,72 @@ def _run_bench(args) -> int:
     return bench_main(argv)
 
 
+# ---------------------------------------------------------------------------- check
+def _add_check(p):
+    p.add_argument("guide", metavar="GUIDE.pt", help="a guide saved by 'pyro-struct fit' or guide.save()")
+    p.add_argument("model", metavar="FILE.py:FUNCTION", help="the model the guide was trained for")
+    p.add_argument("--obs", default=None, help="JSON file of observations: also report their Pareto-k, ESS and prior-predictive range")
+    p.add_argument("--kwargs", default=None, help="JSON object of keyword arguments for FUNCTION")
+    p.add_argument("--out", default="pyro_struct_check", help="report folder (default: ./pyro_struct_check)")
+    p.add_argument("--simulations", type=int, default=200, help="simulated data sets for calibration (default: 200)")
+    p.add_argument("--samples", type=int, default=100, help="posterior draws per simulated data set (default: 100)")
+    p.add_argument("--importance-samples", type=int, default=1000, help="importance draws per observation (default: 1000)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+
+
+def _run_check(args) -> int:
+    from .diagnostics import calibration, importance
+    from .guide import StructuredGuide
+
+    if args.simulations < 10:
+        raise CLIError(f"--simulations must be at least 10 for a rank test (100 or more is better); got {args.simulations}")
+    _positive("--samples", args.samples)
+    _positive("--importance-samples", args.importance_samples)
+    guide_path, out = Path(args.guide), Path(args.out)
+    if not guide_path.is_file():
+        raise CLIError(f"cannot read guide '{guide_path}': no such file")
+    obs = load_observations(args.obs) if args.obs else None
+    model, name = load_model(args.model, _parse_json_arg(args.kwargs, "--kwargs"))
+    _seed(args.seed)
+    try:
+        guide = StructuredGuide.load(guide_path, model)
+    except Exception as e:
+        raise CLIError(f"loading guide '{guide_path}' failed: {_one_line(e)}") from None
+    out.mkdir(parents=True, exist_ok=True)
+    result = calibration(guide, num_simulations=args.simulations, num_samples=args.samples)
+    print(result.summary())
+    report: dict[str, Any] = {"model": args.model, "guide": str(guide_path), "calibration": result.to_dict()}
+    result.plot(out / "calibration.png")
+    print(f"written: {out / 'calibration.png'}")
+    if obs is not None:
+        try:
+            post = guide.posterior(obs)
+        except Exception as e:
+            raise CLIError(f"posterior for '{args.obs}' failed: {_one_line(e)}") from None
+        notes = prior_predictive_check(guide, obs)
+        for note in notes:
+            print(f"note: {note}")
+        weights = importance(post, args.importance_samples)
+        print(f"importance sampling of '{name}' for '{args.obs}' ({args.importance_samples} draws):")
+        print(weights.summary())
+        report["observations"] = _tensor_dict_to_lists(obs)
+        report["prior_predictive"] = [str(n) for n in notes]
+        report["importance"] = {
+            "pareto_k": weights.pareto_k.tolist(), "ess": weights.ess.tolist(),
+            "log_evidence": weights.log_evidence.tolist(), "num_samples": args.importance_samples,
+        }
+    _write_json(out / "check.json", report)
+    print(f"written: {out / 'check.json'}")
+    return 0
+
+
 #: The subcommands, in the order ``--help`` lists them. Append to add one.
 COMMANDS: list[Command] = [
     Command("demo", "train a guide for the arithmetic circuit and write a report", _add_demo, _run_demo),
     Command("inspect", "trace and invert a model; print the structure and write plots", _add_inspect, _run_inspect),
     Command("fit", "train a guide for a model and save it", _add_fit, _run_fit),
     Command("posterior", "posterior of observations under a saved guide", _add_posterior, _run_posterior),
+    Command("check", "calibration of a saved guide and, given observations, their Pareto-k and ESS", _add_check, _run_check),
     Command("bench", "run a benchmark of benchmarks/ and save its table (python -m benchmarks NAME)", _add_bench, _run_bench),
 ]
 

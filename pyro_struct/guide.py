@@ -794,6 +794,20 @@ class Posterior:
         """Posterior standard deviation per latent site ``(*batch, *site_shape)``, estimated from samples (cached)."""
         return self._estimate_moments()[1]
 
+    def importance(self, num_samples: int = 1000, **options):
+        """Draws weighted by ``p(z, x) / q(z | x)``: ``.log_weights``, ``.ess``, ``.pareto_k``,
+        ``.log_evidence``, ``.resample(n)``; see :func:`pyro_struct.diagnostics.importance`."""
+        from .diagnostics import importance
+
+        return importance(self, num_samples, **options)
+
+    def refine(self, num_steps: int = 50, **options) -> "Posterior":
+        """A new posterior refined by ``num_steps`` ELBO steps on a copy of the guide (which stays
+        unchanged); ``.refinement`` holds the ELBO before and after. See :func:`pyro_struct.diagnostics.refine`."""
+        from .diagnostics import refine
+
+        return refine(self, num_steps, **options)
+
     def __repr__(self) -> str:
         return f"Posterior(batch_shape={tuple(self.batch_shape)}, latent_sites={self.guide.latent_sites})"
 
