@@ -151,9 +151,9 @@ def test_refine_reduces_the_exact_kl_and_leaves_the_guide_unchanged(net, obs, un
     torch.manual_seed(2)
     before_state = {k: v.clone() for k, v in undertrained.state_dict().items()}
     post = undertrained.posterior(obs)
-    refined = post.refine(60, lr=1e-2)
+    refined = post.refine(60)
     record = refined.refinement
-    assert record.num_steps == 60 and len(record.history) == 60 and record.seconds > 0
+    assert record.num_steps == 60 and len(record.history) == 60 and record.seconds > 0 and not record.kept_amortized
     assert record.elbo_before.shape == record.elbo_after.shape == (4,)
     assert (record.elbo_after > record.elbo_before).all(), record
     kl_before = _exact_reverse_kl(net, post, obs)
@@ -164,6 +164,18 @@ def test_refine_reduces_the_exact_kl_and_leaves_the_guide_unchanged(net, obs, un
     for k, v in undertrained.state_dict().items():
         assert torch.equal(v, before_state[k]), f"refine changed the guide's {k}"
     assert refined.guide is not undertrained
+
+
+def test_refine_keeps_the_amortised_parameters_when_the_elbo_falls(obs, trained):
+    torch.manual_seed(4)
+    post = trained.posterior(obs)
+    with pytest.warns(UserWarning, match="amortised posterior is returned unchanged"):
+        refined = post.refine(5, lr=3.0, estimator="reparam")  # a step size that wrecks the flow
+    assert refined.refinement.kept_amortized
+    for (name, a), b in zip(trained.flow.state_dict().items(), refined.guide.flow.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="estimator must be 'stl' or 'reparam'"):
+        post.refine(5, estimator="score")
 
 
 # ------------------------------------------------------------------------------ calibration
