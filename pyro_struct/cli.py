@@ -51,7 +51,7 @@ __all__ = [
 PROG = "pyro-struct"
 FLOW_CLASSES = {"straf": "StrAF", "grf": "GraphicalResidualFlow", "cnf": "StructuredCNF"}
 #: the option of each flow class that ``--layers`` sets
-LAYER_OPTION = {"straf": "num_layers", "grf": "num_blocks"}
+LAYER_OPTION = {"straf": "num_layers", "grf": "num_layers"}
 STRUCTURES = ("faithful", "dense", "moralized", "random", "meanfield")  # inversion.INVERSE_KINDS (torch-free here)
 OBJECTIVES = ("skl", "fkl", "elbo")
 #: Training steps and flow layers of ``pyro-struct demo`` (StrAF on the arithmetic

@@ -11,7 +11,9 @@ from typing import Any
 import networkx as nx
 import torch
 
-from .nn import MaskedLinear, StrNN
+from . import dag
+from .flows.base import ConditionalFlow
+from .nn import MaskedLinear, MaskedMLP, masked_layers, masks_of, parameter_counts
 
 __all__ = ["CompiledStructure", "hinton"]
 
@@ -117,7 +119,9 @@ class CompiledStructure:
         row_labels, col_labels: node labels of the rows and columns of :attr:`adjacency`.
         masks: ``{module name: (out, in) bool mask}`` of every masked layer of the flow.
         depth: edges on the longest path among latents in ``H``.
-        num_passes: sequential conditioner passes needed to sample (``depth + 1`` for StrAF).
+        num_passes: sequential network evaluations one sampling call needs (the flow's own
+            ``num_passes``: ``num_layers * (depth + 1)`` for StrAF, ``num_layers`` for the GRF, the
+            last solve's NFE for the CNF; ``depth + 1`` without a flow).
 
     Example:
         >>> from pyro_struct import BayesNet, faithful_inverse
@@ -172,19 +176,18 @@ class CompiledStructure:
         """Edges on the longest path among latents in ``H``."""
         depth = getattr(self.inverse, "depth", None)
         if depth is None:
-            depth = _latent_depth(self.adjacency)
+            depth = dag.depth(self.adjacency)
         return int(depth)
 
     @property
-    def num_passes(self) -> int:
-        """Sequential passes of the conditioner that sampling needs (``depth + 1``).
+    def num_passes(self) -> int | None:
+        """Sequential network evaluations that one sampling call needs.
 
-        A flow that reports its own ``num_passes`` (or ``num_sampling_passes``) is trusted.
+        The flow's :attr:`~pyro_struct.flows.ConditionalFlow.num_passes` (``None`` for a CNF that
+        has not sampled yet); without a flow, ``depth + 1`` (the passes of a one-layer StrAF).
         """
-        for name in ("num_passes", "num_sampling_passes"):
-            value = getattr(self.flow, name, None) if self.flow is not None else None
-            if isinstance(value, int):
-                return value
+        if isinstance(self.flow, ConditionalFlow):
+            return self.flow.num_passes
         return self.depth + 1
 
     @property
@@ -201,9 +204,7 @@ class CompiledStructure:
 
     # ------------------------------------------------------------------ masks and counts
     def _masked_layers(self) -> dict[str, MaskedLinear]:
-        if self.flow is None:
-            return {}
-        return {name: m for name, m in self.flow.named_modules() if isinstance(m, MaskedLinear)}
+        return {} if self.flow is None else masked_layers(self.flow)
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:
@@ -211,7 +212,9 @@ class CompiledStructure:
 
         Empty when no flow was compiled.
         """
-        return {name: m.mask.detach().to("cpu").bool().clone() for name, m in self._masked_layers().items()}
+        if self.flow is None:
+            return {}
+        return self.flow.masks if isinstance(self.flow, ConditionalFlow) else masks_of(self.flow)
 
     @property
     def masked_weights(self) -> dict[str, torch.Tensor]:
@@ -221,17 +224,10 @@ class CompiledStructure:
     def _parameter_counts(self) -> tuple[int, int] | None:
         if self.flow is None:
             return None
-        masked = self._masked_layers()
-        owned = set()
-        effective = 0
-        for m in masked.values():
-            effective += int(m.mask.sum()) + (m.bias.numel() if m.bias is not None else 0)
-            owned.update(id(p) for p in m.parameters())
-        # parameters outside masked layers (gates, normaliser networks, ...) count in full
-        params = {id(p): p for p in self.flow.parameters()}
-        effective += sum(p.numel() for k, p in params.items() if k not in owned)
-        dense = sum(p.numel() for p in params.values())
-        return effective, dense
+        if isinstance(self.flow, ConditionalFlow):
+            return self.flow.num_effective_parameters(), self.flow.num_dense_parameters()
+        # a hand-built module: the same rule (masked-out weights are not effective)
+        return parameter_counts(self.flow)
 
     @property
     def num_effective_parameters(self) -> int | None:
@@ -312,7 +308,8 @@ class CompiledStructure:
         )
         lines.append(
             f"  inverse H:  {self.num_latent} latent coordinates given {self.num_observed} observed, "
-            f"{H.number_of_edges()} edges, depth {self.depth} -> {self.num_passes} sampling passes"
+            f"{H.number_of_edges()} edges, depth {self.depth} -> "
+            + (f"{self.num_passes} sampling passes" if self.num_passes is not None else "sampling passes set by the solver")
         )
         entries = int(self.adjacency.sum())
         lines.append(
@@ -517,7 +514,7 @@ class CompiledStructure:
             raise ValueError("no masked layers to draw: build the CompiledStructure with a flow (flow=...)")
         plt = _pyplot()
         groups: dict[str, list[str]] = {}
-        nets = [name for name, m in self.flow.named_modules() if isinstance(m, StrNN)]
+        nets = [name for name, m in self.flow.named_modules() if isinstance(m, MaskedMLP)]
         for name in layers:
             owners = [n for n in nets if name.startswith(n + ".") or n == ""]
             key = max(owners, key=len) if owners else name.rpartition(".")[0]
@@ -632,14 +629,3 @@ class CompiledStructure:
         written["json"] = folder / "structure.json"
         self.to_json(written["json"])
         return written
-
-
-def _latent_depth(adjacency: torch.Tensor) -> int:
-    """Longest path (in edges) among the latent block of a sampling-ordered adjacency."""
-    d = adjacency.shape[0]
-    level = [0] * d
-    for i in range(d):
-        parents = torch.nonzero(adjacency[i, :d]).flatten().tolist()
-        if parents:
-            level[i] = 1 + max(level[p] for p in parents)
-    return max(level, default=0)

@@ -201,7 +201,7 @@ def test_calibration_coverage_is_nominal_for_the_exact_posterior_and_off_for_a_t
 
 
 def test_calibration_summaries_follow_the_inverse_depths_and_the_plot_is_written(net, trained, tmp_path):
-    from pyro_struct.flows.straf import latent_levels
+    from pyro_struct.dag import levels as latent_levels
 
     result = ps.calibration(trained, num_simulations=50, num_samples=20)
     levels = latent_levels(torch.as_tensor(trained.inverse.adjacency()).bool())

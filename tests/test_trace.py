@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 import pyro_struct as ps
 from pyro_struct import trace as trace_module
+from pyro_struct.trace import probe as probe_module
+from pyro_struct.trace.sparsity import LARGE_OUTPUT
 from pyro_struct.errors import ModelStructureError
 from pyro_struct.trace import trace_model
 
@@ -161,6 +163,23 @@ def test_deterministic_site_is_spliced_out():
     assert "d" not in bn.sites
 
 
+def test_eight_schools_with_deterministic_theta_in_the_plate():
+    sigma = torch.tensor([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
+
+    def model(y=None):
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        tau = pyro.sample("tau", dist.HalfCauchy(5.0))
+        with pyro.plate("schools", 8):
+            eta = pyro.sample("eta", dist.Normal(0.0, 1.0))
+            theta = pyro.deterministic("theta", mu + tau * eta)
+            pyro.sample("y", dist.Normal(theta, sigma), obs=y)
+
+    bn = trace_model(model, y=torch.zeros(8))
+    assert list(bn.sites) == ["mu", "tau", "eta", "y"] and bn.observed_sites == ["y"]
+    assert bn.sites["eta"].shape == (8,) and bn.sites["y"].shape == (8,)
+    assert edges(bn) == {(p, f"y[{i}]") for i in range(8) for p in ("mu", "tau", f"eta[{i}]")}
+
+
 def test_delta_site_is_spliced_out():
     def model():
         z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
@@ -307,19 +326,19 @@ def test_extra_dependencies():
 
 # ----------------------------------------------------------------------------- large sites
 def test_large_plate_uses_compressed_jacobians_exactly():
-    N = 3 * trace_module._LARGE_SITE_EVENTS
+    N = 3 * LARGE_OUTPUT
     bn = trace_model(hierarchical_model(N), torch.zeros(N))
     assert edges(bn) == hierarchical_edges(N)
 
 
 def test_large_convolution_band_is_exact():
-    model, expected = convolution_model(2 * trace_module._LARGE_SITE_EVENTS + 7)
+    model, expected = convolution_model(2 * LARGE_OUTPUT + 7)
     bn = trace_model(model)
     assert edges(bn) == expected
 
 
 def test_large_dense_triangular_jacobian_falls_back_exactly():
-    n = trace_module._LARGE_SITE_EVENTS + 22
+    n = LARGE_OUTPUT + 22
 
     def model():
         z = pyro.sample("z", dist.Normal(torch.zeros(n), 1.0).to_event(1))
@@ -384,6 +403,83 @@ def test_dynamic_structure_is_refused():
         trace_model(model)
 
 
+def branch_model(sign, threshold=0.0):
+    def model():
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        if sign * z > threshold:
+            pyro.sample("w", dist.Normal(z, 1.0))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=torch.tensor(0.0))
+
+    return model
+
+
+@pytest.mark.parametrize("sign", [-1, 1])  # `if z < 0` and `if z > 0`
+def test_branch_taken_half_the_time_is_refused_for_every_seed(sign):
+    for seed in range(8):
+        with pytest.raises(ModelStructureError, match="'w'"):
+            trace_model(branch_model(sign), seed=seed)
+
+
+def test_rare_branch_is_found_in_the_prior_tails():
+    # P(z > 2.5) = 0.006: 24 plain prior draws would miss it about 6 times in 7
+    for seed in range(4):
+        with pytest.raises(ModelStructureError, match="'w'"):
+            trace_model(branch_model(1, threshold=2.5), seed=seed)
+
+
+def count_calls(model):
+    def counted(*args, **kwargs):
+        counted.calls += 1
+        return model(*args, **kwargs)
+
+    counted.calls = 0
+    return counted
+
+
+@pytest.mark.parametrize("num_probes", [1, 3, 5])
+def test_structure_runs_only_when_values_reach_python(num_probes):
+    def escaping():
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        loc = 1.0 if float(z) > 0 else -1.0
+        pyro.sample("x", dist.Normal(loc, 1.0), obs=torch.tensor(0.0))
+
+    model = count_calls(escaping)
+    trace_model(model, num_probes=num_probes)
+    assert model.calls == 1 + trace_module.structure_runs(num_probes) >= 17
+    model = count_calls(chain_model)  # no escape and no gradients to read: one run
+    trace_model(model, num_probes=num_probes)
+    assert model.calls == 1
+
+
+def test_model_failing_only_in_the_tails_is_still_traced():
+    raised = []
+
+    def model():
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        if float(z.abs()) > 3.0:  # P = 0.003 under the prior: (nearly) only tail pushes get here
+            raised.append(float(z))
+            raise ValueError("only in the tails")
+        pyro.sample("x", dist.Normal(z, 1.0), obs=torch.tensor(0.0))
+
+    assert edges(trace_model(model)) == {("z", "x")}
+    assert raised  # the failing tail runs were repeated at plain prior draws
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [dist.Normal(torch.zeros(3), 1.0), dist.Gamma(2.0, 1.0).expand([3]), dist.Dirichlet(2 * torch.ones(3)),
+     dist.LogNormal(0.0, 1.0).expand([2]).to_event(1), dist.Poisson(3.0).expand([3])],
+)
+def test_tail_draws_keep_shape_and_support(fn):
+    pyro.set_rng_seed(0)
+    draws = [probe_module.tail_draw(fn) for _ in range(40)]
+    ref = fn.sample()
+    assert all(d.shape == ref.shape and bool(fn.support.check(d).all()) for d in draws)
+    plain = [fn.sample() for _ in range(40)]
+    least_likely = [min(float(fn.log_prob(d).sum()) for d in ds) for ds in (draws, plain)]
+    assert least_likely[0] < least_likely[1]  # reaches further into the tails
+
+
 def test_dynamic_shape_is_refused():
     def model():
         z = pyro.sample("z", dist.Normal(torch.zeros(8), 1.0).to_event(1))
@@ -421,3 +517,36 @@ def test_bad_arguments():
         trace_model(chain_model, granularity="node")
     with pytest.raises(ValueError, match="num_probes"):
         trace_model(chain_model, num_probes=0)
+
+
+# ----------------------------------------------------------------------------- obs=data idiom
+def test_observed_candidates_of_a_data_none_model():
+    def model(data=None):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("n", 10):
+            pyro.sample("x", dist.Normal(mu, 1.0), obs=data)
+
+    assert trace_module.find_observed_candidates(model) == {"x": "data"}
+    assert trace_module.find_observed_candidates(model, torch.zeros(10)) == {}  # data given
+
+
+def test_observed_candidates_of_two_data_arguments():
+    def model(x=None, y=None, scale=1.0):
+        w = pyro.sample("w", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+        with pyro.plate("rows", 5):
+            x = pyro.sample("x_obs", dist.Normal(0.0, 1.0).expand([3]).to_event(1), obs=x)
+            pyro.sample("y_obs", dist.Normal(x @ w, scale), obs=y)
+
+    torch.manual_seed(7)
+    expected = torch.rand(2)
+    torch.manual_seed(7)
+    found = trace_module.find_observed_candidates(model)
+    assert torch.equal(torch.rand(2), expected)  # the global RNG state is restored
+    assert found == {"x_obs": "x", "y_obs": "y"}
+    assert trace_module.find_observed_candidates(model, y=torch.zeros(5)) == {"x_obs": "x"}
+
+
+def test_observed_candidates_of_a_python_loop_indexing_its_data():
+    # x[t] of a scalar draw raises (skipped); the scalar draws stacked into (6,) fit x[t]
+    assert trace_module.find_observed_candidates(hmm_model(3)) == {f"x_{t}": "x" for t in range(3)}
+    assert trace_module.find_observed_candidates(chain_model) == {}  # no data argument

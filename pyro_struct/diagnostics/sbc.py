@@ -18,20 +18,12 @@ _MAX_ROWS = 1 << 16
 _BAND_SIMULATIONS = 1000
 
 
-def _latent_levels():
-    # the helper moves from flows.straf to pyro_struct.dag; accept either home
-    try:
-        from ..dag import latent_levels
-    except ImportError:
-        from ..flows.straf import latent_levels
-    return latent_levels
-
-
 def _node_depths(guide) -> dict[str, int]:
-    """Latent node label -> its depth in the inverse (longest path from a root of the inverse)."""
-    levels = _latent_levels()(torch.as_tensor(guide.inverse.adjacency()).bool())
-    order = list(guide.inverse.order)
-    return {order[int(i)]: depth for depth, level in enumerate(levels) for i in level}
+    """Latent node label -> its level in the inverse (edges on the longest path from a root of the inverse)."""
+    from ..dag import node_levels_of
+
+    level = node_levels_of(torch.as_tensor(guide.inverse.adjacency()).bool())
+    return {label: level[k] for k, label in enumerate(guide.inverse.order)}
 
 
 class CalibrationResult:
