@@ -555,6 +555,20 @@ class Posterior:
             raise ValueError(f"level must be between 0 and 1; got {level!r}")
         return summarize_samples(self.sample(num_samples), truth, level)
 
+    def importance(self, num_samples: int = 1000, **options):
+        """Draws weighted by ``p(z, x) / q(z | x)``: ``.log_weights``, ``.ess``, ``.pareto_k``,
+        ``.log_evidence``, ``.resample(n)``; see :func:`pyro_struct.diagnostics.importance`."""
+        from .diagnostics import importance
+
+        return importance(self, num_samples, **options)
+
+    def refine(self, num_steps: int = 50, **options) -> "Posterior":
+        """A new posterior refined by ``num_steps`` ELBO steps on a copy of the guide (which stays
+        unchanged); ``.refinement`` holds the ELBO before and after. See :func:`pyro_struct.diagnostics.refine`."""
+        from .diagnostics import refine
+
+        return refine(self, num_steps, **options)
+
     def __repr__(self) -> str:
         return f"Posterior(batch_shape={tuple(self.batch_shape)}, latent_sites={self.guide.latent_sites})"
 

@@ -11,6 +11,7 @@ from typing import Any
 import networkx as nx
 import torch
 
+from .io import atomic_write_text
 from . import dag
 from .flows.base import ConditionalFlow
 from .nn import MaskedLinear, MaskedMLP, masked_layers, masks_of, parameter_counts

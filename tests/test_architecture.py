@@ -30,7 +30,7 @@ LAYERS = [
     ["diagnostics.psis", "diagnostics.checks", "diagnostics.refinement", "diagnostics.sbc", "diagnostics"],
     ["structure_learning", "density"],
     ["guide"],
-    ["cli"],
+    ["cli.base", "cli.commands", "cli", "cli.__main__"],
 ]
 RANK = {name: (layer, pos) for layer, names in enumerate(LAYERS) for pos, name in enumerate(names)}
 
