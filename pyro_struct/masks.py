@@ -266,17 +266,34 @@ def factorize(
         return [m.contiguous() for m in paper]
     S = _subset_mask(labels, labels).T  # S[a, b]: label a subset of label b
     outputs = _subset_mask(labels, A)  # (out, r): label b subset of A[i]
-    paths = _LabelPaths(labels, A, S, outputs) if method == "greedy" else None
-    assignment = _assign_labels(paths, r, widths)
-    paper = _paper_assignment(A, r, widths) if method == "greedy" else None
-    if paper is not None and paths.total(_label_counts(paper, r)) > paths.total(_label_counts(assignment, r)):
-        assignment = paper
+    if method == "made":
+        masks = _label_masks(labels, S, outputs, _assign_labels(None, r, widths))
+        check_masks(masks, A)
+        return masks
+    return _greedy_masks(A, labels, S, outputs, widths)
+
+
+def _label_masks(labels, S, outputs, assignment: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The masks of a label assignment: unit reads its label's inputs, the previous layer's units
+    whose label is a subset of its own; output ``i`` reads the units whose label is within ``A[i]``."""
     masks = [labels[assignment[0]]]
     for prev, cur in zip(assignment[:-1], assignment[1:]):
         masks.append(S[prev][:, cur].T.contiguous())
     masks.append(outputs[:, assignment[-1]].contiguous())
+    return masks
+
+
+def _greedy_masks(A, labels, S, outputs, widths: list[int]) -> list[torch.Tensor]:
+    """The better (in paths) of the coordinate-ascent assignment and the paper's Algorithm 1."""
+    r = len(labels)
+    paths = _LabelPaths(labels, A, S, outputs)
+    assignment = _assign_labels(paths, r, widths)
+    paper = _paper_assignment(A, r, widths)
+    if paper is not None and paths.total(_label_counts(paper, r)) > paths.total(_label_counts(assignment, r)):
+        assignment = paper
+    masks = _label_masks(labels, S, outputs, assignment)
     check_masks(masks, A)
-    if method == "greedy" and paper is None:
+    if paper is None:
         # the paper's cycle misses a distinct row in some layer: its masks are not label masks, so
         # build them as the paper does and keep them if they are exact and have more paths
         direct = _paper_greedy(A, widths)
