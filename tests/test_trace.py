@@ -550,3 +550,14 @@ def test_observed_candidates_of_a_python_loop_indexing_its_data():
     # x[t] of a scalar draw raises (skipped); the scalar draws stacked into (6,) fit x[t]
     assert trace_module.find_observed_candidates(hmm_model(3)) == {f"x_{t}": "x" for t in range(3)}
     assert trace_module.find_observed_candidates(chain_model) == {}  # no data argument
+
+
+def test_observed_candidates_of_a_pyro_module():
+    from pyro.nn import PyroModule
+
+    class Model(PyroModule):
+        def forward(self, data=None):
+            mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+            return pyro.sample("obs", dist.Normal(mu, 1.0), obs=data)
+
+    assert trace_module.find_observed_candidates(Model()) == {"obs": "data"}

@@ -428,7 +428,8 @@ def find_observed_candidates(model: Callable, *args, **kwargs) -> dict[str, str]
         parameter exists, the model's signature cannot be read, or nothing becomes observed.
     """
     try:
-        sig = inspect.signature(model)
+        # a PyroModule's __call__ takes (*args, **kwargs); its forward names the arguments
+        sig = inspect.signature(model.forward if isinstance(model, torch.nn.Module) else model)
         bound = sig.bind_partial(*args, **kwargs)
     except (TypeError, ValueError):
         return {}
