@@ -22,9 +22,9 @@ from ..graph import BayesNet
 from .assemble import build_bayesnet, check_acyclic, resolve_dependencies
 from .probe import (
     Probe,
-    find_observed_candidates,
     check_same_structure,
     elementwise_log_prob,
+    find_observed_candidates,
     is_discrete,
     run_probe,
     run_structure,
