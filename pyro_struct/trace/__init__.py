@@ -58,7 +58,7 @@ def trace_model(
 
     Dynamic structure: when a sampled value reaches Python control flow (``if z < 0``,
     ``int(n)``) or a value-dependent shape (``z[z > 0]``), the model is also run
-    :func:`structure_runs` ``(num_probes)`` more times (24 by default) cheaply, without
+    :func:`structure_runs` ``(num_probes)`` more times (16 by default) cheaply, without
     provenance or gradients, with values spread over the prior and its tails (half of the
     draws at an extreme quantile or the most extreme of several draws); every run must give
     the same sites in the same order with the same shapes. Without such an escape the sites
@@ -98,7 +98,7 @@ def trace_model(
             every node of a parent site feeds every node of a child site.
         num_probes: the number of prior draws whose gradients are read (default 3; each
             costs a model run plus backward passes); structure checks use
-            ``max(16, 8 * num_probes)`` further cheap runs. Raise it for models whose
+            ``max(16, 4 * num_probes)`` further cheap runs. Raise it for models whose
             element-level dependencies or sites change with the sampled values.
         dependencies: extra site-level edges ``{child_site: [parent_site, ...]}`` (every
             node of each parent to every node of the child).
@@ -153,8 +153,8 @@ def trace_model(
 # ----------------------------------------------------------------------------- stages
 def structure_runs(num_probes: int) -> int:
     """How many cheap structure runs :func:`trace_model` makes for a model whose sampled values
-    reach Python control flow or tensor shapes: ``max(16, 8 * num_probes)``."""
-    return max(16, 8 * num_probes)
+    reach Python control flow or tensor shapes: ``max(16, 4 * num_probes)``."""
+    return max(16, 4 * num_probes)
 
 
 def _probe_model(model: Callable, args: tuple, kwargs: dict, seed: int, num_probes: int) -> Probe:

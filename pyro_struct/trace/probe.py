@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import random
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
@@ -107,10 +108,11 @@ class Probe:
 class _ProbeMessenger(Messenger):
     """Samples every site from the prior (observed ones too) as a fresh leaf and records it."""
 
-    def __init__(self, mode: ProvenanceMode | None, tails: bool = False):
+    def __init__(self, mode: ProvenanceMode | None, tails: random.Random | None = None):
         super().__init__()
         self.mode = mode
-        self.tails = tails  # a structure run: values pushed into the tails, no gradient leaves
+        # a structure run: values pushed into the tails with this generator, no gradient leaves
+        self.tails = tails
         self.probe = Probe()
         self._names: set = set()
         self._pending: dict = {}
@@ -148,8 +150,8 @@ class _ProbeMessenger(Messenger):
             msg["is_observed"] = False
             msg["value"] = None
             msg["done"] = False
-        if self.tails and not msg["done"]:
-            msg["value"] = tail_draw(fn, msg["args"], msg["kwargs"])
+        if self.tails is not None and not msg["done"]:
+            msg["value"] = tail_draw(fn, self.tails, msg["args"], msg["kwargs"])
             msg["done"] = True
         elif self.mode is not None and not msg["done"]:
             # draw the value here, out of provenance tracking: it is replaced by a fresh leaf
@@ -175,7 +177,7 @@ class _ProbeMessenger(Messenger):
         with torch._C.DisableTorchFunction():
             # a fresh tensor object: the leaf must not alias the user's observation
             leaf = value.detach().clone() if value is obs else value.detach()
-            if leaf.is_floating_point() and not self.tails:
+            if leaf.is_floating_point() and self.tails is None:
                 leaf.requires_grad_(True)
         msg["value"] = leaf
         record = Record(msg["name"], fn, leaf, was_observed)
@@ -197,25 +199,25 @@ _TAIL_QUANTILES = (1e-4, 1e-2)
 _TAIL_DRAWS = 16
 
 
-def tail_draw(fn: Distribution, args=(), kwargs=None) -> torch.Tensor:
+def tail_draw(fn: Distribution, rng: random.Random, args=(), kwargs=None) -> torch.Tensor:
     """A draw of ``fn`` for structure runs, spread over the prior including its tails.
 
-    Half the time a plain prior draw; otherwise every element at one extreme quantile
-    (``icdf`` of ``q`` or ``1 - q``, ``q`` log-uniform in ``_TAIL_QUANTILES``) when the
-    distribution has an inverse cdf, else the least likely of ``_TAIL_DRAWS`` prior draws. Same shape and support as ``fn(*args, **kwargs)``.
+    Half the time (by ``rng``) a plain prior draw; otherwise every element at one extreme
+    quantile (``icdf`` of ``q`` or ``1 - q``, ``q`` log-uniform in ``_TAIL_QUANTILES``) when
+    the distribution has an inverse cdf, else the least likely of ``_TAIL_DRAWS`` prior
+    draws. Same shape and support as ``fn(*args, **kwargs)``.
     """
     kwargs = kwargs or {}
+    u = rng.random()
     with torch._C.DisableTorchFunction(), torch.no_grad():
         value = fn(*args, **kwargs)
-        u = float(torch.rand(()))
         if u < 0.5:
             return value
-        high = u >= 0.75
         lo, hi = (math.log10(q) for q in _TAIL_QUANTILES)
-        q = 10 ** (lo + (hi - lo) * float(torch.rand(())))
+        q = 10 ** (lo + (hi - lo) * rng.random())
         if value.is_floating_point():
             try:
-                v = strip_wrappers(fn).icdf(torch.full_like(value, 1 - q if high else q))
+                v = strip_wrappers(fn).icdf(torch.full_like(value, 1 - q if u >= 0.75 else q))
                 if v.shape == value.shape and bool(torch.isfinite(v).all()) and bool(fn.support.check(v).all()):
                     return v
             except (NotImplementedError, ValueError, RuntimeError, TypeError, AttributeError):
@@ -224,7 +226,7 @@ def tail_draw(fn: Distribution, args=(), kwargs=None) -> torch.Tensor:
         try:  # the least likely draw
             score = -fn.log_prob(draws).reshape(_TAIL_DRAWS, -1).double().sum(1)
         except (NotImplementedError, ValueError, RuntimeError):
-            score = draws.reshape(_TAIL_DRAWS, -1).double().sum(1) * (1 if high else -1)
+            score = draws.reshape(_TAIL_DRAWS, -1).double().sum(1) * (1 if u >= 0.75 else -1)
         if not bool(torch.isfinite(score).all()):
             return value
         return draws[int(score.argmax())]
@@ -236,16 +238,18 @@ def run_structure(model: Callable, args: tuple, kwargs: dict, seed: int) -> Prob
     raises at those tail values, the run is repeated with plain prior draws."""
     pyro.set_rng_seed(seed)
     try:
-        return run_probe(model, args, kwargs, with_provenance=False, tails=True)
+        return run_probe(model, args, kwargs, with_provenance=False, tails=random.Random(seed))
     except _TailFailure:
         pyro.set_rng_seed(seed)
         return run_probe(model, args, kwargs, with_provenance=False)
 
 
-def run_probe(model: Callable, args: tuple, kwargs: dict, with_provenance: bool, tails: bool = False) -> Probe:
+def run_probe(
+    model: Callable, args: tuple, kwargs: dict, with_provenance: bool, tails: random.Random | None = None
+) -> Probe:
     """Run ``model(*args, **kwargs)`` once with every site drawn from its prior as a fresh leaf
     (``requires_grad`` for floating sites), with provenance tracking if ``with_provenance``;
-    ``tails``: a structure run (see :func:`run_structure`).
+    ``tails``: the generator of a structure run's tail pushes (see :func:`run_structure`).
 
     Any exception of the model becomes a :class:`ModelStructureError` naming the last site reached.
     """
@@ -263,7 +267,7 @@ def run_probe(model: Callable, args: tuple, kwargs: dict, with_provenance: bool,
     except ModelStructureError:
         raise
     except Exception as e:
-        if tails:
+        if tails is not None:
             raise _TailFailure() from e
         records = messenger.probe.records
         where = f"after site {records[-1].name!r}" if records else "before its first sample site"
