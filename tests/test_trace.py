@@ -1,7 +1,5 @@
 """Tests of trace_model: exact scalar dependency structure of real Pyro models."""
 
-import random
-
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -207,6 +205,24 @@ def test_non_differentiable_dependency_still_gives_an_edge(op):
     bn = trace_model(model)
     # no gradient ever flows, so every element of a is a parent of every element of b
     assert edges(bn) == {(f"a[{i}]", f"b[{j}]") for i in range(2) for j in range(2)}
+
+
+def test_change_point_reaches_every_element_on_both_sides():
+    T = 40
+
+    def model(x=None):
+        tau = pyro.sample("tau", dist.Uniform(0.0, float(T)))
+        r1 = pyro.sample("r1", dist.LogNormal(0.0, 1.0))
+        r2 = pyro.sample("r2", dist.LogNormal(0.0, 1.0))
+        rate = torch.where(torch.arange(T) < tau, r1, r2)
+        with pyro.plate("t", T):
+            pyro.sample("x", dist.Normal(rate, 1.0), obs=x)
+
+    bn = trace_model(model, x=torch.zeros(T))
+    # x[t] depends on r1 for some tau > t (every t) and on r2 for some tau <= t (t >= 1, as tau > 0)
+    expected = {(p, f"x[{t}]") for t in range(T) for p in ("tau", "r1")}
+    expected |= {("r2", f"x[{t}]") for t in range(1, T)}
+    assert edges(bn) == expected
 
 
 def test_mixed_differentiable_and_rounded_path_is_all_to_all():
@@ -464,6 +480,15 @@ def test_model_failing_only_in_the_tails_is_still_traced():
     assert raised  # the failing tail runs were repeated at plain prior draws
 
 
+def test_tail_plan_gives_every_site_both_tails_every_four_runs():
+    n_sites = 50
+    sides = [[plan.next()[0] for _ in range(n_sites)] for plan in map(lambda k: probe_module.TailPlan(k, 0), range(8))]
+    for block in (sides[:4], sides[4:]):
+        for site in range(n_sites):
+            assert sorted(run[site] for run in block) == [-1, 0, 0, 1]
+    assert sides[:4] != sides[4:]  # the combinations of the sites' tails change between blocks
+
+
 @pytest.mark.parametrize(
     "fn",
     [dist.Normal(torch.zeros(3), 1.0), dist.Gamma(2.0, 1.0).expand([3]), dist.Dirichlet(2 * torch.ones(3)),
@@ -471,8 +496,8 @@ def test_model_failing_only_in_the_tails_is_still_traced():
 )
 def test_tail_draws_keep_shape_and_support(fn):
     pyro.set_rng_seed(0)
-    rng = random.Random(0)
-    draws = [probe_module.tail_draw(fn, rng) for _ in range(40)]
+    plan = probe_module.TailPlan(0, 0)
+    draws = [probe_module.tail_draw(fn, side, plan.next()[1]) for side in (-1, 1) * 20]
     ref = fn.sample()
     assert all(d.shape == ref.shape and bool(fn.support.check(d).all()) for d in draws)
     plain = [fn.sample() for _ in range(40)]

@@ -59,8 +59,9 @@ def trace_model(
     Dynamic structure: when a sampled value reaches Python control flow (``if z < 0``,
     ``int(n)``) or a value-dependent shape (``z[z > 0]``), the model is also run
     :func:`structure_runs` ``(num_probes)`` more times (16 by default) cheaply, without
-    provenance or gradients, with values spread over the prior and its tails (half of the
-    draws at an extreme quantile or the most extreme of several draws); every run must give
+    provenance or gradients, with values spread over the prior and its tails (in every four
+    runs each site is drawn twice from the prior, once at a low and once at a high extreme
+    quantile, or the least likely of several draws); every run must give
     the same sites in the same order with the same shapes. Without such an escape the sites
     cannot change from run to run, and these runs are skipped.
 
@@ -166,7 +167,7 @@ def _probe_model(model: Callable, args: tuple, kwargs: dict, seed: int, num_prob
     if first.value_dependent:
         for k in range(structure_runs(num_probes)):
             # seeds apart from those of the gradient probes (seed + 1, ...)
-            run = run_structure(model, args, kwargs, seed + 100_003 + k)
+            run = run_structure(model, args, kwargs, k, seed + 100_003 + k)
             check_same_structure(first, run, f"structure run {k}")
     return first
 
@@ -223,7 +224,9 @@ def _resolve_observed(observed, first: Probe) -> set:
 def _element_dependencies(model, args, kwargs, first: Probe, layouts: list, granularity: str, num_probes: int, seed: int) -> dict:
     """Stage 3: site-level parents (data flow, control flow, non-differentiable paths) and, for
     pairs whose element-level answer is not already all-to-all, the element pairs with a
-    non-zero gradient in any of ``num_probes`` prior draws.
+    non-zero gradient in any of ``num_probes`` prior draws (the first plain, the others spread
+    into the tails; ``structure_runs(num_probes)`` draws for children reached by control flow or
+    non-differentiable paths).
 
     Returns ``{"parents", "control", "nondiff"}`` (child pos -> parent positions) and
     ``"masks"`` ((child, parent) -> ``PairMask``).
@@ -244,14 +247,15 @@ def _element_dependencies(model, args, kwargs, first: Probe, layouts: list, gran
                     grad_parents.setdefault(d, []).append(u)
     masks = {(d, u): PairMask(layouts[d].n_events, layouts[u].n_values) for d, us in grad_parents.items() for u in us}
     _gradient_sparsity(first.records, grad_parents, masks)
-    # further draws can only change the answer if gradients are read (dynamic structure is
-    # checked by the structure runs of stage 1)
-    more_probes = num_probes if grad_parents else 1
-    for p in range(1, more_probes):
-        pyro.set_rng_seed(seed + p)
-        probe = run_probe(model, args, kwargs, with_provenance=False)
+    # children reached by control flow or a non-differentiable path (torch.where, rounding)
+    # may have element-level dependencies that change with the values (a change point):
+    # they get as many draws as the structure runs, all spread into the tails
+    varying = {d: us for d, us in grad_parents.items() if control[d] or nondiff[d]}
+    n_draws = structure_runs(num_probes) if varying else num_probes if grad_parents else 1
+    for p in range(1, n_draws):
+        probe = run_structure(model, args, kwargs, p - 1, seed + p, grad=True)
         check_same_structure(first, probe, f"probe {p}")
-        _gradient_sparsity(probe.records, grad_parents, masks)
+        _gradient_sparsity(probe.records, grad_parents if p < num_probes else varying, masks)
         del probe
     return {"parents": parents, "control": control, "nondiff": nondiff, "masks": masks}
 
