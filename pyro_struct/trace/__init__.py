@@ -50,20 +50,24 @@ def trace_model(
     """Trace a Pyro model into a :class:`~pyro_struct.graph.BayesNet` over scalar coordinates.
 
     The model is run ``num_probes`` times with every sample site (observed ones included)
-    drawn from its prior. Which sites feed which comes from provenance tracking (exact for
-    any torch op, and for values that escape to Python control flow); which *elements* feed
-    which comes from batched gradients of each site's per-element log density with respect
-    to its parents' values, united over the draws. A site pair with provenance but no
-    non-zero gradient (rounding, comparisons, integer indexing) is connected all-to-all.
+    drawn from its prior (the first run plain, the others spread into the tails as below).
+    Which sites feed which comes from provenance tracking (exact for any torch op, and for
+    values that escape to Python control flow); which *elements* feed which comes from
+    batched gradients of each site's per-element log density with respect to its parents'
+    values, united over the draws. A site pair with provenance but no non-zero gradient
+    (rounding, comparisons, integer indexing) is connected all-to-all. A child reached by
+    control flow or a non-differentiable path (``torch.where(t < tau, r1, r2)``), whose
+    element-level dependencies may change with the values, gets ``structure_runs(num_probes)``
+    gradient draws instead.
 
     Dynamic structure: when a sampled value reaches Python control flow (``if z < 0``,
     ``int(n)``) or a value-dependent shape (``z[z > 0]``), the model is also run
     :func:`structure_runs` ``(num_probes)`` more times (16 by default) cheaply, without
     provenance or gradients, with values spread over the prior and its tails (in every four
     runs each site is drawn twice from the prior, once at a low and once at a high extreme
-    quantile, or the least likely of several draws); every run must give
-    the same sites in the same order with the same shapes. Without such an escape the sites
-    cannot change from run to run, and these runs are skipped.
+    quantile, or the least likely of several draws); every run must give the same sites in
+    the same order with the same shapes. Without such an escape the sites cannot change from
+    run to run, and these runs are skipped.
 
     Nodes are ordered site by site in trace order, row-major within a site, and labelled
     with :func:`~pyro_struct.graph.node_label` (``"z"``, ``"z[3]"``, ``"L[1,0]"``).
