@@ -60,6 +60,8 @@ def _is_delta(fn: Distribution) -> bool:
 
 
 def is_discrete(fn: Distribution, value: torch.Tensor) -> bool:
+    """Whether a site of distribution ``fn`` with value ``value`` is discrete (discrete or
+    enumerable support, or a non-floating value)."""
     support = getattr(fn, "support", None)
     if support is not None and getattr(support, "is_discrete", False):
         return True
