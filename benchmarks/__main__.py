@@ -16,6 +16,7 @@ BENCHMARKS = {
     "masks": "greedy vs baseline mask paths and factorisation time",
     "flows": "faithful vs dense adjacency for each flow family",
     "amortization": "amortised posterior vs NUTS and per-observation SVI",
+    "diagnostics": "trust: SBC coverage, Pareto-k, log-evidence error and refine, against sbi's SBC",
     "summary": "the lgbn and circuit tables side by side, checked against the goals",
 }
 

@@ -46,7 +46,7 @@ def _jacobian(net, x):
 def test_jacobian_is_zero_exactly_where_A_is(A, skip, num_params, hidden, method):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # narrow layers are widened
-        net = StrNN(A, hidden, num_params=num_params, skip=skip, activation="tanh", method=method).double()
+        net = StrNN(A, hidden, num_params=num_params, skip=skip, activation="tanh", mask_method=method).double()
     _randomize(net)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(A.shape[1], generator=g, dtype=torch.float64)

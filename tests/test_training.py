@@ -65,7 +65,7 @@ def test_fkl_and_elbo_reduce_the_exact_kl(network, objective):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "flow,options",
-    [("grf", dict(num_blocks=2, hidden_sizes=(32,))), ("cnf", dict(hidden_sizes=(16, 16), rtol=1e-3, atol=1e-4))],
+    [("grf", dict(num_layers=2, hidden_sizes=(32,))), ("cnf", dict(hidden_sizes=(16, 16), rtol=1e-3, atol=1e-4))],
 )
 def test_grf_and_cnf_guides_train(network, flow, options):
     guide = StructuredGuide(network.model, flow=flow, observed=network.observed_sites, **options)

@@ -15,8 +15,8 @@ Example:
     >>> A = torch.tensor([[0, 0, 1], [1, 0, 0]], dtype=torch.bool)  # z0 <- x0, z1 <- z0
     >>> flow = StrAF(A, context_dim=1, num_layers=2, hidden_sizes=(16, 16))
     >>> z, log_q = flow.rsample_and_log_prob(torch.zeros(1), n=5)
-    >>> z.shape, log_q.shape, flow.last_num_passes
-    (torch.Size([5, 2]), torch.Size([5]), 2)
+    >>> z.shape, log_q.shape, flow.num_passes, flow.last_stats["forward"]["evaluations"]
+    (torch.Size([5, 2]), torch.Size([5]), 4, 4)
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch.utils.checkpoint
 from torch import nn
 from torch.nn import functional as F
 
+from .. import dag
 from ..nn import StrNN
 from .base import ConditionalFlow
 
@@ -38,52 +39,11 @@ __all__ = [
     "SplineNormalizer",
     "UMNNNormalizer",
     "clenshaw_curtis",
-    "latent_depth",
-    "latent_levels",
 ]
 
 
 def _inverse_softplus(y: float) -> float:
     return math.log(math.expm1(y))
-
-
-def latent_levels(adjacency: torch.Tensor) -> list[torch.Tensor]:
-    """Latents grouped by depth: level ``k`` holds the latents whose longest latent path from a
-    root has ``k`` edges.
-
-    Args:
-        adjacency: ``(d, d + context_dim)`` bool, latent block strictly lower-triangular.
-
-    Returns:
-        ``depth + 1`` long tensors of latent indices (all parents of a level-``k`` latent are in
-        earlier levels, so sampling can fill the levels in one pass each).
-    """
-    A = torch.as_tensor(adjacency).bool()
-    d = A.shape[0]
-    latent = A[:, :d].cpu()
-    depth = [0] * d
-    for i in range(d):
-        parents = torch.nonzero(latent[i]).flatten().tolist()
-        if parents:
-            depth[i] = 1 + max(depth[j] for j in parents)
-    if d == 0:
-        return []
-    levels = [[] for _ in range(max(depth) + 1)]
-    for i, k in enumerate(depth):
-        levels[k].append(i)
-    return [torch.tensor(level, dtype=torch.long) for level in levels]
-
-
-def latent_depth(adjacency: torch.Tensor) -> int:
-    """Edges on the longest path among the latents of a flow adjacency.
-
-    Args:
-        adjacency: ``(d, d + context_dim)`` bool, latent block strictly lower-triangular.
-
-    Returns:
-        The depth (0 when no latent has a latent parent).
-    """
-    return max(len(latent_levels(adjacency)) - 1, 0)
 
 
 class AffineNormalizer(nn.Module):
@@ -365,7 +325,7 @@ class StrAF(ConditionalFlow):
         activation: conditioner activation (name, class or module).
         num_bins: spline bins.
         bound: spline interval ``[-bound, bound]`` (identity outside).
-        method: mask factorisation (``"greedy"`` or ``"made"``).
+        mask_method: mask factorisation (``"greedy"`` or ``"made"``).
         widen: widen hidden layers too narrow for exact masks instead of raising.
         min_scale: lower bound of the affine scale.
         embedding_dim: UMNN: size of each variable's embedding fed to the integrand.
@@ -373,9 +333,10 @@ class StrAF(ConditionalFlow):
         num_steps: UMNN: Clenshaw-Curtis quadrature steps (even).
 
     Attributes:
-        depth: edges on the longest latent path; ``num_passes = depth + 1`` conditioner passes
-            per layer when sampling.
-        last_num_passes: conditioner passes per layer run by the last ``forward`` call.
+        depth: edges on the longest latent path; sampling runs ``depth + 1`` conditioner passes
+            per layer, so ``num_passes = num_layers * (depth + 1)``.
+        last_stats: ``{"forward": {"evaluations", "passes_per_layer"}, "inverse": {"evaluations"}}``
+            of the last call in each direction (evaluations: conditioner passes, all layers).
 
     Shapes: ``eps``, ``z`` ``(*batch, d)``; ``x`` ``(*batch, context_dim)`` (broadcast).
     Conditioners start with a zero output layer, so the flow starts as the identity.
@@ -405,7 +366,7 @@ class StrAF(ConditionalFlow):
         activation="relu",
         num_bins: int = 8,
         bound: float = 5.0,
-        method: str = "greedy",
+        mask_method: str = "greedy",
         widen: bool = True,
         min_scale: float = 1e-3,
         embedding_dim: int = 8,
@@ -427,10 +388,8 @@ class StrAF(ConditionalFlow):
         self.normalizers = nn.ModuleList(make() for _ in range(int(num_layers)))
         self.normalizer_name = normalizer
         self.num_layers = int(num_layers)
-        self._levels = latent_levels(self.adjacency)
+        self._levels = dag.levels(self.adjacency)
         self.depth = len(self._levels) - 1
-        self.num_passes = self.depth + 1
-        self.last_num_passes: int | None = None
         conditioners = []
         for _ in range(self.num_layers):
             net = StrNN(
@@ -439,7 +398,7 @@ class StrAF(ConditionalFlow):
                 num_params=self.normalizers[0].num_params,
                 skip=(getattr(self.normalizers[0], "skip_params", None) or True) if skip else False,
                 activation=activation,
-                method=method,
+                mask_method=mask_method,
                 widen=widen,
             )
             net.layers[-1].reset_masked_parameters(zero_init=True)
@@ -447,17 +406,17 @@ class StrAF(ConditionalFlow):
         self.conditioners = nn.ModuleList(conditioners)
 
     def _inputs(self, z: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
-        if x is None:
-            return z
-        batch = torch.broadcast_shapes(z.shape[:-1], x.shape[:-1])
-        return torch.cat([z.expand(batch + z.shape[-1:]), x.expand(batch + x.shape[-1:])], -1)
+        # the base class broadcast z and x to one batch shape
+        return z if x is None else torch.cat([z, x], -1)
 
-    def forward(self, eps: torch.Tensor, x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def num_passes(self) -> int:
+        """Sequential conditioner passes per sampling call: ``num_layers * (depth + 1)``."""
+        return self.num_layers * (self.depth + 1)
+
+    def _forward(self, eps: torch.Tensor, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Base noise ``(*batch, d)`` -> ``z`` and ``log|det dz/deps|`` ``(*batch,)``; ``depth + 1`` passes per layer."""
-        x = self._check_context(x)
-        if eps.shape[-1] != self.dim:
-            raise ValueError(f"eps must have last dimension {self.dim}; got shape {tuple(eps.shape)}")
-        batch = eps.shape[:-1] if x is None else torch.broadcast_shapes(eps.shape[:-1], x.shape[:-1])
+        batch = eps.shape[:-1]
         d, c = self.dim, self.context_dim
         # feature-major (features, samples): each pass gathers a few features of every sample,
         # a contiguous copy in this layout
@@ -468,16 +427,17 @@ class StrAF(ConditionalFlow):
             buf[d:] = x.expand(batch + (c,)).reshape(-1, c).T
         in_place = not torch.is_grad_enabled()
         logdet = eps.new_zeros(n)
+        total = 0
         for net, normalizer in zip(self.conditioners, self.normalizers):
             passes = 0
             # with gradients, every pass keeps the weight blocks it gathered until the backward
             # pass; on deep structures (a chain of T latents: T passes) that outgrows memory
             # (24 GB at T = 1000), so there the passes are recomputed in the backward pass
             weights = sum(p.numel() for p in net.parameters())
-            recompute = not in_place and self.num_passes * weights * eps.element_size() > self.recompute_bytes
+            recompute = not in_place and len(self._levels) * weights * eps.element_size() > self.recompute_bytes
             # pass k computes only the level-k latents, whose parents earlier passes made exact;
             # the conditioner evaluates only the units with a path to them
-            for rows in self._levels[: self.num_passes]:
+            for rows in self._levels:
                 rows = rows.to(buf.device)
                 if recompute:
                     params = torch.utils.checkpoint.checkpoint(net, buf, rows, use_reentrant=False).transpose(1, 2)
@@ -487,20 +447,18 @@ class StrAF(ConditionalFlow):
                 buf = buf.index_copy_(0, rows, z_rows) if in_place else buf.index_copy(0, rows, z_rows)
                 logdet = logdet + log_grad.sum(0)
                 passes += 1
-            self.last_num_passes = passes
+            total += passes
             if in_place:
                 u_t = buf[:d].clone()
                 buf[:d] = 0
             else:
                 u_t = buf[:d]
                 buf = torch.cat([torch.zeros_like(u_t), buf[d:]])
+        self.last_stats["forward"] = {"evaluations": total, "passes_per_layer": total // self.num_layers}
         return u_t.T.reshape(batch + (d,)), logdet.reshape(batch)
 
-    def inverse(self, z: torch.Tensor, x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _inverse(self, z: torch.Tensor, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents ``(*batch, d)`` -> noise and ``log|det deps/dz|`` ``(*batch,)``; one pass per layer."""
-        x = self._check_context(x)
-        if z.shape[-1] != self.dim:
-            raise ValueError(f"z must have last dimension {self.dim}; got shape {tuple(z.shape)}")
         u = z
         logdet = z.new_zeros(())
         for net, normalizer in zip(reversed(self.conditioners), reversed(self.normalizers)):
@@ -508,6 +466,7 @@ class StrAF(ConditionalFlow):
             params = net(inp)
             u, log_grad = normalizer.to_noise(inp[..., : self.dim], params)
             logdet = logdet + log_grad.sum(-1)
+        self.last_stats["inverse"] = {"evaluations": self.num_layers}
         return u, logdet.expand(u.shape[:-1])
 
     def extra_repr(self) -> str:
