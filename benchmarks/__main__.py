@@ -16,6 +16,7 @@ BENCHMARKS = {
     "masks": "greedy vs baseline mask paths and factorisation time",
     "flows": "faithful vs dense adjacency for each flow family",
     "amortization": "amortised posterior vs NUTS and per-observation SVI",
+    "simulation": "simulations per second of ordinary models: batched (plate / vmap) vs per-sample",
     "summary": "the lgbn and circuit tables side by side, checked against the goals",
 }
 
