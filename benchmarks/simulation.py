@@ -20,6 +20,7 @@ Usage: ``python -m benchmarks simulation [--batch 256] [--repeats 5] [--threads 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from typing import Callable
@@ -191,7 +192,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     pyro.set_rng_seed(0)
+    load_before = os.getloadavg()[0]
     rows = [_row(style, args.batch, args.repeats) for style in STYLES.values()]
+    load = f"{load_before:.1f} / {os.getloadavg()[0]:.1f}"
     goal = all(r["strategy"] != "loop" and r["speedup"] >= 50 for r in rows)
     notes = (
         f"Rates are per simulation (or per log-density evaluation, forward + backward into the values) at batch "
@@ -201,7 +204,10 @@ def main(argv=None) -> int:
         f"{'met' if goal else 'NOT met'}. {args.note}"
     )
     write_results(
-        "simulation", rows, meta={"batch": args.batch, "repeats": args.repeats, "threads": args.threads}, notes=notes
+        "simulation",
+        rows,
+        meta={"batch": args.batch, "repeats": args.repeats, "threads": args.threads, "load_avg_1min_before_after": load},
+        notes=notes,
     )
     return 0
 

@@ -95,7 +95,6 @@ def _site_log_probs(tr, n: int | None) -> torch.Tensor:
     return total
 
 
-
 # ------------------------------------------------------------ vmap support
 def _random_fill(sampler: Callable, **defaults) -> Callable:
     """An out-of-place stand-in for an in-place random fill ``t.normal_(...)``: ``sampler(t, *params)``
