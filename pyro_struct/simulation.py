@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import traceback
@@ -52,8 +53,8 @@ class Simulations(dict):
         return Simulations({k: torch.cat([p[k] for p in parts]) for k in keys}, torch.cat([p.log_joint for p in parts]))
 
 
-class _NotVectorizable(Exception):
-    pass
+class _NotVectorizable(RuntimeError):
+    """The model cannot run under a batching strategy (the message says why, and where)."""
 
 
 class _Uncondition(Messenger):
@@ -151,6 +152,33 @@ class _OutOfPlaceRandomness(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+# tensor factories a model preallocates with (``h = torch.zeros(T)``, then ``h[t] = ...``)
+_FACTORIES = frozenset({
+    torch.zeros, torch.ones, torch.empty, torch.full, torch.zeros_like, torch.ones_like, torch.empty_like,
+    torch.full_like, torch.Tensor.new_zeros, torch.Tensor.new_ones, torch.Tensor.new_empty, torch.Tensor.new_full,
+})
+
+
+class _BatchedFactories(TorchFunctionMode):
+    """Inside ``torch.func.vmap``: tensors from the factories a model preallocates with come back
+    batched, so that writing a batched value into them in place (``h[t] = pyro.sample(...)``)
+    works; vmap refuses to write a batched value into an unbatched tensor.
+
+    Args:
+        carrier: any batched tensor of the current vmap level (its values are not used).
+    """
+
+    def __init__(self, carrier: torch.Tensor):
+        super().__init__()
+        self.zero = torch.zeros_like(carrier.reshape(-1)[0], dtype=torch.float32)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in _FACTORIES and not torch._C._functorch.is_batchedtensor(out):
+            out = torch.zeros_like(self.zero, dtype=out.dtype) + out
+        return out
+
+
 def _dirichlet_draw(fn) -> torch.Tensor | None:
     """A draw of ``fn`` as normalised Gammas when it is a Dirichlet or Beta (possibly masked,
     ``Independent`` or transformed), else ``None``: torch draws those through an
@@ -211,7 +239,9 @@ class ModelSimulator:
     - ``"vmap"``: ``torch.func.vmap`` over single runs of the model, with different randomness per
       particle: each run sees unbatched tensors, so ordinary code (``X @ w``, ``torch.stack`` of
       loop variables, ``.T``, indexing, the model's own plates) works as written. Pyro's
-      validation is off inside (it branches on tensor values);
+      validation is off inside (it branches on tensor values). A model that writes sampled
+      values into a preallocated tensor (``h = torch.zeros(T); h[t] = ...``) is retried with
+      its preallocations batched (:class:`_BatchedFactories`);
     - ``"loop"``: one run per particle, only for what cannot be batched (Python control flow on a
       sampled value, ``.item()``), with a one-time warning naming the model statement that failed.
 
@@ -248,6 +278,7 @@ class ModelSimulator:
         self._batch_ndim = None
         self._warned = False
         self._validated = False
+        self._batch_factories = False  # see _BatchedFactories; tried only when plain vmap fails
 
     @property
     def vectorized(self) -> bool | None:
@@ -346,10 +377,19 @@ class ModelSimulator:
         except Exception as e:
             raise _NotVectorizable(_describe(e)) from e
 
+    def _factories(self, carrier: torch.Tensor | None):
+        """:class:`_BatchedFactories` where the model needs them (decided once), else nothing."""
+        return _BatchedFactories(carrier) if self._batch_factories and carrier is not None else contextlib.nullcontext()
+
     def _simulate_vmap(self, n: int) -> Simulations:
         model = _VmapSampling()(_uncondition(self.model))
+
+        def one(carrier):
+            with self._factories(carrier):
+                return self._one_run(model)
+
         with _OutOfPlaceRandomness():
-            values, log_joint = self._vmapped(lambda _: self._one_run(model), torch.zeros(n))
+            values, log_joint = self._vmapped(one, torch.zeros(n))
         return Simulations(values, log_joint)
 
     def _simulate_loop(self, n: int) -> Simulations:
@@ -378,7 +418,7 @@ class ModelSimulator:
 
     def _log_joint_vmap(self, values: Mapping[str, torch.Tensor], n: int) -> torch.Tensor:
         def one(data):
-            with pyro.validation_enabled(False):
+            with pyro.validation_enabled(False), self._factories(next(iter(data.values()), None)):
                 return _site_log_probs(self._run(poutine.condition(self.model, data=data), validate=False), None)
 
         return self._vmapped(one, {k: v.reshape((n,) + tuple(v.shape[1:])) for k, v in values.items()})
@@ -420,22 +460,26 @@ class ModelSimulator:
         if self.strategy is not None:
             self._validated = True
             return
-        reasons = {}
-        for strategy in ("plate", "vmap"):
-            reasons[strategy] = self._check(strategy)
-            if reasons[strategy] is None:
+        reasons = []
+        # plain vmap first: preallocations made batched cost memory and are only needed by models
+        # that write sampled values into them
+        for strategy, batch_factories in (("plate", False), ("vmap", False), ("vmap", True)):
+            self._batch_factories = batch_factories
+            reasons.append(self._check(strategy))
+            if reasons[-1] is None:
                 self.strategy = strategy
                 break
         else:
-            # vmap runs the model as written, so its failure names what cannot be batched
+            self._batch_factories = False
+            # plain vmap runs the model as written, so its failure names what cannot be batched
             if self._strict:
-                raise ValueError(f"vectorize=True, but the model cannot be batched over particles: {reasons['vmap']}")
+                raise ValueError(f"vectorize=True, but the model cannot be batched over particles: {reasons[1]}")
             self.strategy = "loop"
         self._validated = True
         if self.strategy == "loop" and not self._warned:
             self._warned = True
             warnings.warn(
-                f"the model could not be vectorised ({reasons['vmap']}); simulating one sample at a "
+                f"the model could not be vectorised ({reasons[1]}); simulating one sample at a "
                 "time, which is much slower. Python control flow on a sampled value (`if z > 0`, "
                 "`.item()`) cannot be batched: torch.where computes both branches and can.",
                 stacklevel=3,

@@ -111,6 +111,30 @@ def test_a_model_that_mixes_particles_under_the_plate_takes_vmap():
     assert torch.allclose(sim.log_joint(sims), expected, atol=1e-4)
 
 
+def test_writes_into_a_preallocated_tensor_are_batched():
+    def model(y=None):
+        h = torch.zeros(6)
+        h[0] = pyro.sample("h_0", dist.Normal(0.0, 1.0))
+        for t in range(1, 6):
+            h[t] = pyro.sample(f"h_{t}", dist.Normal(0.8 * h[t - 1], 1.0))
+        with pyro.plate("time", 6):
+            pyro.sample("y", dist.Normal(h, 0.5), obs=y)
+
+    sim = simulator_for(model, ["y"])
+    loop = simulator_for(model, ["y"], vectorize=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sims = sim.simulate(8)
+    assert sim.strategy == "vmap" and sims["y"].shape == (8, 6)
+    expected = torch.stack([one_at_a_time(model, sims, i) for i in range(8)])
+    assert torch.allclose(sims.log_joint, expected, atol=1e-4)
+    values = {k: v.clone().requires_grad_() for k, v in sims.items()}
+    sim.log_joint(values).sum().backward()
+    ref = {k: v.clone().requires_grad_() for k, v in sims.items()}
+    loop.log_joint(ref).sum().backward()
+    assert all(torch.allclose(values[k].grad, ref[k].grad, atol=1e-5) for k in sims)
+
+
 def branching(x=None):
     z = pyro.sample("z", dist.Normal(0.0, 1.0))
     if z.item() > 0:  # data-dependent Python control flow: cannot be batched
