@@ -200,6 +200,9 @@ def test_extra_and_missing_sites_are_model_structure_errors_under_vmap():
         (dist.LogNormal(0.0, 0.5), 1.1331, 0.3647),
         (dist.HalfNormal(2.0), 1.5958, 1.4535),
         (dist.Bernoulli(0.3), 0.3, 0.21),
+        (dist.Laplace(1.0, 2.0), 1.0, 8.0),
+        (dist.InverseGamma(6.0, 5.0), 1.0, 0.25),
+        (dist.MultivariateNormal(torch.zeros(2), torch.tensor([[1.0, 0.5], [0.5, 2.0]])), torch.zeros(2), torch.tensor([1.0, 2.0])),
         (dist.Dirichlet(torch.tensor([1.0, 2.0, 3.0])), torch.tensor([1, 2, 3]) / 6, torch.tensor([5, 8, 9]) / 252),
     ],
 )
