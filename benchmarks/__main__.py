@@ -18,6 +18,8 @@ BENCHMARKS = {
     "amortization": "amortised posterior vs NUTS and per-observation SVI",
     "distributed": "data-parallel training: simulations/s and time to a target KL for 1..K processes",
     "gpu_check": "GPU checks of every flow (sample, score, fit, save/load across devices); exits 0 without CUDA",
+    "diagnostics": "trust: SBC coverage, Pareto-k, log-evidence error and refine, against sbi's SBC",
+    "simulation": "simulations per second of ordinary models: batched (plate / vmap) vs per-sample",
     "summary": "the lgbn and circuit tables side by side, checked against the goals",
 }
 

@@ -44,12 +44,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def amortised_kl(network: LinearGaussianNetwork, guide: StructuredGuide, obs: dict, num_samples: int) -> torch.Tensor:
     """``KL(p(z|x) || q(z|x))`` per observation ``(num_obs,)``, from exact posterior samples."""
-    z = network.sample_posterior(obs, num_samples)  # (m, num_obs, d) float64
-    log_p = network.posterior_log_prob(obs, z)
-    dtype = torch.get_default_dtype()
-    with torch.no_grad():
-        log_q = guide.posterior(**obs).log_prob({s: z[..., i].to(dtype) for i, s in enumerate(network.latent_sites)})
-    return (log_p - log_q.double()).mean(0)
+    return network.posterior_kl(guide.posterior(**obs), obs, num_samples)
 
 
 def _conditioned(network: LinearGaussianNetwork, obs_i: dict):

@@ -36,13 +36,11 @@ from pyro import poutine
 import pyro_struct as ps
 from pyro_struct.flows import GraphicalResidualFlow, StrAF, StructuredCNF
 from pyro_struct.models import LinearGaussianNetwork, arithmetic_circuit
-from pyro_struct.nn import MaskedLinear
 
 from .report import RESULTS_DIR, markdown_table, write_results
 
 __all__ = [
     "main",
-    "count_parameters",
     "simulate",
     "stack_nodes",
     "Problem",
@@ -58,26 +56,6 @@ GRF_ITERATIONS = (1, 2, 3, 5, 10, 20, 50)
 
 
 # ------------------------------------------------------------------------ utilities
-def count_parameters(flow: torch.nn.Module) -> tuple[int, int]:
-    """``(effective, dense)`` parameter counts: masked-out weights of every :class:`MaskedLinear`
-    are not effective; every other parameter (biases, gates, normaliser parameters) is."""
-    effective = dense = 0
-    seen = set()
-    for m in flow.modules():
-        if isinstance(m, MaskedLinear):
-            bias = m.bias.numel() if m.bias is not None else 0
-            effective += int(m.mask.sum()) + bias
-            dense += m.weight.numel() + bias
-            seen.add(id(m.weight))
-            if m.bias is not None:
-                seen.add(id(m.bias))
-    for p in flow.parameters():
-        if id(p) not in seen:
-            effective += p.numel()
-            dense += p.numel()
-    return effective, dense
-
-
 def simulate(model, n: int, seed: int, **kwargs) -> dict[str, torch.Tensor]:
     """``n`` joint simulations of every sample site of ``model`` (vectorised over a plate):
     site name -> ``(n, *site_shape)``."""
@@ -160,28 +138,17 @@ def build_flow(family: str, A: torch.Tensor, context_dim: int, args) -> torch.nn
             A, context_dim, num_layers=args.straf_layers, hidden_sizes=hidden, normalizer="affine", activation="relu"
         )
     if family == "grf":
-        return GraphicalResidualFlow(A, context_dim, num_blocks=args.grf_blocks, hidden_sizes=hidden[:1])
+        return GraphicalResidualFlow(A, context_dim, num_layers=args.grf_layers, hidden_sizes=hidden[:1])
     if family == "cnf":
         return StructuredCNF(A, context_dim, hidden_sizes=hidden, rtol=args.cnf_tol, atol=args.cnf_tol)
     raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
 
 
-def _density_work(family: str, flow) -> int:
-    """Solver work of the latest density evaluation (``inverse``)."""
-    if family == "cnf":
-        return flow.last_nfe["inverse"]
-    if family == "grf":
-        return sum(s["evaluations"] for s in flow.last_inverse_stats)
-    return flow.num_layers  # StrAF: one conditioner pass per layer
-
-
-def _sampling_work(family: str, flow) -> int:
-    """Solver work of the latest sampling pass (``forward``)."""
-    if family == "cnf":
-        return flow.last_nfe["forward"]
-    if family == "grf":
-        return flow.num_blocks
-    return flow.num_layers * flow.last_num_passes
+def _work(flow, direction: str) -> int:
+    """Network evaluations of the latest call in ``direction`` (``"forward"``: sampling, ``"inverse"``:
+    density): NFE for the CNF, evaluations of ``g`` summed over blocks for the GRF, conditioner
+    passes for StrAF (the flows' common ``last_stats``)."""
+    return flow.last_stats[direction]["evaluations"]
 
 
 def grf_residuals(flow, z: torch.Tensor, x: torch.Tensor) -> dict[str, list[float]]:
@@ -199,7 +166,7 @@ def grf_residuals(flow, z: torch.Tensor, x: torch.Tensor) -> dict[str, list[floa
                 with warnings.catch_warnings(), torch.no_grad():
                     warnings.simplefilter("ignore")
                     flow.inverse(z, x)
-                res.append(max(float(s["residual"]) for s in flow.last_inverse_stats))
+                res.append(float(flow.last_stats["inverse"]["residual"]))
             out[method] = res
     finally:
         flow.inverse_method, flow.inverse_max_iter, flow.inverse_tol = saved
@@ -215,7 +182,7 @@ def benchmark_row(
     A = inv.adjacency()
     torch.manual_seed(seed)
     flow = build_flow(family, A, A.shape[1] - A.shape[0], args)
-    effective, dense = count_parameters(flow)
+    effective, dense = flow.num_effective_parameters(), flow.num_dense_parameters()
     opt = torch.optim.Adam(flow.parameters(), lr=args.lr)
     z_train, x_train = train
     times, work = [], []
@@ -228,7 +195,7 @@ def benchmark_row(
         loss.backward()
         opt.step()
         times.append(time.perf_counter() - t0)
-        work.append(_density_work(family, flow))
+        work.append(_work(flow, "inverse"))
         if not torch.isfinite(loss):
             raise RuntimeError(f"{problem.name}/{family}/{structure}: non-finite loss at step {step}")
     skip = min(3, len(times) - 1)  # first steps include allocator warm-up
@@ -236,10 +203,10 @@ def benchmark_row(
     tail = work[-max(1, len(work) // 5):]
     z_h, x_h = held_out
     nll = problem.nll(flow, z_h, x_h)
-    density_work = _density_work(family, flow)
+    density_work = _work(flow, "inverse")
     with torch.no_grad():
         flow.rsample_and_log_prob(x_h[: args.batch], 1)
-    sampling_work = _sampling_work(family, flow)
+    sampling_work = _work(flow, "forward")
     nfe_tight = None
     if family == "cnf":
         # the trained dynamics' difficulty at a tighter tolerance than training used
@@ -247,7 +214,7 @@ def benchmark_row(
         flow.rtol = flow.atol = args.cnf_eval_tol
         with torch.no_grad():
             flow.log_prob(z_h[: args.batch], x_h[: args.batch])
-        nfe_tight = flow.last_nfe["inverse"]
+        nfe_tight = _work(flow, "inverse")
         flow.rtol, flow.atol = saved
     row = {
         "model": problem.name,
@@ -281,7 +248,7 @@ def _parse(argv):
     p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
     p.add_argument("--hidden", nargs="+", type=int, default=[64, 64])
     p.add_argument("--straf-layers", type=int, default=2)
-    p.add_argument("--grf-blocks", type=int, default=4)
+    p.add_argument("--grf-layers", type=int, default=4, help="GRF residual blocks (its num_layers)")
     p.add_argument("--cnf-tol", type=float, default=1e-4, help="rtol = atol of the CNF's dopri5")
     p.add_argument("--cnf-eval-tol", type=float, default=1e-6, help="tolerance of the trained CNF's NFE probe")
     p.add_argument("--heldout", type=int, default=2048)
@@ -396,7 +363,7 @@ def main(argv=None) -> int:
     meta = {
         "steps": args.steps, "batch": args.batch, "lr": args.lr, "optimizer": "Adam", "objective": "forward KL",
         "hidden": args.hidden, "straf_layers": args.straf_layers, "straf_normalizer": "affine",
-        "grf_blocks": args.grf_blocks, "grf_hidden": args.hidden[:1], "cnf_method": "dopri5",
+        "grf_layers": args.grf_layers, "grf_hidden": args.hidden[:1], "cnf_method": "dopri5",
         "cnf_tol": args.cnf_tol, "cnf_eval_tol": args.cnf_eval_tol, "cnf_divergence": "exact",
         "heldout": args.heldout, "seeds": args.seeds,
     }

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 import pyro_struct as ps
-from pyro_struct.models import LinearGaussianNetwork, shared_data_dir
+from pyro_struct.models import LinearGaussianNetwork, data_dir
 
 from .report import write_results
 from .training_budget import apply_training_arguments, fit_for
@@ -54,11 +54,8 @@ def evaluate_kl(net: LinearGaussianNetwork, obs: dict, log_q, sample_q, num_samp
     Returns:
         ``(forward KL, reverse KL)`` averaged over the batch, in nats.
     """
-    with torch.no_grad():
-        zp = net.sample_posterior(obs, num_samples)
-        fkl = (net.posterior_log_prob(obs, zp) - log_q(zp).double()).mean()
-        zq, lq = sample_q(num_samples)
-        rkl = (lq.double() - net.posterior_log_prob(obs, zq.double())).mean()
+    fkl = net.forward_kl(obs, log_q, num_samples).mean()
+    rkl = net.reverse_kl(obs, sample_q, num_samples).mean()
     return float(fkl), float(rkl)
 
 
@@ -238,7 +235,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     apply_training_arguments(args)
     args.fit_options = json.loads(args.fit_options)
-    networks = args.networks or [str(shared_data_dir() / "bnlearn" / f) for f in DEFAULT_NETWORKS]
+    networks = args.networks or [str(data_dir() / "bnlearn" / f) for f in DEFAULT_NETWORKS]
     rows = []
     columns = ["network", "method", "structure", "regime", "simulations", "steps", "train_s", "final_loss",
                "forward_kl", "reverse_kl", "params", "note"]

@@ -26,7 +26,6 @@ Usage: ``python -m benchmarks scaling [--hmm 10 100 1000] [--plate 10 100 1000 5
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import time
@@ -34,7 +33,7 @@ import time
 import torch
 
 import pyro_struct as ps
-from pyro_struct.guide import FLOWS
+from pyro_struct.compile import FLOWS, build_flow
 
 from .compile_scaling import traced_model
 from .report import write_results
@@ -105,10 +104,7 @@ def scaling_row(model_name: str, size: int, args) -> dict:
     model, observed = traced_model(model_name, size)
     bn, trace_s = _timed(lambda: ps.trace_model(model, observed=observed))
     inv, invert_s = _timed(lambda: ps.inverse_structure(bn, kind="faithful"))
-    module, cls = FLOWS[args.flow]
-    flow_cls = getattr(importlib.import_module(module), cls)
-    adjacency = torch.as_tensor(inv.adjacency()).bool()
-    _, masks_s = _timed(lambda: flow_cls(adjacency, context_dim=len(inv.observed), **args.flow_options))
+    _, masks_s = _timed(lambda: build_flow(args.flow, inv, **args.flow_options))
     torch.manual_seed(args.seed)
     guide, guide_s = _timed(lambda: ps.StructuredGuide(model, flow=args.flow, structure="faithful", observed=observed, **args.flow_options))
     row = {
@@ -122,12 +118,8 @@ def scaling_row(model_name: str, size: int, args) -> dict:
         "invert_s": invert_s,
         "masks_s": masks_s,
         "guide_s": guide_s,
-        "params": sum(p.numel() for p in guide.parameters()),
+        "params": int(guide.structure.num_effective_parameters),
     }
-    try:
-        row["params"] = int(guide.structure.num_effective_parameters)
-    except Exception:  # inspection is optional here; keep the raw count
-        pass
     # the first fit simulates the standardisation statistics: a one-off cost, timed on its own
     _, row["standardize_s"] = _timed(lambda: guide.fit(num_steps=0, objective=args.objectives[0], batch_size=args.batch_size, progress=False))
     for objective in args.objectives:

@@ -31,16 +31,22 @@ _EXPORTS = {
     "TrainingError": "training",
     "FitResult": "training",
     "CompiledStructure": "inspect",
+    "calibration": "diagnostics",
+    "CalibrationResult": "diagnostics",
+    "ImportanceResult": "diagnostics",
+    "RefinementRecord": "diagnostics",
+    "PriorPredictiveNote": "diagnostics",
+    "prior_predictive_check": "diagnostics",
 }
 
-__all__ = sorted(_EXPORTS) + ["flows", "models"]
+__all__ = sorted(_EXPORTS) + ["diagnostics", "flows", "models"]
 
 
 def __getattr__(name):
     if name in _EXPORTS:
         module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
         return getattr(module, name)
-    if name in ("flows", "models"):
+    if name in ("diagnostics", "flows", "models"):
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'pyro_struct' has no attribute {name!r}")
 

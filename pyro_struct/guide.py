@@ -16,7 +16,6 @@ from pyro.distributions import Delta
 from pyro.distributions.torch_distribution import TorchDistribution
 from pyro.distributions.util import sum_rightmost
 from pyro.nn import PyroModule
-from pyro.poutine.util import site_is_subsample
 from torch.distributions import constraints
 
 from .compile import FLOWS, STRUCTURES, compile_model
@@ -280,15 +279,14 @@ class StructuredGuide(PyroModule):
             yield site, latent[..., b.offset : b.offset + b.size].reshape(shape)
 
     def _create_plates(self, trace) -> dict[str, pyro.plate]:
-        """The model's plates, created as ``AutoGuide._create_plates`` does (full size, subsample size, dim)."""
+        """The plates of the latent sites, created as ``AutoGuide._create_plates`` does (full size,
+        subsample size, dim), so the model replays the guide's subsample indices."""
         plates = {}
-        for name, site in trace.nodes.items():
-            if site["type"] != "sample" or site_is_subsample(site):
-                continue
-            for frame in site["cond_indep_stack"]:
+        for name in self.latent_sites:
+            for frame in trace.nodes[name]["cond_indep_stack"]:
                 if frame.vectorized and frame.dim is not None and frame.name not in plates:
                     full = frame.full_size or frame.size
-                    if full != frame.size and name in self.latent_sites:
+                    if full != frame.size:
                         raise ModelStructureError(
                             f"latent site {name!r} is in the subsampled plate {frame.name!r}: this guide compiles one "
                             "flow coordinate per plate member, so subsample only plates without latent sites"
@@ -558,6 +556,20 @@ class Posterior:
         if not 0 < level < 1:
             raise ValueError(f"level must be between 0 and 1; got {level!r}")
         return summarize_samples(self.sample(num_samples), truth, level)
+
+    def importance(self, num_samples: int = 1000, **options):
+        """Draws weighted by ``p(z, x) / q(z | x)``: ``.log_weights``, ``.ess``, ``.pareto_k``,
+        ``.log_evidence``, ``.resample(n)``; see :func:`pyro_struct.diagnostics.importance`."""
+        from .diagnostics import importance
+
+        return importance(self, num_samples, **options)
+
+    def refine(self, num_steps: int = 50, **options) -> "Posterior":
+        """A new posterior refined by ``num_steps`` ELBO steps on a copy of the guide (which stays
+        unchanged); ``.refinement`` holds the ELBO before and after. See :func:`pyro_struct.diagnostics.refine`."""
+        from .diagnostics import refine
+
+        return refine(self, num_steps, **options)
 
     def __repr__(self) -> str:
         return f"Posterior(batch_shape={tuple(self.batch_shape)}, latent_sites={self.guide.latent_sites})"

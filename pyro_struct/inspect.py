@@ -11,9 +11,12 @@ from typing import Any
 import networkx as nx
 import torch
 
-from .nn import MaskedLinear, StrNN
+from .io import atomic_write_text
+from . import dag
+from .flows.base import ConditionalFlow
+from .nn import MaskedLinear, MaskedMLP, masked_layers, masks_of, parameter_counts
 
-__all__ = ["CompiledStructure", "hinton"]
+__all__ = ["CompiledStructure", "hinton", "plot_loss", "plot_marginals"]
 
 # Beyond these sizes the plots switch to coarser drawings (site-level ticks, no node labels,
 # site-level graphs, heat maps instead of Hinton squares) so that they stay readable and fast.
@@ -117,7 +120,9 @@ class CompiledStructure:
         row_labels, col_labels: node labels of the rows and columns of :attr:`adjacency`.
         masks: ``{module name: (out, in) bool mask}`` of every masked layer of the flow.
         depth: edges on the longest path among latents in ``H``.
-        num_passes: sequential conditioner passes needed to sample (``depth + 1`` for StrAF).
+        num_passes: sequential network evaluations one sampling call needs (the flow's own
+            ``num_passes``: ``num_layers * (depth + 1)`` for StrAF, ``num_layers`` for the GRF, the
+            last solve's NFE for the CNF; ``depth + 1`` without a flow).
 
     Example:
         >>> from pyro_struct import BayesNet, faithful_inverse
@@ -172,19 +177,18 @@ class CompiledStructure:
         """Edges on the longest path among latents in ``H``."""
         depth = getattr(self.inverse, "depth", None)
         if depth is None:
-            depth = _latent_depth(self.adjacency)
+            depth = dag.depth(self.adjacency)
         return int(depth)
 
     @property
-    def num_passes(self) -> int:
-        """Sequential passes of the conditioner that sampling needs (``depth + 1``).
+    def num_passes(self) -> int | None:
+        """Sequential network evaluations that one sampling call needs.
 
-        A flow that reports its own ``num_passes`` (or ``num_sampling_passes``) is trusted.
+        The flow's :attr:`~pyro_struct.flows.ConditionalFlow.num_passes` (``None`` for a CNF that
+        has not sampled yet); without a flow, ``depth + 1`` (the passes of a one-layer StrAF).
         """
-        for name in ("num_passes", "num_sampling_passes"):
-            value = getattr(self.flow, name, None) if self.flow is not None else None
-            if isinstance(value, int):
-                return value
+        if isinstance(self.flow, ConditionalFlow):
+            return self.flow.num_passes
         return self.depth + 1
 
     @property
@@ -201,9 +205,7 @@ class CompiledStructure:
 
     # ------------------------------------------------------------------ masks and counts
     def _masked_layers(self) -> dict[str, MaskedLinear]:
-        if self.flow is None:
-            return {}
-        return {name: m for name, m in self.flow.named_modules() if isinstance(m, MaskedLinear)}
+        return {} if self.flow is None else masked_layers(self.flow)
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:
@@ -211,7 +213,9 @@ class CompiledStructure:
 
         Empty when no flow was compiled.
         """
-        return {name: m.mask.detach().to("cpu").bool().clone() for name, m in self._masked_layers().items()}
+        if self.flow is None:
+            return {}
+        return self.flow.masks if isinstance(self.flow, ConditionalFlow) else masks_of(self.flow)
 
     @property
     def masked_weights(self) -> dict[str, torch.Tensor]:
@@ -221,17 +225,10 @@ class CompiledStructure:
     def _parameter_counts(self) -> tuple[int, int] | None:
         if self.flow is None:
             return None
-        masked = self._masked_layers()
-        owned = set()
-        effective = 0
-        for m in masked.values():
-            effective += int(m.mask.sum()) + (m.bias.numel() if m.bias is not None else 0)
-            owned.update(id(p) for p in m.parameters())
-        # parameters outside masked layers (gates, normaliser networks, ...) count in full
-        params = {id(p): p for p in self.flow.parameters()}
-        effective += sum(p.numel() for k, p in params.items() if k not in owned)
-        dense = sum(p.numel() for p in params.values())
-        return effective, dense
+        if isinstance(self.flow, ConditionalFlow):
+            return self.flow.num_effective_parameters(), self.flow.num_dense_parameters()
+        # a hand-built module: the same rule (masked-out weights are not effective)
+        return parameter_counts(self.flow)
 
     @property
     def num_effective_parameters(self) -> int | None:
@@ -312,7 +309,8 @@ class CompiledStructure:
         )
         lines.append(
             f"  inverse H:  {self.num_latent} latent coordinates given {self.num_observed} observed, "
-            f"{H.number_of_edges()} edges, depth {self.depth} -> {self.num_passes} sampling passes"
+            f"{H.number_of_edges()} edges, depth {self.depth} -> "
+            + (f"{self.num_passes} sampling passes" if self.num_passes is not None else "sampling passes set by the solver")
         )
         entries = int(self.adjacency.sum())
         lines.append(
@@ -345,6 +343,12 @@ class CompiledStructure:
             for n in self.row_labels:
                 parents = list(inv.parents(n))
                 lines.append(f"  {n} <- {', '.join(parents) if parents else '(none)'}")
+        hidden = [name for name, edges in (("G", bn.num_edges), ("H", H.number_of_edges())) if edges > max_edges]
+        if hidden:
+            lines.append(
+                f"  (parent lists of {' and '.join(hidden)} not shown: more than {max_edges} edges; "
+                "summary(max_edges=...) lists them, structure.inverse.parents(node) gives one node's)"
+            )
         text = self.adjacency_text()
         if text is not None:
             lines.append("Adjacency (rows: latents in sampling order; columns: latents | observed):")
@@ -418,11 +422,7 @@ class CompiledStructure:
         """:meth:`to_dict` as a JSON string; also written to ``path`` when given."""
         text = json.dumps(self.to_dict(include_masks=include_masks), indent=indent)
         if path is not None:
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(text)
-            os.replace(tmp, path)
+            atomic_write_text(text, path)
         return text
 
     # ------------------------------------------------------------------ plots
@@ -517,7 +517,7 @@ class CompiledStructure:
             raise ValueError("no masked layers to draw: build the CompiledStructure with a flow (flow=...)")
         plt = _pyplot()
         groups: dict[str, list[str]] = {}
-        nets = [name for name, m in self.flow.named_modules() if isinstance(m, StrNN)]
+        nets = [name for name, m in self.flow.named_modules() if isinstance(m, MaskedMLP)]
         for name in layers:
             owners = [n for n in nets if name.startswith(n + ".") or n == ""]
             key = max(owners, key=len) if owners else name.rpartition(".")[0]
@@ -538,7 +538,14 @@ class CompiledStructure:
             if id(ax) not in used:
                 fig.delaxes(ax)
         fig.suptitle(f"masked weights of {self._flow_name()}", fontsize=10)
-        fig.tight_layout()
+        from matplotlib.patches import Patch
+
+        legend = [Patch(facecolor="white", edgecolor="black", label="positive weight (area ~ |w|)"),
+                  Patch(facecolor="black", label="negative weight"),
+                  Patch(facecolor="#808080", label="allowed by the mask"),
+                  Patch(facecolor="#ececec", label="masked out")]
+        fig.legend(handles=legend, loc="lower center", ncol=4, fontsize=7, frameon=False)
+        fig.tight_layout(rect=(0, 0.04, 1, 1))
         return _finish(fig, path)
 
     def _drawable(self, graph: nx.DiGraph, observed: set[str]) -> tuple[nx.DiGraph, set[str], bool]:
@@ -634,12 +641,62 @@ class CompiledStructure:
         return written
 
 
-def _latent_depth(adjacency: torch.Tensor) -> int:
-    """Longest path (in edges) among the latent block of a sampling-ordered adjacency."""
-    d = adjacency.shape[0]
-    level = [0] * d
-    for i in range(d):
-        parents = torch.nonzero(adjacency[i, :d]).flatten().tolist()
-        if parents:
-            level[i] = 1 + max(level[p] for p in parents)
-    return max(level, default=0)
+def plot_loss(history: list[float], path: str | os.PathLike | None = None):
+    """The training loss per step with a running mean, on a symlog axis (losses fall by orders of
+    magnitude and an unbiased estimate can dip below zero). Returns ``path`` (or the figure without one)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if history:
+        steps = list(range(1, len(history) + 1))
+        ax.plot(steps, history, color="#9ecae1", linewidth=0.6, label="per step")
+        window = max(1, len(history) // 50)
+        if window > 1:
+            t = torch.tensor(history, dtype=torch.float64)
+            smooth = torch.nn.functional.avg_pool1d(t[None, None], window, stride=1).flatten().tolist()
+            ax.plot(steps[window - 1 :], smooth, color="#08519c", linewidth=1.4, label=f"mean of {window}")
+        ax.legend(fontsize=8)
+        ax.set_yscale("symlog", linthresh=1.0)
+    ax.set(xlabel="step", ylabel="training loss (nats, symlog)")
+    ax.set_title("training loss", fontsize=10)
+    fig.tight_layout()
+    if path is None:
+        return fig
+    _finish(fig, path)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_marginals(panels, path: str | os.PathLike | None = None, max_coordinates: int = 12):
+    """Histograms of every scalar latent, one row per panel ``(title, samples site -> (n, *shape), truth or None)``;
+    true values as red lines. Returns ``path`` (or the figure without one)."""
+    from .graph import node_label
+
+    plt = _pyplot()
+    first = panels[0][1]
+    labels = [node_label(n, idx, tuple(v.shape[1:])) for n, v in first.items() for idx in _indices(tuple(v.shape[1:]))]
+    labels = labels[:max_coordinates]
+    fig, axes = plt.subplots(len(panels), len(labels), figsize=(2.1 * len(labels), 2.0 * len(panels)), squeeze=False)
+    for r, (title, samples, truth) in enumerate(panels):
+        flat = torch.cat([v.detach().reshape(v.shape[0], -1) for v in samples.values()], -1).cpu()
+        true_flat = None if truth is None else torch.cat([torch.as_tensor(truth[n]).reshape(-1) for n in samples]).cpu()
+        for k, label in enumerate(labels):
+            ax = axes[r][k]
+            ax.hist(flat[:, k].numpy(), bins=40, color="#6baed6", density=True)
+            if true_flat is not None:
+                ax.axvline(float(true_flat[k]), color="#d62728", linewidth=1.2)
+            ax.set_yticks([])
+            ax.tick_params(labelsize=7)
+            ax.set_title(label if r == 0 else "", fontsize=8)
+        axes[r][0].set_ylabel(title, fontsize=8)
+    fig.tight_layout()
+    if path is None:
+        return fig
+    _finish(fig, path)
+    plt.close(fig)
+    return Path(path)
+
+
+def _indices(shape: tuple) -> list[tuple]:
+    import itertools
+
+    return list(itertools.product(*(range(int(s)) for s in shape)))

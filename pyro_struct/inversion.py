@@ -11,6 +11,7 @@ from typing import Iterable, Sequence
 import networkx as nx
 import torch
 
+from . import dag
 from .errors import ModelStructureError
 from .graph import BayesNet
 
@@ -109,10 +110,9 @@ class InverseStructure:
     @property
     def depth(self) -> int:
         """Number of edges on the longest directed path among latents of ``H``."""
-        level: dict[str, int] = {}
-        for v in self.order:  # sampling order is topological
-            level[v] = max((level[p] + 1 for p in self._parents[v] if p in level), default=0)
-        return max(level.values(), default=0)
+        index = {v: i for i, v in enumerate(self.order)}  # sampling order is topological
+        parents = [[index[p] for p in self._parents[v] if p in index] for v in self.order]
+        return max(dag.node_levels(parents), default=0)
 
     @property
     def graph(self) -> nx.DiGraph:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from typing import Any, Callable, Mapping
@@ -17,14 +18,38 @@ __all__ = [
 ]
 
 #: the ``format`` tag of files written by :meth:`pyro_struct.StructuredGuide.save` and by training checkpoints
-GUIDE_FORMAT = "pyro_struct.StructuredGuide/1"
+GUIDE_FORMAT = "pyro_struct.StructuredGuide/2"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _remove_orphans(folder: str, prefix: str) -> None:
+    """Temporary files of ``prefix`` left by writers that were killed (``kill -9``) before their rename."""
+    for name in os.listdir(folder):
+        if not name.startswith(prefix):
+            continue
+        pid = name[len(prefix):].partition("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(folder, name))
 
 
 def _atomic(path: str | os.PathLike, write: Callable[[Any], None], suffix: str, binary: bool) -> None:
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+    # the temporary name carries the writer's pid, so a later write can tell orphans from live writes
+    prefix = f".{os.path.basename(path)}.tmp-"
+    _remove_orphans(folder, prefix)
+    fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}-", suffix=suffix, dir=folder)
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
@@ -73,7 +98,13 @@ def read_payload(path: str | os.PathLike, map_location=None, format: str = GUIDE
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{path!r} is not a pyro_struct {what} file ({first})") from e
-    if not isinstance(payload, dict) or payload.get("format") != format:
+    found = payload.get("format") if isinstance(payload, dict) else None
+    if isinstance(found, str) and found != format and found.rpartition("/")[0] == format.rpartition("/")[0]:
+        raise ValueError(
+            f"{path!r} was written by another version of pyro_struct (format {found!r}, this version reads "
+            f"{format!r}); retrain the {what} with this version"
+        )
+    if found != format:
         raise ValueError(f"{path!r} is not a pyro_struct {what} file (format {format!r})")
     return payload
 

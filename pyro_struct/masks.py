@@ -19,6 +19,13 @@ the most input-output paths, by coordinate ascent over the layers started from t
 baseline's assignment: each step is optimal for one layer given the others (the path count is
 linear in one layer's label counts), so greedy never has fewer paths than the baseline.
 
+The StrNN paper's own greedy algorithm (Algorithm 1, applied layer by layer) cycles over all
+non-zero rows of the current target *with their repetitions*, in row order, so a row pattern
+shared by many outputs gets proportionally many units; on sparse adjacencies with many equal
+rows that keeps more paths than balanced cycles. ``"greedy"`` therefore also builds the paper's
+masks and returns them when they are exact and have more paths: it never has fewer paths than
+either the paper's algorithm or the baseline.
+
 Example:
     >>> A = torch.tensor([[0, 0, 0], [1, 0, 0], [1, 1, 0]], dtype=torch.bool)
     >>> masks = factorize(A, [4, 4])
@@ -161,6 +168,28 @@ def _assign_labels(paths: _LabelPaths | None, r: int, widths: list[int]) -> list
     return assignments
 
 
+def _paper_greedy(A: torch.Tensor, widths: list[int]) -> list[torch.Tensor] | None:
+    """The StrNN paper's greedy factorisation (Chen et al. 2023, Algorithm 1), layer by layer.
+
+    For each hidden layer, ``M1`` copies the non-zero rows of the current target cyclically (with
+    repetitions, in row order) and ``M2[i, k] = [M1[k] is a subset of target[i]]``; ``M2`` is the
+    next target and the last one is the output mask. Returns ``None`` when a target has no
+    non-zero row. The result may not be exact when a layer is narrower than the target's number of
+    non-zero rows; the caller checks.
+    """
+    target = A
+    masks = []
+    for h in widths:
+        rows = target[target.any(1)]
+        if len(rows) == 0:
+            return None
+        M1 = rows[torch.arange(h) % len(rows)]
+        masks.append(M1)
+        target = _subset_mask(M1, target)
+    masks.append(target)
+    return masks
+
+
 def factorize(
     A,
     hidden_sizes: Sequence[int],
@@ -175,8 +204,11 @@ def factorize(
         hidden_sizes: widths of the hidden layers (may be empty: one masked linear layer).
         method: ``"greedy"`` (StrNN: hidden units cycle over the distinct non-zero rows of
             ``A``, the units left after whole cycles go to the rows that add the most
-            input-output paths) or ``"made"`` (the subset-precedence baseline as in zuko's
-            MADE: leftover units go to the first rows in lexicographic order).
+            input-output paths; the StrNN paper's Algorithm 1 is tried too and kept when it
+            has more paths) or ``"made"`` (the subset-precedence baseline as in zuko's
+            MADE: leftover units go to the first rows in lexicographic order) or ``"paper"``
+            (the StrNN paper's Algorithm 1 alone, for comparisons; it raises where its masks are
+            not exact).
         widen: widen a hidden layer that is too narrow for an exact factorisation to the
             minimum (with a warning) instead of raising.
 
@@ -195,8 +227,8 @@ def factorize(
         [[[1, 0], [1, 0]], [[0, 0], [1, 1]]]
     """
     A = _as_bool_matrix(A)
-    if method not in ("greedy", "made"):
-        raise ValueError(f"unknown factorisation method {method!r}; use 'greedy' or 'made'")
+    if method not in ("greedy", "made", "paper"):
+        raise ValueError(f"unknown factorisation method {method!r}; use 'greedy', 'made' or 'paper'")
     try:
         widths = [int(h) for h in hidden_sizes]
     except TypeError:
@@ -224,16 +256,70 @@ def factorize(
             warnings.warn(f"hidden layer {layer} widened from {h} to {r} units to keep the masks exact")
             widths[layer] = r
 
+    if method == "paper":
+        paper = _paper_greedy(A, widths)
+        if paper is None or not torch.equal(_connectivity(paper), A):
+            raise ValueError(
+                f"the StrNN paper's greedy masks are not exact for hidden sizes {widths} on this adjacency "
+                f"(a layer narrower than its number of non-zero target rows); use method='greedy'"
+            )
+        return [m.contiguous() for m in paper]
     S = _subset_mask(labels, labels).T  # S[a, b]: label a subset of label b
     outputs = _subset_mask(labels, A)  # (out, r): label b subset of A[i]
-    paths = _LabelPaths(labels, A, S, outputs) if method == "greedy" else None
-    assignment = _assign_labels(paths, r, widths)
+    if method == "made":
+        masks = _label_masks(labels, S, outputs, _assign_labels(None, r, widths))
+        check_masks(masks, A)
+        return masks
+    return _greedy_masks(A, labels, S, outputs, widths)
+
+
+def _label_masks(labels, S, outputs, assignment: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The masks of a label assignment: unit reads its label's inputs, the previous layer's units
+    whose label is a subset of its own; output ``i`` reads the units whose label is within ``A[i]``."""
     masks = [labels[assignment[0]]]
     for prev, cur in zip(assignment[:-1], assignment[1:]):
         masks.append(S[prev][:, cur].T.contiguous())
     masks.append(outputs[:, assignment[-1]].contiguous())
-    check_masks(masks, A)
     return masks
+
+
+def _greedy_masks(A, labels, S, outputs, widths: list[int]) -> list[torch.Tensor]:
+    """The better (in paths) of the coordinate-ascent assignment and the paper's Algorithm 1."""
+    r = len(labels)
+    paths = _LabelPaths(labels, A, S, outputs)
+    assignment = _assign_labels(paths, r, widths)
+    paper = _paper_assignment(A, r, widths)
+    if paper is not None and paths.total(_label_counts(paper, r)) > paths.total(_label_counts(assignment, r)):
+        assignment = paper
+    masks = _label_masks(labels, S, outputs, assignment)
+    check_masks(masks, A)
+    if paper is None:
+        # the paper's cycle misses a distinct row in some layer: its masks are not label masks, so
+        # build them as the paper does and keep them if they are exact and have more paths
+        direct = _paper_greedy(A, widths)
+        if direct is not None and count_paths(direct) > count_paths(masks) and torch.equal(_connectivity(direct), A):
+            masks = [m.contiguous() for m in direct]
+    return masks
+
+
+def _label_counts(assignment: list[torch.Tensor], r: int) -> list[torch.Tensor]:
+    """Units per label in every hidden layer: ``(r,)`` float64 each."""
+    return [torch.bincount(a, minlength=r).double() for a in assignment]
+
+
+def _paper_assignment(A: torch.Tensor, r: int, widths: list[int]) -> list[torch.Tensor] | None:
+    """The paper's masks (:func:`_paper_greedy`) as label indices per unit, or ``None`` when its cycle
+    misses a distinct row in some layer.
+
+    When every distinct row occurs in a layer, the paper's next target has the same non-zero rows
+    as ``A`` and its masks are the label-subset masks, so every layer cycles over the label indices
+    of ``A``'s non-zero rows in row order (repetitions included).
+    """
+    _, row_labels = torch.unique(A[A.any(1)], dim=0, return_inverse=True)  # the order of _labels
+    assignment = [row_labels[torch.arange(h) % len(row_labels)] for h in widths]
+    if any(len(torch.unique(a)) < r for a in assignment):
+        return None
+    return assignment
 
 
 def mask_product(masks: Sequence[torch.Tensor]) -> torch.Tensor:

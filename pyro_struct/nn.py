@@ -1,4 +1,19 @@
-"""Masked linear layers and the structured MLP (StrNN) built from :func:`~pyro_struct.masks.factorize`.
+"""Masked networks: the activation table, masked linear layers, the one masked-MLP pass and the StrNN.
+
+One forward pass (:meth:`MaskedMLP.run`) serves every masked network of the package: the StrNN
+conditioners of StrAF, the residual blocks of the graphical residual flow and the velocity field
+of the structured CNF. Its hooks give each family what it needs:
+
+- ``weights``: the per-layer weights to use instead of ``W * mask`` (the GRF passes its spectrally
+  normalised masked weights, see :meth:`MaskedMLP.effective_weights`);
+- ``post``: a per-layer transform of the linear output that returns the new value and its
+  elementwise slope (the CNF's time gates);
+- ``need_slopes``: return every layer's ``d(layer output)/d(linear output)`` (the activation
+  derivative times the post-transform's slope), from which the GRF builds its Jacobian diagonal
+  and the CNF its exact divergence;
+- ``tangent``: carry a forward-mode Jacobian-vector product (the CNF's Hutchinson estimator);
+- ``plan``: evaluate only the units with a path to some outputs, in a feature-major layout
+  (StrAF's level-by-level sampling).
 
 Example:
     >>> A = torch.tensor([[0, 0, 1], [1, 0, 1], [1, 1, 1]], dtype=torch.bool)  # (out=3, in=3)
@@ -10,40 +25,215 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from abc import ABC, abstractmethod
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .masks import factorize
 
-__all__ = ["MaskedLinear", "StrNN", "get_activation"]
+__all__ = [
+    "ACTIVATIONS",
+    "Activation",
+    "LipSwish",
+    "MaskedLinear",
+    "MaskedMLP",
+    "PassResult",
+    "StrNN",
+    "get_activation",
+    "masked_layers",
+    "masks_of",
+    "parameter_counts",
+]
 
-_ACTIVATIONS = {
-    "relu": nn.ReLU,
-    "elu": nn.ELU,
-    "tanh": nn.Tanh,
-    "gelu": nn.GELU,
-    "silu": nn.SiLU,
-    "softplus": nn.Softplus,
+
+# -------------------------------------------------------------------------------- activations
+class Activation(nn.Module, ABC):
+    """An elementwise activation that also returns its derivative.
+
+    Class flags: ``lipschitz`` (``|f'| <= 1`` everywhere, which the GRF's contraction needs) and
+    ``smooth`` (continuously differentiable twice or more, which adaptive ODE solvers assume).
+
+    ``value_and_derivative(a, units=None, dim=-1)`` returns ``f(a)`` and ``f'(a)`` shaped like
+    ``a``; ``units`` and ``dim`` matter only for activations with per-unit parameters: ``a``'s
+    axis ``dim`` holds the units ``units`` (all of them when ``None``).
+    """
+
+    lipschitz: bool = False
+    smooth: bool = False
+
+    def __init__(self, width: int | None = None):
+        super().__init__()
+
+    @abstractmethod
+    def value_and_derivative(self, a: torch.Tensor, units=None, dim: int = -1):
+        """``(f(a), f'(a))``, both shaped like ``a``."""
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return self.value_and_derivative(a)[0]
+
+
+class ReLU(nn.ReLU, Activation):
+    """``max(a, 0)``; ``f'`` is the step function (0 at 0)."""
+
+    lipschitz, smooth = True, False
+
+    def __init__(self, width: int | None = None):
+        nn.ReLU.__init__(self)
+
+    def value_and_derivative(self, a, units=None, dim=-1):
+        return F.relu(a), (a > 0).to(a.dtype)
+
+
+class ELU(nn.ELU, Activation):
+    """``a`` for ``a > 0``, ``exp(a) - 1`` otherwise (``alpha = 1``)."""
+
+    lipschitz, smooth = True, False
+
+    def __init__(self, width: int | None = None):
+        nn.ELU.__init__(self)
+
+    def value_and_derivative(self, a, units=None, dim=-1):
+        e = torch.expm1(a.clamp(max=0.0))
+        return torch.where(a > 0, a, e), torch.where(a > 0, torch.ones_like(a), e + 1.0)
+
+
+class Tanh(nn.Tanh, Activation):
+    """``tanh(a)``, ``f' = 1 - tanh(a)^2``."""
+
+    lipschitz, smooth = True, True
+
+    def __init__(self, width: int | None = None):
+        nn.Tanh.__init__(self)
+
+    def value_and_derivative(self, a, units=None, dim=-1):
+        t = torch.tanh(a)
+        return t, 1.0 - t * t
+
+
+class Softplus(nn.Softplus, Activation):
+    """``log(1 + exp(a))``, ``f' = sigmoid(a)``."""
+
+    lipschitz, smooth = True, True
+
+    def __init__(self, width: int | None = None):
+        nn.Softplus.__init__(self)
+
+    def value_and_derivative(self, a, units=None, dim=-1):
+        return F.softplus(a), torch.sigmoid(a)
+
+
+class SiLU(nn.SiLU, Activation):
+    """``a * sigmoid(a)``; ``f'`` reaches 1.1, so it is not 1-Lipschitz."""
+
+    lipschitz, smooth = False, True
+
+    def __init__(self, width: int | None = None):
+        nn.SiLU.__init__(self)
+
+    def value_and_derivative(self, a, units=None, dim=-1):
+        s = torch.sigmoid(a)
+        return a * s, s * (1.0 + a * (1.0 - s))
+
+
+class GELU(nn.GELU, Activation):
+    """``a * Phi(a)`` (exact); ``f'`` reaches 1.13, so it is not 1-Lipschitz."""
+
+    lipschitz, smooth = False, True
+
+    def __init__(self, width: int | None = None):
+        nn.GELU.__init__(self)
+
+    def value_and_derivative(self, a, units=None, dim=-1):
+        cdf = 0.5 * (1.0 + torch.erf(a / math.sqrt(2.0)))
+        pdf = torch.exp(-0.5 * a * a) / math.sqrt(2.0 * math.pi)
+        return a * cdf, cdf + a * pdf
+
+
+class LipSwish(Activation):
+    """``f(a) = a * sigmoid(beta * a) / 1.1`` with a learnable ``beta > 0`` per unit (Chen et al., 2019).
+
+    ``f'(a) = (s + u s (1 - s)) / 1.1`` with ``u = beta a`` and ``s = sigmoid(u)``, which lies in
+    ``[-0.091, 1)`` for every ``beta``, so the activation is 1-Lipschitz.
+
+    Args:
+        width: number of units (one ``beta`` each).
+
+    Shapes: ``(*, width)`` -> ``(*, width)`` (or the units on axis ``dim``).
+    """
+
+    lipschitz, smooth = True, True
+
+    def __init__(self, width: int | None = None):
+        super().__init__()
+        if width is None or width < 1:
+            raise ValueError(f"LipSwish needs the layer width (one beta per unit); got width={width!r}")
+        # softplus^{-1}(1): start at beta = 1
+        self.raw_beta = nn.Parameter(torch.full((int(width),), math.log(math.e - 1.0)))
+
+    @property
+    def beta(self) -> torch.Tensor:
+        return F.softplus(self.raw_beta)
+
+    def value_and_derivative(self, a, units=None, dim=-1):
+        beta = self.beta if units is None else self.beta.index_select(0, units)
+        if dim != -1 and dim != a.dim() - 1:
+            beta = beta.reshape((-1,) + (1,) * (a.dim() - 1 - dim % a.dim()))
+        u = beta * a
+        s = torch.sigmoid(u)
+        return a * s / 1.1, (s + u * s * (1.0 - s)) / 1.1
+
+
+#: name -> activation class (each with ``value_and_derivative`` and the ``lipschitz`` / ``smooth`` flags)
+ACTIVATIONS: dict[str, type[Activation]] = {
+    "relu": ReLU,
+    "elu": ELU,
+    "tanh": Tanh,
+    "softplus": Softplus,
+    "silu": SiLU,
+    "gelu": GELU,
+    "lipswish": LipSwish,
 }
 
 
-def get_activation(activation: str | Callable[[], nn.Module] | nn.Module) -> nn.Module:
-    """An activation module from a name (``relu``, ``elu``, ``tanh``, ``gelu``, ``silu``,
-    ``softplus``), a module class or factory, or a module instance."""
+def get_activation(
+    activation: str | Callable[[], nn.Module] | nn.Module, width: int | None = None, require: str | None = None
+) -> nn.Module:
+    """An activation module from a name in :data:`ACTIVATIONS`, a module class or factory, or an instance.
+
+    Args:
+        activation: the name (case-insensitive), a class/factory, or a module.
+        width: the layer width (needed by activations with per-unit parameters, e.g. ``lipswish``).
+        require: ``"lipschitz"`` or ``"smooth"``: accept only a table activation with that flag
+            (the GRF's contraction needs the first, the CNF's adaptive solver the second).
+
+    Raises:
+        ValueError: unknown name, an activation without the required flag, or a wrong type.
+    """
+    if require is not None:
+        allowed = sorted(k for k, cls in ACTIVATIONS.items() if getattr(cls, require))
+        name = activation.lower() if isinstance(activation, str) else None
+        if name not in allowed:
+            why = {"lipschitz": "derivative bounded by 1 in absolute value", "smooth": "smooth"}[require]
+            raise ValueError(
+                f"activation must be one of {allowed} ({why}, with an analytic derivative); got {activation!r}"
+            )
     if isinstance(activation, nn.Module):
         return activation
     if isinstance(activation, str):
         try:
-            return _ACTIVATIONS[activation.lower()]()
+            cls = ACTIVATIONS[activation.lower()]
         except KeyError:
-            raise ValueError(f"unknown activation {activation!r}; use one of {sorted(_ACTIVATIONS)}") from None
+            raise ValueError(f"unknown activation {activation!r}; use one of {sorted(ACTIVATIONS)}") from None
+        return cls(width)
     if callable(activation):
         return activation()
     raise ValueError(f"activation must be a name, a module class or a module; got {activation!r}")
 
 
+# ---------------------------------------------------------------------------- masked layers
 class MaskedLinear(nn.Linear):
     """A linear layer whose weight is multiplied by a fixed binary mask.
 
@@ -65,6 +255,7 @@ class MaskedLinear(nn.Linear):
 
     @torch.no_grad()
     def reset_masked_parameters(self, zero_init: bool = False) -> None:
+        """Redraw the weights (zero them with ``zero_init``) with the masked fan-in, masked entries zeroed."""
         fan_in = self.mask.sum(1, keepdim=True).clamp(min=1).to(self.weight.dtype)
         bound = 1.0 / fan_in.sqrt()
         if zero_init:
@@ -84,7 +275,7 @@ class MaskedLinear(nn.Linear):
         return self.weight * self.mask
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(input, self.masked_weight, self.bias)
+        return F.linear(input, self.masked_weight, self.bias)
 
     def num_effective_parameters(self) -> int:
         """Unmasked weights plus biases."""
@@ -94,7 +285,142 @@ class MaskedLinear(nn.Linear):
         return f"{super().extra_repr()}, unmasked={int(self.mask.sum())}"
 
 
-class StrNN(nn.Module):
+def masked_layers(module: nn.Module) -> dict[str, MaskedLinear]:
+    """``{module name: MaskedLinear}`` of every masked layer inside ``module``, in module order."""
+    return {name: m for name, m in module.named_modules() if isinstance(m, MaskedLinear)}
+
+
+def masks_of(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``{module name: (out, in) bool mask}`` of every masked layer inside ``module`` (detached copies on the CPU)."""
+    return {name: m.mask.detach().to("cpu").bool().clone() for name, m in masked_layers(module).items()}
+
+
+def parameter_counts(module: nn.Module) -> tuple[int, int]:
+    """``(effective, dense)`` parameter counts of ``module``.
+
+    Masked-out weights of :class:`MaskedLinear` layers are not effective; every other parameter
+    (biases, gates, normaliser networks, ...) is. ``dense`` counts every parameter once.
+    """
+    params = {id(p): p for p in module.parameters()}
+    dense = sum(p.numel() for p in params.values())
+    removed = 0
+    seen = set()
+    for layer in masked_layers(module).values():
+        if id(layer.weight) not in seen and id(layer.weight) in params:
+            seen.add(id(layer.weight))
+            removed += int((~layer.mask).sum())
+    return dense - removed, dense
+
+
+# ------------------------------------------------------------------------------- masked MLP
+class PassResult(NamedTuple):
+    """What :meth:`MaskedMLP.run` returns.
+
+    Attributes:
+        output: the last layer's output ``(*, out)`` (feature-major ``(out, N)`` with a plan).
+        slopes: with ``need_slopes``, one entry per layer: ``d(layer output)/d(linear output)``
+            shaped like that layer's output, or ``None`` where it is 1 (the last layer without a
+            post-transform); else ``None``.
+        tangent: with ``tangent``, the Jacobian-vector product ``(*, out)``; else ``None``.
+    """
+
+    output: torch.Tensor
+    slopes: list | None
+    tangent: torch.Tensor | None
+
+
+class MaskedMLP(nn.Module):
+    """A multilayer perceptron of :class:`MaskedLinear` layers with an activation after each hidden one.
+
+    Args:
+        masks: per-layer ``(out, in)`` bool masks, input layer first.
+        activation: a name in :data:`ACTIVATIONS`, a module class/factory or a module (one per
+            hidden layer is built from a name or a class; an instance is shared).
+        require: optional activation flag to demand (``"lipschitz"`` or ``"smooth"``).
+
+    Shapes: input ``(*, masks[0].shape[1])`` -> output ``(*, masks[-1].shape[0])``.
+    """
+
+    def __init__(self, masks: Sequence[torch.Tensor], activation="relu", require: str | None = None):
+        super().__init__()
+        self.layers = nn.ModuleList(MaskedLinear(m) for m in masks)
+        self.activations = nn.ModuleList(
+            get_activation(activation, width=m.shape[0], require=require) for m in masks[:-1]
+        )
+
+    def effective_weights(self, transform: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> list:
+        """Per-layer weights ``W * mask``, each passed through ``transform(k, W)`` when given."""
+        ws = [layer.masked_weight for layer in self.layers]
+        return ws if transform is None else [transform(k, W) for k, W in enumerate(ws)]
+
+    def _activate(self, k: int, a: torch.Tensor, need_slope: bool, units, dim: int):
+        act = self.activations[k]
+        if need_slope:
+            if not hasattr(act, "value_and_derivative"):
+                raise TypeError(
+                    f"activation {act!r} has no value_and_derivative; use one of {sorted(ACTIVATIONS)} for slopes"
+                )
+            return act.value_and_derivative(a, units=units, dim=dim)
+        if units is not None and isinstance(act, LipSwish):
+            return act.value_and_derivative(a, units=units, dim=dim)[0], None
+        return act(a), None
+
+    def run(
+        self,
+        h: torch.Tensor,
+        weights: Sequence[torch.Tensor] | None = None,
+        post: Callable | None = None,
+        need_slopes: bool = False,
+        tangent: torch.Tensor | None = None,
+        plan: Sequence[torch.Tensor] | None = None,
+    ) -> PassResult:
+        """The forward pass, with the hooks described in the module docstring.
+
+        Args:
+            h: input ``(*, in)``; with ``plan``, the feature-major ``(len(plan[0]), N)`` inputs
+                the plan selects.
+            weights: per-layer weights (default :meth:`effective_weights`).
+            post: ``post(k, a) -> (a', slope)`` applied to layer ``k``'s linear output ``a``
+                (``slope`` the elementwise ``da'/da``, or ``None`` for 1).
+            need_slopes: return the per-layer slopes.
+            tangent: ``(*, k)`` input tangent on the first ``k <= in`` input columns (the others
+                held fixed); the Jacobian-vector product comes back in ``PassResult.tangent``.
+            plan: ``[inputs, units_0, ..., units_L]`` index tensors (see :meth:`StrNN.row_plan`):
+                evaluate only those units, feature-major.
+        """
+        weights = self.effective_weights() if weights is None else weights
+        need_slopes = need_slopes or tangent is not None
+        slopes = [] if need_slopes else None
+        last = len(self.layers) - 1
+        for k, (layer, W) in enumerate(zip(self.layers, weights)):
+            b = layer.bias
+            if plan is not None:
+                W = W.index_select(0, plan[k + 1]).index_select(1, plan[k])
+                a = W @ h
+                if b is not None:
+                    a = a + b.index_select(0, plan[k + 1]).unsqueeze(-1)
+            else:
+                a = F.linear(h, W, b)
+            if tangent is not None:
+                tangent = F.linear(tangent, W[:, : tangent.shape[-1]] if k == 0 else W)
+            slope = None
+            if post is not None:
+                a, slope = post(k, a)
+            if k < last:
+                units, dim = (plan[k + 1], 0) if plan is not None else (None, -1)
+                h, da = self._activate(k, a, need_slopes, units, dim)
+                if need_slopes:
+                    slope = da if slope is None else da * slope
+            else:
+                h = a
+            if need_slopes:
+                slopes.append(slope)
+                if tangent is not None and slope is not None:
+                    tangent = tangent * slope
+        return PassResult(h, slopes, tangent)
+
+
+class StrNN(MaskedMLP):
     """A masked MLP whose outputs depend on its inputs exactly as an adjacency allows.
 
     Args:
@@ -108,9 +434,10 @@ class StrNN(nn.Module):
             those (e.g. ``(0,)``: the shift of an affine normaliser, whose linear-Gaussian
             scale does not depend on the inputs; a linear scale would only add parameters to
             over-fit a fixed simulation budget with).
-        activation: activation name, class or module.
-        method: mask factorisation, ``"greedy"`` or ``"made"`` (see :func:`factorize`).
+        activation: a name in :data:`ACTIVATIONS`, a module class or a module.
+        mask_method: mask factorisation, ``"greedy"`` or ``"made"`` (see :func:`factorize`).
         widen: widen hidden layers that are too narrow for an exact factorisation.
+        require: optional activation flag to demand (``"lipschitz"`` or ``"smooth"``).
 
     Shapes: input ``(*, d_in)`` -> output ``(*, d_out, num_params)``; the parameters of one
     output variable are contiguous (output unit ``i * num_params + p``).
@@ -123,23 +450,22 @@ class StrNN(nn.Module):
         num_params: int = 1,
         skip: bool | Sequence[int] = False,
         activation="relu",
-        method: str = "greedy",
+        mask_method: str = "greedy",
         widen: bool = True,
+        require: str | None = None,
     ):
-        super().__init__()
         A = torch.as_tensor(adjacency).bool()
         if A.dim() != 2:
             raise ValueError(f"adjacency must be (d_out, d_in); got shape {tuple(A.shape)}")
         if num_params < 1:
             raise ValueError(f"num_params must be >= 1; got {num_params}")
+        masks = factorize(A, list(hidden_sizes), method=mask_method, widen=widen)
+        masks[-1] = masks[-1].repeat_interleave(int(num_params), dim=0)
+        super().__init__(masks, activation, require=require)
         self.d_out, self.d_in = A.shape
         self.num_params = int(num_params)
         self.register_buffer("adjacency", A, persistent=False)
-        masks = factorize(A, list(hidden_sizes), method=method, widen=widen)
-        masks[-1] = masks[-1].repeat_interleave(self.num_params, dim=0)
         self.hidden_sizes = [m.shape[0] for m in masks[:-1]]
-        self.layers = nn.ModuleList(MaskedLinear(m) for m in masks)
-        self.activations = nn.ModuleList(get_activation(activation) for _ in masks[:-1])
         self.skip = MaskedLinear(self._skip_mask(A, skip), bias=False, zero_init=True) if skip else None
         self._row_plans: dict = {}
 
@@ -166,24 +492,21 @@ class StrNN(nn.Module):
 
     def num_effective_parameters(self) -> int:
         """Trainable parameters that are not masked out."""
-        n = sum(layer.num_effective_parameters() for layer in self.layers)
-        if self.skip is not None:
-            n += self.skip.num_effective_parameters()
-        return n
+        return parameter_counts(self)[0]
 
     def num_dense_parameters(self) -> int:
         """Parameters of the same network without masks."""
-        return sum(p.numel() for p in self.parameters())
+        return parameter_counts(self)[1]
 
     def hidden(self, input: torch.Tensor) -> list[torch.Tensor]:
         """Pre-activations of every layer, for analytic Jacobians: list of ``(*, width)``."""
         pre = []
-        h = input
-        for layer, act in zip(self.layers[:-1], self.activations):
-            a = layer(h)
+
+        def record(k, a):
             pre.append(a)
-            h = act(a)
-        pre.append(self.layers[-1](h))
+            return a, None
+
+        self.run(input, post=record)
         return pre
 
     def row_plan(self, rows: torch.Tensor) -> list[torch.Tensor]:
@@ -225,30 +548,20 @@ class StrNN(nn.Module):
             ``(*, d_out, num_params)``, or ``(r, num_params, N)`` with ``rows``.
         """
         if rows is not None:
-            return self._forward_rows(input, rows)
+            if input.dim() != 2 or input.shape[0] != self.d_in:
+                raise ValueError(
+                    f"with rows=, the input must be feature-major ({self.d_in}, N); got shape {tuple(input.shape)}"
+                )
+            plan = self.row_plan(rows)
+            inputs = input.index_select(0, plan[0])
+            out = self.run(inputs, plan=plan).output
+            if self.skip is not None:
+                # the skip's mask is the adjacency's rows, so its inputs are the plan's inputs
+                out = out + self.skip.masked_weight.index_select(0, plan[-1]).index_select(1, plan[0]) @ inputs
+            return out.unflatten(0, (len(rows), self.num_params))
         if input.shape[-1] != self.d_in:
             raise ValueError(f"StrNN input must have last dimension {self.d_in}; got shape {tuple(input.shape)}")
-        h = input
-        for layer, act in zip(self.layers[:-1], self.activations):
-            h = act(layer(h))
-        out = self.layers[-1](h)
+        out = self.run(input).output
         if self.skip is not None:
             out = out + self.skip(input)
         return out.unflatten(-1, (self.d_out, self.num_params))
-
-    def _forward_rows(self, input_t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        if input_t.dim() != 2 or input_t.shape[0] != self.d_in:
-            raise ValueError(f"with rows=, the input must be feature-major ({self.d_in}, N); got shape {tuple(input_t.shape)}")
-        plan = self.row_plan(rows)
-        h = inputs = input_t.index_select(0, plan[0])
-        for i, layer in enumerate(self.layers):
-            weight = layer.masked_weight.index_select(0, plan[i + 1]).index_select(1, plan[i])
-            h = weight @ h
-            if layer.bias is not None:
-                h = h + layer.bias.index_select(0, plan[i + 1]).unsqueeze(-1)
-            if i < len(self.activations):
-                h = self.activations[i](h)
-        if self.skip is not None:
-            # the skip's mask is the adjacency's rows, so its inputs are the plan's inputs
-            h = h + self.skip.masked_weight.index_select(0, plan[-1]).index_select(1, plan[0]) @ inputs
-        return h.unflatten(0, (len(rows), self.num_params))

@@ -10,6 +10,7 @@ import networkx as nx
 import torch
 
 from pyro_struct.flows.base import ConditionalFlow, transitive_closure
+from pyro_struct.nn import MaskedLinear, MaskedMLP
 
 __all__ = [
     "random_dag_adjacency",
@@ -20,6 +21,7 @@ __all__ = [
     "check_round_trip",
     "check_gradients",
     "check_all",
+    "check_interface",
     "dag_from_adjacency",
 ]
 
@@ -133,6 +135,64 @@ def check_all(flow: ConditionalFlow, logdet_atol: float = 1e-5, roundtrip_atol: 
     check_log_prob_consistency(flow, atol=max(roundtrip_atol, 1e-6))
     check_round_trip(flow, atol=roundtrip_atol)
     check_gradients(flow)
+
+
+def _count_network_evaluations(flow: ConditionalFlow) -> list[int]:
+    """Wrap every masked network's ``run`` on this instance; the returned one-element list counts the calls."""
+    calls = [0]
+    for m in flow.modules():
+        if isinstance(m, MaskedMLP):
+            def counted(*args, _run=m.run, **kwargs):
+                calls[0] += 1
+                return _run(*args, **kwargs)
+
+            m.run = counted
+    return calls
+
+
+def check_interface(flow: ConditionalFlow, expected_passes: int | None) -> None:
+    """The family-independent interface: ``masks``, parameter counts, ``num_passes``, ``last_stats``
+    and the base class's input validation.
+
+    ``expected_passes`` is the documented ``num_passes`` (``None`` where it is only known after a
+    sampling call, as for the CNF's adaptive solver).
+    """
+    layers = {name: m for name, m in flow.named_modules() if isinstance(m, MaskedLinear)}
+    masks = flow.masks
+    assert list(masks) == list(layers) and masks, "masks must name every masked layer, in module order"
+    for name, mask in masks.items():
+        assert mask.dtype == torch.bool and torch.equal(mask, layers[name].mask.cpu()), f"mask {name} differs"
+    dense = sum(p.numel() for p in flow.parameters())
+    masked_out = sum(int((~m.mask).sum()) for m in layers.values())
+    assert flow.num_dense_parameters() == dense
+    assert flow.num_effective_parameters() == dense - masked_out
+    assert masked_out == 0 or flow.num_effective_parameters() < dense
+    assert flow.num_passes == expected_passes, f"num_passes {flow.num_passes} != {expected_passes}"
+    calls = _count_network_evaluations(flow)
+    x = _context(flow, batch=(3,))
+    with torch.no_grad():
+        z = flow.sample(x, n=2)
+        forward_calls = calls[0]
+        stats = flow.last_stats["forward"]
+        assert stats["evaluations"] == forward_calls, f"forward evaluations {stats['evaluations']} != {forward_calls}"
+        assert flow.num_passes == forward_calls, f"num_passes {flow.num_passes} != {forward_calls} evaluations"
+        calls[0] = 0
+        flow.log_prob(z, x)
+        assert flow.last_stats["inverse"]["evaluations"] == calls[0] > 0
+    for fn, name in [(flow.forward, "eps"), (flow.inverse, "z")]:
+        try:
+            fn(torch.zeros(2, flow.dim + 1, dtype=torch.float64), None if x is None else x[:2])
+        except ValueError as e:
+            assert f"{name} must have last dimension {flow.dim}" in str(e), str(e)
+        else:
+            raise AssertionError(f"{name} of the wrong width was accepted")
+    if flow.context_dim:
+        try:
+            flow.forward(torch.zeros(2, flow.dim, dtype=torch.float64), None)
+        except ValueError as e:
+            assert "needs a context" in str(e), str(e)
+        else:
+            raise AssertionError("a missing context was accepted")
 
 
 def dag_from_adjacency(A: torch.Tensor) -> nx.DiGraph:

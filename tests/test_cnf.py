@@ -164,17 +164,20 @@ def test_nfe_counted_and_exposed_for_both_directions():
     flow.reset_nfe()
     x = torch.randn(8, 1)
     z, _ = flow.forward(torch.randn(8, 4), x)
-    nf = flow.last_nfe["forward"]
+    nf = flow.last_stats["forward"]["nfe"]
+    assert flow.num_passes == nf == flow.last_stats["forward"]["evaluations"]
     flow.inverse(z, x)
-    ni = flow.last_nfe["inverse"]
+    ni = flow.last_stats["inverse"]["evaluations"]
     assert nf > 0 and ni > 0
     assert flow.nfe == {"forward": nf, "inverse": ni, "backward": 0}
     flow.forward(torch.randn(8, 4), x)
-    assert flow.nfe["forward"] == nf + flow.last_nfe["forward"]
+    assert flow.nfe["forward"] == nf + flow.last_stats["forward"]["evaluations"]
     # tighter tolerances need more evaluations
     tight = _flow(A, context_dim=1, rtol=1e-10, atol=1e-10)
     tight.forward(torch.randn(8, 4), x)
-    assert tight.last_nfe["forward"] > nf
+    assert tight.last_stats["forward"]["evaluations"] > nf
+    tight.reset_nfe()
+    assert tight.num_passes is None and tight.last_stats == {}
 
 
 def test_nfe_of_fixed_step_solver_is_exact():
@@ -182,7 +185,7 @@ def test_nfe_of_fixed_step_solver_is_exact():
     flow = _flow(chain_adjacency(3), method="rk4", options={"step_size": 0.1}, T=1.5)
     z, _ = flow.forward(torch.randn(2, 3))
     flow.inverse(z)
-    assert flow.last_nfe == {"forward": 60, "inverse": 60}
+    assert flow.last_stats == {"forward": {"evaluations": 60, "nfe": 60}, "inverse": {"evaluations": 60, "nfe": 60}}
 
 
 # ------------------------------------------------------------------- adjoint

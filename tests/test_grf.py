@@ -36,7 +36,7 @@ def _scale_weights(flow: GraphicalResidualFlow, factor: float) -> None:
 
 
 SUITE_CASES = [
-    # (d, context_dim, edge probability, seed, num_blocks, hidden_sizes)
+    # (d, context_dim, edge probability, seed, num_layers, hidden_sizes)
     (5, 0, 0.4, 0, 1, (16,)),
     (6, 3, 0.4, 1, 2, (16,)),
     (4, 2, 0.6, 2, 3, (12, 12)),
@@ -44,29 +44,29 @@ SUITE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("d, c, p, seed, num_blocks, hidden", SUITE_CASES)
-def test_shared_property_suite_on_random_dags(d, c, p, seed, num_blocks, hidden):
+@pytest.mark.parametrize("d, c, p, seed, num_layers, hidden", SUITE_CASES)
+def test_shared_property_suite_on_random_dags(d, c, p, seed, num_layers, hidden):
     A = random_dag_adjacency(d, c, p=p, seed=seed)
-    flow = _flow(A, c, seed=seed, num_blocks=num_blocks, hidden_sizes=hidden)
+    flow = _flow(A, c, seed=seed, num_layers=num_layers, hidden_sizes=hidden)
     _scale_weights(flow, 3.0)  # strongly non-linear blocks, every normalisation active
     check_all(flow, logdet_atol=1e-5, roundtrip_atol=1e-6)
-    assert all(s["converged"] for s in flow.last_inverse_stats)
+    assert flow.last_stats["inverse"]["converged"]
 
 
 def test_shared_property_suite_on_chain_with_context_and_lipswish_away_from_identity():
     A = chain_adjacency(6, context_dim=2)
-    flow = _flow(A, 2, num_blocks=3, hidden_sizes=(12,), lipschitz=0.99)
+    flow = _flow(A, 2, num_layers=3, hidden_sizes=(12,), lipschitz=0.99)
     with torch.no_grad():
         for block in flow.blocks:
             block.activations[0].raw_beta.uniform_(-2.0, 2.0)
     check_all(flow, logdet_atol=1e-5, roundtrip_atol=1e-6)
 
 
-def test_jacobian_reaches_every_ancestor_within_num_blocks():
+def test_jacobian_reaches_every_ancestor_within_num_layers():
     # the structural zeros are necessary (suite), and with enough blocks every allowed
     # path is actually used: z_i depends on each ancestor and context column in the closure
     A = chain_adjacency(4, context_dim=1)
-    flow = _flow(A, 1, num_blocks=4, hidden_sizes=(8,))
+    flow = _flow(A, 1, num_layers=4, hidden_sizes=(8,))
     eps, x = torch.randn(4, dtype=torch.float64), torch.randn(1, dtype=torch.float64)
     J = torch.autograd.functional.jacobian(lambda v: flow.forward(v[:4], v[4:])[0], torch.cat([eps, x]))
     allowed = transitive_closure(flow.adjacency)
@@ -76,7 +76,7 @@ def test_jacobian_reaches_every_ancestor_within_num_blocks():
 @pytest.mark.parametrize("activation", ["lipswish", "tanh", "elu", "softplus"])
 def test_every_activation_gives_exact_logdet_and_inverse(activation):
     A = random_dag_adjacency(5, 2, p=0.5, seed=4)
-    flow = _flow(A, 2, num_blocks=2, hidden_sizes=(10, 10), activation=activation)
+    flow = _flow(A, 2, num_layers=2, hidden_sizes=(10, 10), activation=activation)
     _scale_weights(flow, 3.0)
     check_jacobian_structure(flow)
     check_logdet(flow, atol=1e-5)
@@ -87,7 +87,7 @@ def test_every_activation_gives_exact_logdet_and_inverse(activation):
 @pytest.mark.parametrize("lipschitz", [0.5, 0.9, 0.99])
 def test_spectral_norm_of_every_normalised_weight_is_below_coefficient(lipschitz):
     A = random_dag_adjacency(8, 3, p=0.4, seed=5)
-    flow = _flow(A, 3, num_blocks=2, hidden_sizes=(20, 20), lipschitz=lipschitz)
+    flow = _flow(A, 3, num_layers=2, hidden_sizes=(20, 20), lipschitz=lipschitz)
     _scale_weights(flow, 10.0)
     weights = flow.normalised_weights()
     assert len(weights) == 2 and all(len(ws) == 3 for ws in weights)
@@ -110,7 +110,7 @@ def test_spectral_norm_of_every_normalised_weight_is_below_coefficient(lipschitz
 
 
 def test_small_weights_are_left_alone_by_the_normalisation():
-    flow = _flow(chain_adjacency(4), num_blocks=1, hidden_sizes=(8,), lipschitz=0.9)
+    flow = _flow(chain_adjacency(4), num_layers=1, hidden_sizes=(8,), lipschitz=0.9)
     _scale_weights(flow, 1e-3)
     for W, layer in zip(flow.normalised_weights()[0], flow.blocks[0].layers):
         assert torch.equal(W, layer.masked_weight[:, : W.shape[1]])
@@ -143,7 +143,7 @@ def test_spectral_norm_bound_worst_cases():
 @pytest.mark.parametrize("inverse_gradient", ["triangular", "unrolled"])
 def test_log_prob_parameter_gradients_match_central_differences(inverse_gradient):
     A = random_dag_adjacency(5, 2, p=0.5, seed=3)
-    flow = _flow(A, 2, seed=1, num_blocks=2, hidden_sizes=(12,), inverse_tol=1e-14, inverse_gradient=inverse_gradient)
+    flow = _flow(A, 2, seed=1, num_layers=2, hidden_sizes=(12,), inverse_tol=1e-14, inverse_gradient=inverse_gradient)
     assert flow.depth >= 2  # the off-diagonal coupling matters for these gradients
     _scale_weights(flow, 2.0)
     torch.manual_seed(2)
@@ -189,7 +189,7 @@ def test_both_inverse_gradients_agree_and_pass_the_suite():
     x = torch.randn(8, 2, generator=g, dtype=torch.float64)
     grads = []
     for mode in ("triangular", "unrolled"):
-        flow = _flow(A, 2, seed=3, num_blocks=2, hidden_sizes=(12,), inverse_gradient=mode)
+        flow = _flow(A, 2, seed=3, num_layers=2, hidden_sizes=(12,), inverse_gradient=mode)
         _scale_weights(flow, 3.0)
         if mode == "unrolled":
             check_all(flow, logdet_atol=1e-5, roundtrip_atol=1e-6)
@@ -206,14 +206,15 @@ def test_inverse_stats_are_reported_and_newton_beats_fixed_point():
     x = torch.randn(30, 1, dtype=torch.float64)
     stats = {}
     for method in ("newton", "fixed_point"):
-        flow = _flow(A, 1, seed=7, num_blocks=3, hidden_sizes=(16,), lipschitz=0.99, inverse_method=method)
+        flow = _flow(A, 1, seed=7, num_layers=3, hidden_sizes=(16,), lipschitz=0.99, inverse_method=method)
         _scale_weights(flow, 3.0)
         z = flow.sample(x)[0]
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             eps, _ = flow.inverse(z, x)
         assert torch.allclose(flow.forward(eps, x)[0], z, atol=1e-8)
-        s = flow.last_inverse_stats
+        s = flow.last_stats["inverse"]["blocks"]
+        assert flow.last_stats["inverse"]["evaluations"] == sum(b["evaluations"] for b in s)
         assert [b["block"] for b in s] == [0, 1, 2]
         for b in s:
             assert b["converged"] and 1 <= b["iterations"] <= 100
@@ -224,33 +225,35 @@ def test_inverse_stats_are_reported_and_newton_beats_fixed_point():
 
 
 def test_iteration_cap_warns_and_reports_unconverged():
-    flow = _flow(chain_adjacency(6), num_blocks=2, hidden_sizes=(8,), inverse_max_iter=1, inverse_tol=1e-14)
+    flow = _flow(chain_adjacency(6), num_layers=2, hidden_sizes=(8,), inverse_max_iter=1, inverse_tol=1e-14)
     _scale_weights(flow, 3.0)
     z = flow.sample(n=5)
     with pytest.warns(RuntimeWarning, match="inverse_max_iter=1"):
         flow.inverse(z)
-    assert all(b["iterations"] == 1 for b in flow.last_inverse_stats)
-    assert not all(b["converged"] for b in flow.last_inverse_stats)
-    assert max(b["residual"] for b in flow.last_inverse_stats) > 1e-14
+    blocks = flow.last_stats["inverse"]["blocks"]
+    assert all(b["iterations"] == 1 for b in blocks)
+    assert not all(b["converged"] for b in blocks) and not flow.last_stats["inverse"]["converged"]
+    assert flow.last_stats["inverse"]["residual"] == max(b["residual"] for b in blocks) > 1e-14
 
 
 def test_batched_context_broadcasts_and_float32_works():
     A = random_dag_adjacency(4, 2, p=0.5, seed=8)
     torch.manual_seed(0)
-    flow = GraphicalResidualFlow(A, context_dim=2, num_blocks=2, hidden_sizes=(8,))  # default dtype
+    flow = GraphicalResidualFlow(A, context_dim=2, num_layers=2, hidden_sizes=(8,))  # default dtype
     x = torch.randn(3, 2)
     z, lq = flow.rsample_and_log_prob(x, n=5)
     assert z.shape == (5, 3, 4) and lq.shape == (5, 3) and z.dtype == torch.float32
     lp = flow.log_prob(z.detach(), x)  # x broadcasts against (5, 3)
     assert torch.allclose(lp, lq.detach(), atol=1e-4)
-    assert all(s["converged"] for s in flow.last_inverse_stats)
+    assert flow.last_stats["inverse"]["converged"]
 
 
 def test_introspection():
     A = random_dag_adjacency(5, 1, p=0.5, seed=9)
-    flow = _flow(A, 1, num_blocks=3, hidden_sizes=(9, 7))
-    assert flow.num_blocks == 3
-    masks = flow.masks
+    flow = _flow(A, 1, num_layers=3, hidden_sizes=(9, 7))
+    assert flow.num_layers == flow.num_passes == 3
+    masks = [m for name, m in flow.masks.items() if name.startswith("blocks.0.")]
+    assert len(flow.masks) == 3 * len(masks)
     assert [tuple(m.shape) for m in masks] == [(9, 6), (7, 9), (5, 7)]
     # the masks connect output j exactly to z_j, pa(z_j) and its context columns
     P = masks[0].double()
@@ -269,8 +272,8 @@ def test_introspection():
         ({"lipschitz": 0.0}, "lipschitz"),
         ({"lipschitz": 1.5}, "lipschitz"),
         ({"lipschitz": -0.3}, "lipschitz"),
-        ({"num_blocks": 0}, "num_blocks"),
-        ({"activation": "relu"}, "activation"),
+        ({"num_layers": 0}, "num_layers"),
+        ({"activation": "gelu"}, "activation"),  # |f'| reaches 1.13
         ({"inverse_method": "bisection"}, "inverse_method"),
         ({"inverse_max_iter": 0}, "inverse_max_iter"),
         ({"inverse_tol": 0.0}, "inverse_tol"),

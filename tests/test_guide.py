@@ -64,7 +64,10 @@ def test_amortize_forms():
 
     bare = amortize(model)
     assert isinstance(bare, ps.guide.AmortizedModel) and bare.__name__ == "model"
-    assert bare.guide.observed_sites == []  # no obs= when traced without data
+    # traced without data nothing is observed: the error names the site that obs=x observes
+    with pytest.raises(ps.ModelStructureError, match=r"'x' \(obs=x\).*observed=\['x'\]"):
+        bare.guide
+    assert amortize(model, observed=[]).guide.observed_sites == []  # a guide of the prior, on purpose
     configured = amortize(observed="x", flow="straf")(model)
     assert configured.guide.observed_sites == ["x"] and configured.guide.latent_sites == ["z"]
     with pytest.raises(ValueError, match="unknown flow"):
@@ -273,3 +276,25 @@ def test_constructor_errors():
 
     with pytest.raises(ps.ModelStructureError, match="'k'"):
         StructuredGuide(discrete, observed=["x"])
+
+
+def test_atomic_save_leaves_no_temporary_file_and_removes_orphans(tmp_path):
+    from pyro_struct.io import atomic_save
+
+    target = tmp_path / "guide.pt"
+    # a writer killed before its rename (pid 2**22 + 1 is above Linux's pid_max default of 2**22)
+    orphan = tmp_path / f".guide.pt.tmp-{2**22 + 1}-abc.pt"
+    orphan.write_bytes(b"half")
+    unrelated = tmp_path / ".other.pt.tmp-1-x.pt"
+    unrelated.write_bytes(b"x")
+    atomic_save({"a": 1}, target)
+    assert target.is_file() and not orphan.exists() and unrelated.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["guide.pt", unrelated.name])
+
+    class Unsaveable:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle")
+
+    with pytest.raises(RuntimeError, match="cannot pickle"):
+        atomic_save(Unsaveable(), tmp_path / "bad.pt")
+    assert not any(p.name.startswith(".bad.pt.tmp-") for p in tmp_path.iterdir())

@@ -115,7 +115,7 @@ def test_parameter_counts_of_a_straf():
     other = sum(p.numel() for p in flow.parameters()) - sum(p.numel() for m in layers for p in m.parameters())
     assert s.num_effective_parameters == expected + other
     assert s.num_dense_parameters == sum(p.numel() for p in flow.parameters())
-    assert s.num_passes == flow.num_passes == s.depth + 1
+    assert s.num_passes == flow.num_passes == 2 * (s.depth + 1)  # num_layers * (depth + 1)
 
 
 def test_flow_with_the_wrong_adjacency_shape_is_refused():

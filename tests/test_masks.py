@@ -143,7 +143,9 @@ def test_greedy_is_optimal_for_one_hidden_layer(seed):
     r = minimum_widths(A, 1)
     h = r + r // 2
     masks = factorize(A, [h])
-    assert count_paths(masks) == _exhaustive_best_single_layer(A, h)
+    # the best balanced assignment, or the paper's cycle over repeated rows when that has more paths
+    assert count_paths(masks) >= _exhaustive_best_single_layer(A, h)
+    assert count_paths(masks) == max(_exhaustive_best_single_layer(A, h), _paper_paths_if_exact(A, [h]))
 
 
 def _unit_labels(masks):
@@ -188,7 +190,9 @@ def test_methods_agree_on_whole_cycles():
     A = torch.tril(torch.rand(20, 20, generator=g) < 0.3, -1)
     r = minimum_widths(A, 2)
     widths = [2 * r, 3 * r]
-    assert count_paths(factorize(A, widths, method="greedy")) == count_paths(factorize(A, widths, method="made"))
+    # no free units: the balanced assignment is MADE's, so greedy is MADE or the paper's masks
+    greedy = count_paths(factorize(A, widths, method="greedy"))
+    assert greedy == max(count_paths(factorize(A, widths, method="made")), _paper_paths_if_exact(A, widths))
 
 
 def test_made_baseline_cycles_lexicographically():
@@ -230,3 +234,89 @@ def test_factorize_accepts_int_adjacency_and_does_not_warn_when_wide_enough():
         warnings.simplefilter("error")
         masks = factorize(A, [5, 5], widen=True)
     assert _exact(masks, A.bool())
+
+
+# ------------------------------------------------- against the StrNN paper's greedy algorithm
+def _strnn_paper_greedy(A, widths):
+    """Chen et al. (2023), Algorithm 1, applied layer by layer, written independently of masks.py
+    with Python sets: the hidden units copy the non-zero rows of the current target cyclically
+    (repetitions included, in row order); ``M2[i][k] = 1`` iff row ``k`` of ``M1`` is a subset of
+    the target's row ``i``; ``M2`` is the next target. Returns 0/1 nested lists ``(out, in)``-shaped
+    per layer, or ``None`` when a target has no non-zero row."""
+    target = [[bool(v) for v in row] for row in A.tolist()]
+    masks = []
+    for h in widths:
+        nonzero = [row for row in target if any(row)]
+        if not nonzero:
+            return None
+        M1 = [list(nonzero[k % len(nonzero)]) for k in range(h)]
+        support = [{j for j, v in enumerate(row) if v} for row in M1]
+        M2 = [[support[k] <= {j for j, v in enumerate(row) if v} for k in range(h)] for row in target]
+        masks.append(M1)
+        target = M2
+    masks.append(target)
+    return masks
+
+
+def _paths_and_pattern(masks):
+    """Total input-output paths and the (output, input) pattern of a list of nested-list masks."""
+    counts = [[int(v) for v in row] for row in masks[0]]  # paths from input j into unit k
+    for M in masks[1:]:
+        counts = [[sum(int(M[i][k]) * counts[k][j] for k in range(len(M[i]))) for j in range(len(counts[0]))]
+                  for i in range(len(M))]
+    return sum(map(sum, counts)), [[c > 0 for c in row] for row in counts]
+
+
+def _paper_paths_if_exact(A, widths):
+    """Paths of the paper's greedy masks, or 0 where they are not exact."""
+    masks = _strnn_paper_greedy(A, widths)
+    if masks is None:
+        return 0
+    paths, pattern = _paths_and_pattern(masks)
+    return paths if pattern == A.tolist() else 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(adjacency_and_widths(max_d=16))
+def test_greedy_keeps_at_least_the_paths_of_the_papers_greedy_and_of_made(aw):
+    A, widths = aw
+    ours = factorize(A, widths, method="greedy")
+    assert _exact(ours, A)
+    paths = count_paths(ours)
+    assert paths >= count_paths(factorize(A, widths, method="made"))
+    paper = _strnn_paper_greedy(A, [m.shape[0] for m in ours[:-1]])
+    if paper is not None:
+        paper_paths, pattern = _paths_and_pattern(paper)
+        if pattern == A.tolist():  # the paper's masks are exact on this adjacency and widths
+            assert paths >= paper_paths, (paths, paper_paths)
+
+
+def test_repeated_rows_get_more_units_as_in_the_paper():
+    # 6 outputs share one parent set and 1 output has another: on whole cycles the balanced
+    # assignment gives both labels the same units, the paper's cycle over repeated rows gives
+    # the shared pattern 6 of every 7 units, and the greedy keeps the better of the two
+    A = torch.zeros(7, 4, dtype=torch.bool)
+    A[:6, 0] = A[:6, 1] = True
+    A[6, 2] = True
+    widths = [14, 14]
+    made = count_paths(factorize(A, widths, method="made"))
+    paper_paths, pattern = _paths_and_pattern(_strnn_paper_greedy(A, widths))
+    assert pattern == A.tolist() and paper_paths > made
+    assert count_paths(factorize(A, widths)) == paper_paths
+
+
+def test_paper_method_is_the_papers_algorithm_or_raises():
+    g = torch.Generator().manual_seed(5)
+    A = torch.tril(torch.rand(9, 9, generator=g) < 0.4, -1)
+    widths = [12, 10]
+    masks = factorize(A, widths, method="paper")
+    assert [m.int().tolist() for m in masks] == [[[int(v) for v in row] for row in M]
+                                                 for M in _strnn_paper_greedy(A, widths)]
+    assert _exact(masks, A)
+    # rows e0, e0, e1, e2, e3, e0 and 4 units (the minimum): the paper's cycle copies e0, e0, e1, e2
+    # and misses e3, while the greedy's cycle over distinct rows is exact
+    E = torch.eye(4, dtype=torch.bool)
+    B = torch.cat([E[:1], E, E[:1]])
+    with pytest.raises(ValueError, match="not exact"):
+        factorize(B, [4], method="paper")
+    assert _exact(factorize(B, [4]), B)

@@ -8,13 +8,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pyro_struct import dag
 from pyro_struct.flows import ConditionalFlow, StrAF
 from pyro_struct.flows.straf import (
     AffineNormalizer,
     SplineNormalizer,
     UMNNNormalizer,
     clenshaw_curtis,
-    latent_depth,
 )
 from tests.flow_properties import (
     chain_adjacency,
@@ -107,7 +107,8 @@ def test_structure_and_round_trip_on_random_dags(d, context_dim, p, seed, normal
     _randomize(flow, seed=seed)
     check_jacobian_structure(flow)
     check_round_trip(flow)
-    assert flow.last_num_passes == _reference_depth(A) + 1
+    assert flow.last_stats["forward"]["passes_per_layer"] == _reference_depth(A) + 1
+    assert flow.last_stats["forward"]["evaluations"] == flow.num_passes == 2 * (_reference_depth(A) + 1)
 
 
 @pytest.mark.parametrize("normalizer", ["affine", "spline"])
@@ -143,16 +144,16 @@ def test_sampling_uses_depth_plus_one_passes(name, A, num_layers):
     flow = StrAF(A, context_dim=2, num_layers=num_layers, hidden_sizes=(16,)).double()
     _randomize(flow, seed=1)
     depth = _reference_depth(A)
-    assert flow.depth == depth and flow.num_passes == depth + 1
+    assert flow.depth == depth and flow.num_passes == num_layers * (depth + 1)
     counter = _PassCounter(flow)
     x = torch.randn(3, 2, dtype=torch.float64)
     flow.sample(x, n=4)
-    assert flow.last_num_passes == depth + 1
+    assert flow.last_stats["forward"] == {"evaluations": (depth + 1) * num_layers, "passes_per_layer": depth + 1}
     assert counter.calls == (depth + 1) * num_layers
     counter.calls = 0
     z = torch.randn(4, 3, A.shape[0], dtype=torch.float64)
     flow.log_prob(z, x)
-    assert counter.calls == num_layers, "density evaluation is one pass per layer"
+    assert counter.calls == num_layers == flow.last_stats["inverse"]["evaluations"], "one pass per layer"
     counter.remove()
     check_round_trip(flow)
 
@@ -161,16 +162,16 @@ def test_one_pass_fewer_is_not_enough():
     # depth + 1 passes is the minimum: with one fewer the deepest latent is wrong
     A = chain_adjacency(5)
     flow = _randomize(StrAF(A, hidden_sizes=(8,)).double(), seed=2)
-    flow.num_passes = flow.depth
+    flow._levels = flow._levels[:-1]
     with pytest.raises(AssertionError):
         check_round_trip(flow)
 
 
-def test_latent_depth_matches_networkx():
+def test_dag_depth_matches_networkx():
     for seed in range(5):
         A = random_dag_adjacency(15, 3, p=0.2, seed=seed)
-        assert latent_depth(A) == _reference_depth(A)
-    assert latent_depth(torch.zeros(3, 3, dtype=torch.bool)) == 0
+        assert dag.depth(A) == _reference_depth(A)
+    assert dag.depth(torch.zeros(3, 3, dtype=torch.bool)) == 0
 
 
 @pytest.mark.parametrize("normalizer", ["affine", "spline", "umnn"])

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 import pyro_struct as ps
 from pyro_struct import trace as trace_module
+from pyro_struct.trace import probe as probe_module
+from pyro_struct.trace.sparsity import LARGE_OUTPUT
 from pyro_struct.errors import ModelStructureError
 from pyro_struct.trace import trace_model
 
@@ -70,7 +72,7 @@ def convolution_model(n_in, kernel=(0.5, -1.0, 2.0)):
 
 # ----------------------------------------------------------------------------- exact edges
 def test_chain():
-    bn = trace_model(chain_model)
+    bn = ps.trace_model(chain_model)  # the package-level export
     assert edges(bn) == {("z1", "z2"), ("z2", "z3"), ("z3", "x")}
     assert bn.latent_nodes == ["z1", "z2", "z3"] and bn.observed_nodes == ["x"]
     assert bn.nodes == ["z1", "z2", "z3", "x"]
@@ -161,6 +163,23 @@ def test_deterministic_site_is_spliced_out():
     assert "d" not in bn.sites
 
 
+def test_eight_schools_with_deterministic_theta_in_the_plate():
+    sigma = torch.tensor([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
+
+    def model(y=None):
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        tau = pyro.sample("tau", dist.HalfCauchy(5.0))
+        with pyro.plate("schools", 8):
+            eta = pyro.sample("eta", dist.Normal(0.0, 1.0))
+            theta = pyro.deterministic("theta", mu + tau * eta)
+            pyro.sample("y", dist.Normal(theta, sigma), obs=y)
+
+    bn = trace_model(model, y=torch.zeros(8))
+    assert list(bn.sites) == ["mu", "tau", "eta", "y"] and bn.observed_sites == ["y"]
+    assert bn.sites["eta"].shape == (8,) and bn.sites["y"].shape == (8,)
+    assert edges(bn) == {(p, f"y[{i}]") for i in range(8) for p in ("mu", "tau", f"eta[{i}]")}
+
+
 def test_delta_site_is_spliced_out():
     def model():
         z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
@@ -186,6 +205,24 @@ def test_non_differentiable_dependency_still_gives_an_edge(op):
     bn = trace_model(model)
     # no gradient ever flows, so every element of a is a parent of every element of b
     assert edges(bn) == {(f"a[{i}]", f"b[{j}]") for i in range(2) for j in range(2)}
+
+
+def test_change_point_reaches_every_element_on_both_sides():
+    T = 40
+
+    def model(x=None):
+        tau = pyro.sample("tau", dist.Uniform(0.0, float(T)))
+        r1 = pyro.sample("r1", dist.LogNormal(0.0, 1.0))
+        r2 = pyro.sample("r2", dist.LogNormal(0.0, 1.0))
+        rate = torch.where(torch.arange(T) < tau, r1, r2)
+        with pyro.plate("t", T):
+            pyro.sample("x", dist.Normal(rate, 1.0), obs=x)
+
+    bn = trace_model(model, x=torch.zeros(T))
+    # x[t] depends on r1 for some tau > t (every t) and on r2 for some tau <= t (t >= 1, as tau > 0)
+    expected = {(p, f"x[{t}]") for t in range(T) for p in ("tau", "r1")}
+    expected |= {("r2", f"x[{t}]") for t in range(1, T)}
+    assert edges(bn) == expected
 
 
 def test_mixed_differentiable_and_rounded_path_is_all_to_all():
@@ -307,19 +344,19 @@ def test_extra_dependencies():
 
 # ----------------------------------------------------------------------------- large sites
 def test_large_plate_uses_compressed_jacobians_exactly():
-    N = 3 * trace_module._LARGE_SITE_EVENTS
+    N = 3 * LARGE_OUTPUT
     bn = trace_model(hierarchical_model(N), torch.zeros(N))
     assert edges(bn) == hierarchical_edges(N)
 
 
 def test_large_convolution_band_is_exact():
-    model, expected = convolution_model(2 * trace_module._LARGE_SITE_EVENTS + 7)
+    model, expected = convolution_model(2 * LARGE_OUTPUT + 7)
     bn = trace_model(model)
     assert edges(bn) == expected
 
 
 def test_large_dense_triangular_jacobian_falls_back_exactly():
-    n = trace_module._LARGE_SITE_EVENTS + 22
+    n = LARGE_OUTPUT + 22
 
     def model():
         z = pyro.sample("z", dist.Normal(torch.zeros(n), 1.0).to_event(1))
@@ -345,10 +382,6 @@ def test_rng_state_untouched_and_reproducible():
     assert torch.equal(torch.rand(3), expected)
     second = trace_model(convolution_model(5)[0])
     assert first.to_dict() == second.to_dict()
-
-
-def test_public_export():
-    assert ps.trace_model is trace_model
 
 
 # ----------------------------------------------------------------------------- errors
@@ -382,6 +415,94 @@ def test_dynamic_structure_is_refused():
 
     with pytest.raises(ModelStructureError, match="extra_"):
         trace_model(model)
+
+
+def branch_model(sign, threshold=0.0):
+    def model():
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        if sign * z > threshold:
+            pyro.sample("w", dist.Normal(z, 1.0))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=torch.tensor(0.0))
+
+    return model
+
+
+@pytest.mark.parametrize("sign", [-1, 1])  # `if z < 0` and `if z > 0`
+def test_branch_taken_half_the_time_is_refused_for_every_seed(sign):
+    for seed in range(8):
+        with pytest.raises(ModelStructureError, match="'w'"):
+            trace_model(branch_model(sign), seed=seed)
+
+
+def test_rare_branch_is_found_in_the_prior_tails():
+    # P(z > 2.5) = 0.006: 16 plain prior draws would miss it about 9 times in 10
+    for seed in range(4):
+        with pytest.raises(ModelStructureError, match="'w'"):
+            trace_model(branch_model(1, threshold=2.5), seed=seed)
+
+
+def count_calls(model):
+    def counted(*args, **kwargs):
+        counted.calls += 1
+        return model(*args, **kwargs)
+
+    counted.calls = 0
+    return counted
+
+
+@pytest.mark.parametrize("num_probes", [1, 3, 5])
+def test_structure_runs_only_when_values_reach_python(num_probes):
+    def escaping():
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        loc = 1.0 if float(z) > 0 else -1.0
+        pyro.sample("x", dist.Normal(loc, 1.0), obs=torch.tensor(0.0))
+
+    model = count_calls(escaping)
+    trace_model(model, num_probes=num_probes)
+    assert model.calls == 1 + trace_module.structure_runs(num_probes) >= 17
+    assert trace_module.structure_runs(num_probes + 10) > trace_module.structure_runs(num_probes)
+    model = count_calls(chain_model)  # no escape and no gradients to read: one run
+    trace_model(model, num_probes=num_probes)
+    assert model.calls == 1
+
+
+def test_model_failing_only_in_the_tails_is_still_traced():
+    raised = []
+
+    def model():
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        if float(z.abs()) > 3.0:  # P = 0.003 under the prior: (nearly) only tail pushes get here
+            raised.append(float(z))
+            raise ValueError("only in the tails")
+        pyro.sample("x", dist.Normal(z, 1.0), obs=torch.tensor(0.0))
+
+    assert edges(trace_model(model)) == {("z", "x")}
+    assert raised  # the failing tail runs were repeated at plain prior draws
+
+
+def test_tail_plan_gives_every_site_both_tails_every_four_runs():
+    n_sites = 50
+    sides = [[plan.next()[0] for _ in range(n_sites)] for plan in map(lambda k: probe_module.TailPlan(k, 0), range(8))]
+    for block in (sides[:4], sides[4:]):
+        for site in range(n_sites):
+            assert sorted(run[site] for run in block) == [-1, 0, 0, 1]
+    assert sides[:4] != sides[4:]  # the combinations of the sites' tails change between blocks
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [dist.Normal(torch.zeros(3), 1.0), dist.Gamma(2.0, 1.0).expand([3]), dist.Dirichlet(2 * torch.ones(3)),
+     dist.LogNormal(0.0, 1.0).expand([2]).to_event(1), dist.Poisson(3.0).expand([3])],
+)
+def test_tail_draws_keep_shape_and_support(fn):
+    pyro.set_rng_seed(0)
+    plan = probe_module.TailPlan(0, 0)
+    draws = [probe_module.tail_draw(fn, side, plan.next()[1]) for side in (-1, 1) * 20]
+    ref = fn.sample()
+    assert all(d.shape == ref.shape and bool(fn.support.check(d).all()) for d in draws)
+    plain = [fn.sample() for _ in range(40)]
+    least_likely = [min(float(fn.log_prob(d).sum()) for d in ds) for ds in (draws, plain)]
+    assert least_likely[0] < least_likely[1]  # reaches further into the tails
 
 
 def test_dynamic_shape_is_refused():
@@ -421,3 +542,47 @@ def test_bad_arguments():
         trace_model(chain_model, granularity="node")
     with pytest.raises(ValueError, match="num_probes"):
         trace_model(chain_model, num_probes=0)
+
+
+# ----------------------------------------------------------------------------- obs=data idiom
+def test_observed_candidates_of_a_data_none_model():
+    def model(data=None):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("n", 10):
+            pyro.sample("x", dist.Normal(mu, 1.0), obs=data)
+
+    assert trace_module.find_observed_candidates(model) == {"x": "data"}
+    assert trace_module.find_observed_candidates(model, torch.zeros(10)) == {}  # data given
+
+
+def test_observed_candidates_of_two_data_arguments():
+    def model(x=None, y=None, scale=1.0):
+        w = pyro.sample("w", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+        with pyro.plate("rows", 5):
+            x = pyro.sample("x_obs", dist.Normal(0.0, 1.0).expand([3]).to_event(1), obs=x)
+            pyro.sample("y_obs", dist.Normal(x @ w, scale), obs=y)
+
+    torch.manual_seed(7)
+    expected = torch.rand(2)
+    torch.manual_seed(7)
+    found = trace_module.find_observed_candidates(model)
+    assert torch.equal(torch.rand(2), expected)  # the global RNG state is restored
+    assert found == {"x_obs": "x", "y_obs": "y"}
+    assert trace_module.find_observed_candidates(model, y=torch.zeros(5)) == {"x_obs": "x"}
+
+
+def test_observed_candidates_of_a_python_loop_indexing_its_data():
+    # x[t] of a scalar draw raises (skipped); the scalar draws stacked into (6,) fit x[t]
+    assert trace_module.find_observed_candidates(hmm_model(3)) == {f"x_{t}": "x" for t in range(3)}
+    assert trace_module.find_observed_candidates(chain_model) == {}  # no data argument
+
+
+def test_observed_candidates_of_a_pyro_module():
+    from pyro.nn import PyroModule
+
+    class Model(PyroModule):
+        def forward(self, data=None):
+            mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+            return pyro.sample("obs", dist.Normal(mu, 1.0), obs=data)
+
+    assert trace_module.find_observed_candidates(Model()) == {"obs": "data"}

@@ -1,4 +1,7 @@
-"""The conditional flow interface shared by StrAF, graphical residual flows and structured CNFs."""
+"""The conditional flow interface shared by StrAF, graphical residual flows and structured CNFs.
+
+``transitive_closure`` is re-exported from :mod:`pyro_struct.dag`.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,9 @@ from abc import ABC, abstractmethod
 
 import torch
 from torch import nn
+
+from ..dag import transitive_closure
+from ..nn import masks_of, parameter_counts
 
 __all__ = ["ConditionalFlow", "check_adjacency", "transitive_closure"]
 
@@ -50,38 +56,27 @@ def check_adjacency(adjacency: torch.Tensor, context_dim: int) -> torch.Tensor:
     return A.clone()
 
 
-def transitive_closure(adjacency: torch.Tensor) -> torch.Tensor:
-    """Reflexive-transitive closure of a flow adjacency.
-
-    Args:
-        adjacency: ``(d, d + c)`` bool tensor as in :func:`check_adjacency`.
-
-    Returns:
-        ``(d, d + c)`` bool tensor: ``C[i, j]`` iff there is a directed path from input ``j``
-        to latent ``i`` (``C[i, i]`` is always true). A flow's output ``z_i`` can only
-        depend on base noise ``eps_j`` and context ``x_k`` where ``C`` is true.
-    """
-    A = torch.as_tensor(adjacency).bool()
-    d = A.shape[0]
-    C = A.clone()
-    C[:, :d] |= torch.eye(d, dtype=torch.bool)
-    # rows in sampling order: row i's closure is its parents' closures ORed together
-    for i in range(d):
-        parents = torch.nonzero(A[i, :d]).flatten()
-        if len(parents):
-            C[i] |= C[parents].any(0)
-    return C
-
-
 class ConditionalFlow(nn.Module, ABC):
     """A normalizing flow ``z = T(eps; x)`` over ``d`` latents conditioned on a context ``x``.
 
-    The base distribution is a standard normal on ``eps``. Subclasses implement
-    :meth:`forward` and :meth:`inverse`; everything else follows.
+    The base distribution is a standard normal on ``eps``. The public :meth:`forward` and
+    :meth:`inverse` validate and broadcast their inputs once, here, then call the template
+    methods ``_forward`` / ``_inverse`` that a family implements; everything else follows.
 
     Shapes: ``eps`` and ``z`` are ``(*batch, d)``; ``x`` is ``(*batch, context_dim)`` or
     ``None`` when ``context_dim == 0``. A context with fewer batch dimensions than ``z``
-    broadcasts.
+    broadcasts (the template methods receive both expanded to the common batch shape).
+
+    Every family shares this interface:
+
+    - :attr:`masks`: ``{module name: (out, in) bool mask}`` of every masked layer;
+    - :meth:`num_effective_parameters` / :meth:`num_dense_parameters`: masked-out weights are
+      not effective, every other parameter is;
+    - :attr:`num_passes`: sequential network evaluations one sampling (``forward``) call needs
+      (``None`` where it is only known after a call, as for an adaptive ODE solver);
+    - :attr:`last_stats`: ``{"forward": {...}, "inverse": {...}}`` for the last call in each
+      direction, each with the key ``"evaluations"`` (network evaluations of that call) plus
+      family-specific extras; a direction not yet called is absent.
 
     Args:
         adjacency: ``(d, d + context_dim)`` bool tensor, rows and the first ``d`` columns in
@@ -95,9 +90,23 @@ class ConditionalFlow(nn.Module, ABC):
         self.dim = A.shape[0]
         self.context_dim = int(context_dim)
         self.register_buffer("adjacency", A, persistent=False)
+        self.last_stats: dict[str, dict] = {}
 
     # -------------------------------------------------------------- to implement
     @abstractmethod
+    def _forward(self, eps: torch.Tensor, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Base noise -> latents on validated inputs: ``eps`` ``(*batch, d)``, ``x`` ``(*batch, c)`` or ``None``."""
+
+    @abstractmethod
+    def _inverse(self, z: torch.Tensor, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents -> base noise on validated inputs: ``z`` ``(*batch, d)``, ``x`` ``(*batch, c)`` or ``None``."""
+
+    @property
+    @abstractmethod
+    def num_passes(self) -> int | None:
+        """Sequential network evaluations that one sampling (``forward``) call needs."""
+
+    # ------------------------------------------------------------------ public
     def forward(self, eps: torch.Tensor, x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Map base noise to latents.
 
@@ -108,8 +117,9 @@ class ConditionalFlow(nn.Module, ABC):
         Returns:
             ``z`` of shape ``(*batch, d)`` and ``log|det dz/deps|`` of shape ``(*batch,)``.
         """
+        eps, x = self._validate(eps, x, "eps")
+        return self._forward(eps, x)
 
-    @abstractmethod
     def inverse(self, z: torch.Tensor, x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Map latents to base noise.
 
@@ -120,8 +130,23 @@ class ConditionalFlow(nn.Module, ABC):
         Returns:
             ``eps`` of shape ``(*batch, d)`` and ``log|det deps/dz|`` of shape ``(*batch,)``.
         """
+        z, x = self._validate(z, x, "z")
+        return self._inverse(z, x)
 
     # ------------------------------------------------------------------- derived
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """``{module name: (out, in) bool mask}`` of every masked layer, in module order (CPU copies)."""
+        return masks_of(self)
+
+    def num_effective_parameters(self) -> int:
+        """Trainable parameters that are not masked out (every parameter outside masked weights counts)."""
+        return parameter_counts(self)[0]
+
+    def num_dense_parameters(self) -> int:
+        """Trainable parameters of the same flow without masks."""
+        return parameter_counts(self)[1]
+
     def _check_context(self, x: torch.Tensor | None) -> torch.Tensor | None:
         if self.context_dim == 0:
             if x is not None and x.shape[-1] != 0:
@@ -132,6 +157,22 @@ class ConditionalFlow(nn.Module, ABC):
         if x.shape[-1] != self.context_dim:
             raise ValueError(f"context x must have last dimension {self.context_dim}; got shape {tuple(x.shape)}")
         return x
+
+    def _validate(self, v: torch.Tensor, x: torch.Tensor | None, name: str):
+        """Check ``v`` ``(*batch, d)`` (called ``name`` in errors) and the context; broadcast both."""
+        x = self._check_context(x)
+        if v.shape[-1] != self.dim:
+            raise ValueError(f"{name} must have last dimension {self.dim}; got shape {tuple(v.shape)}")
+        if x is None:
+            return v, None
+        try:
+            batch = torch.broadcast_shapes(v.shape[:-1], x.shape[:-1])
+        except RuntimeError:
+            raise ValueError(
+                f"{name} of shape {tuple(v.shape)} and context x of shape {tuple(x.shape)} have batch shapes "
+                f"that do not broadcast"
+            ) from None
+        return v.expand(batch + (self.dim,)), x.expand(batch + (self.context_dim,))
 
     def base_log_prob(self, eps: torch.Tensor) -> torch.Tensor:
         """Standard normal log density of ``eps`` ``(*batch, d)`` summed over the last dim: ``(*batch,)``."""
@@ -182,13 +223,6 @@ class ConditionalFlow(nn.Module, ABC):
 
     def log_prob(self, z: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """Log density ``log q(z | x)`` of ``z`` ``(*batch, d)``; returns ``(*batch,)``."""
-        x = self._check_context(x)
-        if z.shape[-1] != self.dim:
-            raise ValueError(f"z must have last dimension {self.dim}; got shape {tuple(z.shape)}")
-        if x is not None:
-            batch = torch.broadcast_shapes(z.shape[:-1], x.shape[:-1])
-            z = z.expand(batch + (self.dim,))
-            x = x.expand(batch + (self.context_dim,))
         eps, logdet = self.inverse(z, x)
         return self.base_log_prob(eps) + logdet
 

@@ -11,7 +11,7 @@ Example:
     >>> z, log_q = flow.rsample_and_log_prob(torch.randn(5, 1), n=3)
     >>> z.shape, log_q.shape
     (torch.Size([3, 5, 2]), torch.Size([3, 5]))
-    >>> flow.last_nfe["forward"] > 0
+    >>> flow.last_stats["forward"]["evaluations"] == flow.num_passes > 0
     True
 """
 
@@ -23,18 +23,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..nn import StrNN
+from ..nn import StrNN, get_activation
 from .base import ConditionalFlow
 
 __all__ = ["StructuredCNF"]
-
-# Activations with the analytic derivative the divergence needs; all smooth, because an
-# adaptive solver's error control assumes a smooth velocity field (ReLU kinks cost steps).
-_SMOOTH_ACTIVATIONS = {
-    "tanh": (torch.tanh, lambda a: 1.0 - torch.tanh(a) ** 2),
-    "softplus": (nn.functional.softplus, torch.sigmoid),
-    "silu": (nn.functional.silu, lambda a: torch.sigmoid(a) * (1.0 + a * (1.0 - torch.sigmoid(a)))),
-}
 
 # Orders of torchdiffeq's adaptive Runge-Kutta solvers, for the initial step-size heuristic.
 _ADAPTIVE_ORDERS = {"dopri8": 8, "dopri5": 5, "bosh3": 3, "fehlberg2": 2, "adaptive_heun": 2}
@@ -97,7 +89,9 @@ class StructuredCNF(ConditionalFlow):
         adjacency: ``(d, d + context_dim)`` bool tensor (strictly lower-triangular among latents).
         context_dim: number of context columns.
         hidden_sizes: widths of the hidden layers of ``f`` (widened if too narrow for ``A_f``).
-        activation: smooth activation, ``"tanh"`` (default), ``"softplus"`` or ``"silu"``.
+        activation: a smooth activation of :data:`pyro_struct.nn.ACTIVATIONS` (``"tanh"`` default,
+            ``"softplus"``, ``"silu"``, ``"gelu"``, ``"lipswish"``): an adaptive solver's error control
+            assumes a smooth velocity field (ReLU kinks cost steps).
         time_gating: ``"gate_and_bias"`` (default), ``"gate"`` or ``"none"``.
         T: end time; both directions integrate over the same interval ``[0, T]``.
         method: a torchdiffeq method (``"dopri5"`` default; ``"rk4"`` etc. with
@@ -111,14 +105,17 @@ class StructuredCNF(ConditionalFlow):
         hutchinson_noise: ``"rademacher"`` (default) or ``"gaussian"`` probes.
         include_diagonal: add the latent diagonal to ``f``'s mask (see above); keep ``True``.
         skip: add a masked, time-independent linear map ``[z, x] -> f`` (zero-initialised).
-        method_masks: mask factorisation, ``"greedy"`` or ``"made"``.
+        mask_method: mask factorisation, ``"greedy"`` or ``"made"`` (``method`` is the ODE solver).
+
+    The CNF is one ODE, so it has no ``num_layers`` option; :attr:`num_passes` is the number of
+    velocity evaluations (NFE) of the last sampling solve, ``None`` before any.
 
     Attributes:
-        last_nfe: dict with the number of function evaluations of the latest solve in each
-            direction, keys ``"forward"`` and ``"inverse"``.
+        last_stats: ``{"forward": {"evaluations", "nfe"}, "inverse": {"evaluations", "nfe"}}``:
+            the function evaluations of the latest solve in each direction (absent before one).
         nfe: cumulative counts, keys ``"forward"``, ``"inverse"`` and ``"backward"`` (the
             evaluations of adjoint backward solves, made during ``.backward()``);
-            :meth:`reset_nfe` zeroes them.
+            :meth:`reset_nfe` zeroes them and clears :attr:`last_stats`.
 
     Shapes: ``eps``, ``z`` ``(*batch, d)``; ``x`` ``(*batch, context_dim)`` or ``None`` (a context
     with fewer batch dimensions broadcasts).
@@ -147,14 +144,10 @@ class StructuredCNF(ConditionalFlow):
         hutchinson_noise: str = "rademacher",
         include_diagonal: bool = True,
         skip: bool = False,
-        method_masks: str = "greedy",
+        mask_method: str = "greedy",
     ):
         super().__init__(adjacency, context_dim)
-        if not isinstance(activation, str) or activation.lower() not in _SMOOTH_ACTIVATIONS:
-            raise ValueError(
-                f"activation must be one of {sorted(_SMOOTH_ACTIVATIONS)} (smooth, with an analytic derivative "
-                f"for the divergence); got {activation!r}"
-            )
+        get_activation(activation, width=1, require="smooth")  # fail before the masks are built
         if time_gating not in _TIME_GATINGS:
             raise ValueError(f"time_gating must be one of {_TIME_GATINGS}; got {time_gating!r}")
         if not (isinstance(T, (int, float)) and math.isfinite(T) and T > 0):
@@ -190,8 +183,9 @@ class StructuredCNF(ConditionalFlow):
         self.hutchinson_noise = hutchinson_noise
         self.include_diagonal = bool(include_diagonal)
 
-        # StrNN supplies the masks and masked layers; the gated forward pass is ours.
-        self.net = StrNN(A_f, hidden_sizes, num_params=1, skip=skip, activation=self.activation, method=method_masks)
+        # the StrNN's masked pass, with the time gates as its post-linear hook
+        self.net = StrNN(A_f, hidden_sizes, num_params=1, skip=skip, activation=self.activation,
+                         mask_method=mask_method, require="smooth")
         widths = [layer.out_features for layer in self.net.layers]
         if time_gating != "none":
             self.gate_weight = nn.ParameterList(nn.Parameter(torch.empty(w).uniform_(-1.0, 1.0)) for w in widths)
@@ -201,39 +195,40 @@ class StructuredCNF(ConditionalFlow):
 
         self.register_buffer("_diag_paths", self._diagonal_paths(), persistent=False)
         self._nfe = {"forward": 0, "inverse": 0, "backward": 0}
-        self.last_nfe = {"forward": 0, "inverse": 0}
 
     # ------------------------------------------------------------------ counts
     def reset_nfe(self) -> None:
         """Zero the cumulative and the latest function-evaluation counts."""
         for k in self._nfe:
             self._nfe[k] = 0
-        self.last_nfe = {"forward": 0, "inverse": 0}
+        self.last_stats.clear()
+
+    @property
+    def num_passes(self) -> int | None:
+        """Velocity evaluations (NFE) of the last sampling (``forward``) solve; ``None`` before any."""
+        stats = self.last_stats.get("forward")
+        return None if stats is None else stats["evaluations"]
 
     @property
     def nfe(self) -> dict[str, int]:
         """Cumulative function evaluations: ``"forward"``, ``"inverse"`` and ``"backward"`` (adjoint solves)."""
         return dict(self._nfe)
 
-    def num_effective_parameters(self) -> int:
-        """Trainable parameters not masked out (StrNN's effective count plus the time gates)."""
-        gates = sum(p.numel() for name, p in self.named_parameters() if not name.startswith("net."))
-        return self.net.num_effective_parameters() + gates
-
-    def num_dense_parameters(self) -> int:
-        """Parameters of the same network without masks."""
-        return sum(p.numel() for p in self.parameters())
-
     # ---------------------------------------------------------------- dynamics
-    def _gate(self, k: int, p: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Apply layer ``k``'s time gate to pre-activations ``p``; also return the gate (for tangents)."""
+    def _gate(self, t: torch.Tensor):
+        """The post-linear hook of the masked pass at time ``t``: layer ``k``'s per-unit time gate,
+        returning the gated values and their slope (the gate) so the pass keeps the derivative."""
         if self.time_gating == "none":
-            return p, None
-        gate = torch.sigmoid(self.gate_weight[k] * t + self.gate_bias[k])
-        out = p * gate
-        if self.time_gating == "gate_and_bias":
-            out = out + self.time_bias[k] * t
-        return out, gate
+            return None
+
+        def gate_layer(k: int, p: torch.Tensor):
+            gate = torch.sigmoid(self.gate_weight[k] * t + self.gate_bias[k])
+            out = p * gate
+            if self.time_gating == "gate_and_bias":
+                out = out + self.time_bias[k] * t
+            return out, gate
+
+        return gate_layer
 
     def _velocity_and_divergence(
         self, z: torch.Tensor, x: torch.Tensor | None, t: torch.Tensor, probe: torch.Tensor | None
@@ -245,46 +240,20 @@ class StructuredCNF(ConditionalFlow):
         """
         d = self.dim
         t = t.to(z.dtype)
-        act, dact = _SMOOTH_ACTIVATIONS[self.activation]
-        layers = self.net.layers
-        last = len(layers) - 1
-        hutchinson = probe is not None
-
-        W0 = layers[0].masked_weight
-        pre = nn.functional.linear(z, W0[:, :d], layers[0].bias)
-        if x is not None:
-            pre = pre + nn.functional.linear(x, W0[:, d:])
-        jvp = nn.functional.linear(probe, W0[:, :d]) if hutchinson else None
-        slopes = []  # d(hidden output)/d(its linear input), per hidden layer: (*batch, width)
-        out_gate = None
-        for k in range(len(layers)):
-            if k > 0:
-                pre = nn.functional.linear(h, layers[k].masked_weight, layers[k].bias)
-                if hutchinson:
-                    jvp = nn.functional.linear(jvp, layers[k].masked_weight)
-            pre, gate = self._gate(k, pre, t)
-            slope = gate
-            if k < last:
-                slope = dact(pre) if gate is None else dact(pre) * gate
-                h = act(pre)
-                slopes.append(slope)
-            else:
-                out_gate = gate
-            if hutchinson and slope is not None:
-                jvp = jvp * slope
-        f = pre
+        inputs = z if x is None else torch.cat([z, x], -1)
+        result = self.net.run(inputs, post=self._gate(t), need_slopes=probe is None, tangent=probe)
+        f = result.output
+        jvp = result.tangent
         skip = self.net.skip
         if skip is not None:
             S = skip.masked_weight
-            f = f + nn.functional.linear(z, S[:, :d])
-            if x is not None:
-                f = f + nn.functional.linear(x, S[:, d:])
-            if hutchinson:
+            f = f + nn.functional.linear(inputs, S)
+            if probe is not None:
                 jvp = jvp + nn.functional.linear(probe, S[:, :d])
-        if hutchinson:
+        if probe is not None:
             div = (jvp * probe).sum(-1)
         else:
-            div = self._exact_divergence(slopes, out_gate)
+            div = self._exact_divergence(result.slopes[:-1], result.slopes[-1])
             if skip is not None:
                 div = div + torch.diagonal(skip.masked_weight[:, :d]).sum()
             div = div.expand(f.shape[:-1])
@@ -342,7 +311,7 @@ class StructuredCNF(ConditionalFlow):
 
         ``z`` ``(*batch, d)`` and ``x`` ``(*batch, context_dim)`` (broadcast) -> ``(*batch, d)``.
         """
-        z, x = self._broadcast(z, x)
+        z, x = self._validate(z, x, "z")
         return self._velocity_and_divergence(z, x, torch.as_tensor(t, dtype=z.dtype, device=z.device), None)[0]
 
     def divergence_at(
@@ -354,21 +323,12 @@ class StructuredCNF(ConditionalFlow):
     ) -> torch.Tensor:
         """``div_z f(z, x, t)`` ``(*batch,)``: exact, or the Hutchinson estimate ``probe^T (df/dz) probe``
         when a probe ``(*batch, d)`` is given."""
-        z, x = self._broadcast(z, x)
+        z, x = self._validate(z, x, "z")
         if probe is not None:
             probe = probe.expand(z.shape)
         return self._velocity_and_divergence(z, x, torch.as_tensor(t, dtype=z.dtype, device=z.device), probe)[1]
 
     # ------------------------------------------------------------------ solves
-    def _broadcast(self, v: torch.Tensor, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x = self._check_context(x)
-        if v.shape[-1] != self.dim:
-            raise ValueError(f"the latent input must have last dimension {self.dim}; got shape {tuple(v.shape)}")
-        if x is None:
-            return v, None
-        batch = torch.broadcast_shapes(v.shape[:-1], x.shape[:-1])
-        return v.expand(batch + (self.dim,)), x.expand(batch + (self.context_dim,))
-
     def _probe(self, like: torch.Tensor) -> torch.Tensor | None:
         if self.divergence == "exact":
             return None
@@ -404,7 +364,6 @@ class StructuredCNF(ConditionalFlow):
         """Integrate ``(v, 0)`` from ``0`` to ``T`` (``mode="forward"``) or ``T`` to ``0`` (``"inverse"``)."""
         from torchdiffeq import odeint, odeint_adjoint
 
-        v, x = self._broadcast(v, x)
         ref = self._reference()
         if ref.is_floating_point() and v.dtype != ref.dtype:
             raise ValueError(
@@ -434,10 +393,11 @@ class StructuredCNF(ConditionalFlow):
         finally:
             # evaluations after this point come from an adjoint backward solve
             func.mode = "backward"
-        self.last_nfe[mode] = self._nfe[mode] - start
+        nfe = self._nfe[mode] - start
+        self.last_stats[mode] = {"evaluations": nfe, "nfe": nfe}
         return zs[-1], ls[-1]
 
-    def forward(self, eps: torch.Tensor, x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, eps: torch.Tensor, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Integrate ``eps`` ``(*batch, d)`` from ``t=0`` to ``T``.
 
         Returns:
@@ -445,7 +405,7 @@ class StructuredCNF(ConditionalFlow):
         """
         return self._solve(eps, x, "forward")
 
-    def inverse(self, z: torch.Tensor, x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _inverse(self, z: torch.Tensor, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Integrate ``z`` ``(*batch, d)`` from ``t=T`` back to ``0``.
 
         Returns:

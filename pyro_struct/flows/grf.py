@@ -9,32 +9,31 @@ strictly lower-triangular in sampling order, the Jacobian of a block is lower-tr
 
 Example:
     >>> A = torch.tensor([[0, 0, 0, 1], [1, 0, 0, 0], [1, 1, 0, 1]], dtype=torch.bool)  # d=3, 1 context
-    >>> flow = GraphicalResidualFlow(A, context_dim=1, num_blocks=2, hidden_sizes=(16,))
+    >>> flow = GraphicalResidualFlow(A, context_dim=1, num_layers=2, hidden_sizes=(16,))
     >>> z, log_q = flow.rsample_and_log_prob(torch.randn(5, 1), n=4)
     >>> z.shape, log_q.shape
     (torch.Size([4, 5, 3]), torch.Size([4, 5]))
     >>> flow.log_prob(z, torch.randn(5, 1)).shape  # inverse by a per-block Newton solve
     torch.Size([4, 5])
-    >>> len(flow.last_inverse_stats)
-    2
+    >>> len(flow.last_stats["inverse"]["blocks"]), flow.num_passes
+    (2, 2)
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from abc import ABC, abstractmethod
 from typing import Sequence
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
+from .. import dag
 from ..masks import factorize
-from ..nn import MaskedLinear
+from ..nn import ACTIVATIONS, MaskedMLP
 from .base import ConditionalFlow
 
-__all__ = ["GraphicalResidualFlow", "LipSwish", "spectral_norm_bound"]
+__all__ = ["GraphicalResidualFlow", "spectral_norm_bound"]
 
 
 # ----------------------------------------------------------------------------- spectral bound
@@ -78,76 +77,8 @@ def spectral_norm_bound(weight: torch.Tensor, iterations: int = 8) -> torch.Tens
     return log_bound.exp() * margin
 
 
-# -------------------------------------------------------------------------------- activations
-class _LipschitzActivation(nn.Module, ABC):
-    """An elementwise activation with ``|f'| <= 1`` that also returns its derivative."""
-
-    @abstractmethod
-    def value_and_derivative(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``f(a)`` and ``f'(a)``, both shaped like ``a``."""
-
-    def forward(self, a: torch.Tensor) -> torch.Tensor:
-        return self.value_and_derivative(a)[0]
-
-
-class LipSwish(_LipschitzActivation):
-    """``f(a) = a * sigmoid(beta * a) / 1.1`` with a learnable ``beta > 0`` per unit (Chen et al., 2019).
-
-    ``f'(a) = (s + u s (1 - s)) / 1.1`` with ``u = beta a`` and ``s = sigmoid(u)``, which lies in
-    ``[-0.091, 1)`` for every ``beta``, so the activation is 1-Lipschitz.
-
-    Args:
-        width: number of units (one ``beta`` each).
-
-    Shapes: ``(*, width)`` -> ``(*, width)``.
-    """
-
-    def __init__(self, width: int):
-        super().__init__()
-        # softplus^{-1}(1): start at beta = 1
-        self.raw_beta = nn.Parameter(torch.full((width,), math.log(math.e - 1.0)))
-
-    @property
-    def beta(self) -> torch.Tensor:
-        return F.softplus(self.raw_beta)
-
-    def value_and_derivative(self, a):
-        u = self.beta * a
-        s = torch.sigmoid(u)
-        return a * s / 1.1, (s + u * s * (1.0 - s)) / 1.1
-
-
-class _Tanh(_LipschitzActivation):
-    def __init__(self, width: int):
-        super().__init__()
-
-    def value_and_derivative(self, a):
-        t = torch.tanh(a)
-        return t, 1.0 - t * t
-
-
-class _ELU(_LipschitzActivation):
-    def __init__(self, width: int):
-        super().__init__()
-
-    def value_and_derivative(self, a):
-        e = torch.expm1(a.clamp(max=0.0))
-        return torch.where(a > 0, a, e), torch.where(a > 0, torch.ones_like(a), e + 1.0)
-
-
-class _Softplus(_LipschitzActivation):
-    def __init__(self, width: int):
-        super().__init__()
-
-    def value_and_derivative(self, a):
-        return F.softplus(a), torch.sigmoid(a)
-
-
-_ACTIVATIONS = {"lipswish": LipSwish, "tanh": _Tanh, "elu": _ELU, "softplus": _Softplus}
-
-
 # ------------------------------------------------------------------------------ residual block
-class _ResidualBlock(nn.Module):
+class _ResidualBlock(MaskedMLP):
     """One residual map ``g(z; x)`` with masked, spectrally normalised weights.
 
     Layer 0 takes ``[z, x]``; only its ``z`` columns are normalised (the context is fixed
@@ -157,86 +88,59 @@ class _ResidualBlock(nn.Module):
     """
 
     def __init__(self, masks, dim: int, lipschitz: float, activation: str, spectral_iterations: int):
-        super().__init__()
+        super().__init__(masks, activation, require="lipschitz")
         self.dim = dim
         self.lipschitz = lipschitz
         self.spectral_iterations = spectral_iterations
-        self.layers = nn.ModuleList(MaskedLinear(m) for m in masks)
-        self.activations = nn.ModuleList(_ACTIVATIONS[activation](m.shape[0]) for m in masks[:-1])
 
-    def effective_weights(self) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
-        """Per layer ``(W_z, W_x, b)``: the normalised weight acting on ``z`` (or on the previous
-        hidden layer), the raw context weight of layer 0 (``None`` elsewhere) and the bias."""
-        out = []
-        for k, layer in enumerate(self.layers):
-            W = layer.masked_weight
-            W_ctx = None
-            if k == 0:
-                W, W_ctx = W[:, : self.dim], W[:, self.dim :]
-                if W_ctx.shape[1] == 0:
-                    W_ctx = None
-            # mask first (masked_weight), then normalise; shrink only when above the coefficient
-            factor = (spectral_norm_bound(W, self.spectral_iterations) / self.lipschitz).clamp_min(1.0)
-            out.append((W / factor, W_ctx, layer.bias))
-        return out
+    def _normalise(self, k: int, W: torch.Tensor) -> torch.Tensor:
+        # mask first (masked_weight), then normalise; shrink only when above the coefficient
+        Wz = W[:, : self.dim] if k == 0 else W
+        factor = (spectral_norm_bound(Wz, self.spectral_iterations) / self.lipschitz).clamp_min(1.0)
+        return torch.cat([Wz / factor, W[:, self.dim :]], 1) if k == 0 else W / factor
+
+    def effective_weights(self, transform=None) -> list[torch.Tensor]:
+        """Per layer the masked, spectrally normalised weight (layer 0: ``(h1, d + c)``, its ``z`` columns
+        normalised); the weights every pass of this block uses."""
+        return super().effective_weights(self._normalise if transform is None else transform)
 
     def evaluate(self, y, x, weights):
-        """``g(y; x)`` ``(*batch, d)`` and every hidden layer's activation derivative ``(*batch, h_l)``."""
-        h = y
-        derivatives = []
-        last = len(weights) - 1
-        for k, (W, W_ctx, b) in enumerate(weights):
-            a = F.linear(h, W, b)
-            if W_ctx is not None and x is not None:
-                a = a + F.linear(x, W_ctx)
-            if k == last:
-                return a, derivatives
-            h, da = self.activations[k].value_and_derivative(a)
-            derivatives.append(da)
+        """``g(y; x)`` ``(*batch, d)`` and every hidden layer's activation slope ``(*batch, h_l)``."""
+        inputs = y if x is None else torch.cat([y, x], -1)
+        result = self.run(inputs, weights=weights, need_slopes=True)
+        return result.output, result.slopes[:-1]
 
-    @staticmethod
-    def jacobian_diagonal(weights, derivatives) -> torch.Tensor:
-        """``dg_j/dy_j`` ``(*batch, d)`` from the weights and activation derivatives, without autograd.
+    def jacobian_diagonal(self, weights, derivatives) -> torch.Tensor:
+        """``dg_j/dy_j`` ``(*batch, d)`` from the weights and activation slopes, without autograd.
 
         ``J = W_L D_{L-1} W_{L-1} ... D_1 W_1`` (``D_l`` diagonal); one hidden layer reduces to
         ``diag_j = sum_k W_2[j, k] f'(a_k) W_1[k, j]``, a single matmul. Deeper nets carry
         ``D_l W_l ... D_1 W_1`` of shape ``(*batch, h_l, d)``: O(h d) per sample per layer.
         """
-        W1 = weights[0][0]
+        W1 = weights[0][:, : self.dim]
         if not derivatives:
             return W1.diagonal()
         if len(derivatives) == 1:
-            return derivatives[0] @ (weights[1][0].T * W1)
+            return derivatives[0] @ (weights[1].T * W1)
         T = derivatives[0].unsqueeze(-1) * W1
-        for (W, _, _), da in zip(weights[1:-1], derivatives[1:]):
+        for W, da in zip(weights[1:-1], derivatives[1:]):
             T = da.unsqueeze(-1) * (W @ T)
-        return torch.einsum("jk,...kj->...j", weights[-1][0], T)
+        return torch.einsum("jk,...kj->...j", weights[-1], T)
 
-    @staticmethod
-    def jacobian(weights, derivatives) -> torch.Tensor:
+    def jacobian(self, weights, derivatives) -> torch.Tensor:
         """The full Jacobian ``dg/dy`` ``(*batch, d, d)`` (lower-triangular in sampling order)."""
-        W1 = weights[0][0]
+        W1 = weights[0][:, : self.dim]
         if not derivatives:
             return W1
         T = derivatives[0].unsqueeze(-1) * W1
-        for (W, _, _), da in zip(weights[1:-1], derivatives[1:]):
+        for W, da in zip(weights[1:-1], derivatives[1:]):
             T = da.unsqueeze(-1) * (W @ T)
-        return weights[-1][0] @ T
+        return weights[-1] @ T
 
 
 # ---------------------------------------------------------------------------------------- flow
-def _longest_path(latent_adjacency: torch.Tensor) -> int:
-    """Edges on the longest path of a strictly lower-triangular ``(d, d)`` adjacency."""
-    d = latent_adjacency.shape[0]
-    depth = [0] * d
-    for i in range(d):
-        parents = torch.nonzero(latent_adjacency[i]).flatten().tolist()
-        depth[i] = 1 + max(depth[j] for j in parents) if parents else 0
-    return max(depth)
-
-
 class GraphicalResidualFlow(ConditionalFlow):
-    """Graphical residual flow (Mouton & Kroon): ``num_blocks`` masked residual blocks over ``H``.
+    """Graphical residual flow (Mouton & Kroon): ``num_layers`` masked residual blocks over ``H``.
 
     Base-to-latent direction (explicit): ``z = eps``, then for each block
     ``z <- z + g_k(z; x)``, with ``log|det dz/deps| = sum_k sum_j log(1 + dg_kj/dz_j)``.
@@ -256,8 +160,8 @@ class GraphicalResidualFlow(ConditionalFlow):
     Args:
         adjacency: ``(d, d + context_dim)`` bool tensor, strictly lower-triangular among latents.
         context_dim: number of context columns.
-        num_blocks: number of residual blocks; a latent receives information from ancestors up
-            to ``num_blocks`` edges away, so use at least the depth of ``H`` for full reach.
+        num_layers: number of residual blocks; a latent receives information from ancestors up
+            to ``num_layers`` edges away, so use at least the depth of ``H`` for full reach.
         hidden_sizes: hidden widths of each block's MLP; a layer narrower than ``d`` is widened
             to ``d`` (the greedy factorisation needs one unit per distinct row, with a warning).
         lipschitz: spectral-norm coefficient ``c`` in ``(0, 1)`` for every masked weight acting
@@ -275,12 +179,15 @@ class GraphicalResidualFlow(ConditionalFlow):
             ``inverse_tol``).
         inverse_gradient: ``"triangular"`` (default) or ``"unrolled"``, how the solved inverse is
             made differentiable (both exact; see above).
-        method: mask factorisation, ``"greedy"`` or ``"made"``.
+        mask_method: mask factorisation, ``"greedy"`` or ``"made"``.
 
     Attributes:
-        last_inverse_stats: after each :meth:`inverse` (hence :meth:`log_prob`), one dict per
-            block in block order: ``iterations``, ``evaluations`` (calls of ``g``),
-            ``residual`` (final ``max |y + g(y) - z|``) and ``converged``.
+        last_stats: ``"forward"``: ``evaluations`` (one per block); ``"inverse"`` (after each
+            :meth:`inverse`, hence :meth:`log_prob`): ``evaluations`` (calls of a block's ``g``
+            in the solves, all blocks), ``converged`` (all blocks), ``residual`` (the largest
+            final residual) and ``blocks``, one dict per block in block order with
+            ``iterations``, ``evaluations``, ``residual`` (final ``max |y + g(y) - z|``),
+            ``converged`` and ``block``.
 
     Shapes: ``eps``, ``z`` ``(*batch, d)``; ``x`` ``(*batch, context_dim)`` or ``None``.
     """
@@ -289,7 +196,7 @@ class GraphicalResidualFlow(ConditionalFlow):
         self,
         adjacency: torch.Tensor,
         context_dim: int = 0,
-        num_blocks: int = 4,
+        num_layers: int = 4,
         hidden_sizes: Sequence[int] = (64,),
         lipschitz: float = 0.97,
         activation: str = "lipswish",
@@ -298,7 +205,7 @@ class GraphicalResidualFlow(ConditionalFlow):
         inverse_tol: float | None = None,
         inverse_max_iter: int = 100,
         inverse_gradient: str = "triangular",
-        method: str = "greedy",
+        mask_method: str = "greedy",
     ):
         super().__init__(adjacency, context_dim)
         lipschitz = float(lipschitz)
@@ -307,11 +214,12 @@ class GraphicalResidualFlow(ConditionalFlow):
                 f"lipschitz must lie strictly between 0 and 1 (each residual block must be a contraction "
                 f"to be invertible); got {lipschitz}"
             )
-        if int(num_blocks) != num_blocks or num_blocks < 1:
-            raise ValueError(f"num_blocks must be a positive integer; got {num_blocks!r}")
-        if not isinstance(activation, str) or activation.lower() not in _ACTIVATIONS:
+        if int(num_layers) != num_layers or num_layers < 1:
+            raise ValueError(f"num_layers (residual blocks) must be a positive integer; got {num_layers!r}")
+        if not isinstance(activation, str) or not getattr(ACTIVATIONS.get(activation.lower()), "lipschitz", False):
+            lipschitz_names = sorted(k for k, cls in ACTIVATIONS.items() if cls.lipschitz)
             raise ValueError(
-                f"activation must be one of {sorted(_ACTIVATIONS)} (derivative bounded by 1 in absolute "
+                f"activation must be one of {lipschitz_names} (derivative bounded by 1 in absolute "
                 f"value, with an analytic derivative for the log-determinant); got {activation!r}"
             )
         if inverse_method not in ("newton", "fixed_point"):
@@ -331,44 +239,42 @@ class GraphicalResidualFlow(ConditionalFlow):
         self.inverse_tol = inverse_tol
         self.inverse_max_iter = int(inverse_max_iter)
         self.inverse_gradient = inverse_gradient
-        self.depth = _longest_path(self.adjacency[:, :d])
+        self.depth = dag.depth(self.adjacency)
         # output j of g sees z_j itself, its parents in H and the context columns H allows
         A_g = self.adjacency.clone()
         A_g[:, :d] |= torch.eye(d, dtype=torch.bool)
-        masks = factorize(A_g, list(hidden_sizes), method=method, widen=True)
+        masks = factorize(A_g, list(hidden_sizes), method=mask_method, widen=True)
         self.hidden_sizes = [m.shape[0] for m in masks[:-1]]
         self.blocks = nn.ModuleList(
-            _ResidualBlock(masks, d, lipschitz, self.activation, int(spectral_iterations)) for _ in range(int(num_blocks))
+            _ResidualBlock(masks, d, lipschitz, self.activation, int(spectral_iterations)) for _ in range(int(num_layers))
         )
-        self.last_inverse_stats: list[dict] = []
 
     # ------------------------------------------------------------------ introspection
     @property
-    def num_blocks(self) -> int:
+    def num_layers(self) -> int:
+        """Number of residual blocks."""
         return len(self.blocks)
 
     @property
-    def masks(self) -> list[torch.Tensor]:
-        """The bool masks of one block's layers ``(h1, d + c), ..., (d, hL)`` (shared by all blocks)."""
-        return [layer.mask for layer in self.blocks[0].layers]
+    def num_passes(self) -> int:
+        """Sampling is explicit: one block evaluation per block, whatever the depth."""
+        return self.num_layers
 
     def normalised_weights(self) -> list[list[torch.Tensor]]:
         """Per block, per layer, the masked and spectrally normalised weight acting on ``z``
         (for layer 0 its ``z`` columns ``(h1, d)``); each has spectral norm ``<= lipschitz``."""
-        return [[W for W, _, _ in block.effective_weights()] for block in self.blocks]
+        return [[W[:, : self.dim] if k == 0 else W for k, W in enumerate(block.effective_weights())]
+                for block in self.blocks]
 
     def extra_repr(self) -> str:
         return (
-            f"{super().extra_repr()}, num_blocks={self.num_blocks}, hidden_sizes={self.hidden_sizes}, "
+            f"{super().extra_repr()}, num_layers={self.num_layers}, hidden_sizes={self.hidden_sizes}, "
             f"lipschitz={self.lipschitz}, activation={self.activation!r}, inverse_method={self.inverse_method!r}"
         )
 
     # ---------------------------------------------------------------------- transforms
-    def forward(self, eps: torch.Tensor, x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, eps: torch.Tensor, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """``z`` ``(*batch, d)`` and ``log|det dz/deps|`` ``(*batch,)`` (explicit, one pass per block)."""
-        x = self._check_context(x)
-        if eps.shape[-1] != self.dim:
-            raise ValueError(f"eps must have last dimension {self.dim}; got shape {tuple(eps.shape)}")
         z = eps
         logdet = eps.new_zeros(eps.shape[:-1])
         for block in self.blocks:
@@ -376,16 +282,14 @@ class GraphicalResidualFlow(ConditionalFlow):
             g, derivatives = block.evaluate(z, x, weights)
             logdet = logdet + torch.log1p(block.jacobian_diagonal(weights, derivatives)).sum(-1)
             z = z + g
+        self.last_stats["forward"] = {"evaluations": self.num_layers}
         return z, logdet
 
-    def inverse(self, z: torch.Tensor, x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _inverse(self, z: torch.Tensor, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """``eps`` ``(*batch, d)`` and ``log|det deps/dz|`` ``(*batch,)`` by a per-block solve.
 
-        Records :attr:`last_inverse_stats`; warns if a block hits ``inverse_max_iter``.
+        Records ``last_stats["inverse"]``; warns if a block hits ``inverse_max_iter``.
         """
-        x = self._check_context(x)
-        if z.shape[-1] != self.dim:
-            raise ValueError(f"z must have last dimension {self.dim}; got shape {tuple(z.shape)}")
         tol = self.inverse_tol
         if tol is None:
             tol = 1e-10 if z.dtype == torch.float64 else 1e-5
@@ -399,13 +303,11 @@ class GraphicalResidualFlow(ConditionalFlow):
         y = z
         logdet = z.new_zeros(z.shape[:-1])
         stats = []
-        for k in reversed(range(self.num_blocks)):
+        for k in reversed(range(self.num_layers)):
             block = self.blocks[k]
             weights = block.effective_weights() if needs_grad else None
             with torch.no_grad():
-                fixed = block.effective_weights() if weights is None else [
-                    (W.detach(), None if Wx is None else Wx.detach(), b.detach()) for W, Wx, b in weights
-                ]
+                fixed = block.effective_weights() if weights is None else [W.detach() for W in weights]
                 x_fixed = None if x is None else x.detach()
                 y_star, derivatives, info = self._solve(block, fixed, y.detach(), x_fixed, tol)
             info["block"] = k
@@ -418,7 +320,13 @@ class GraphicalResidualFlow(ConditionalFlow):
                 y = y_star
                 diagonal = block.jacobian_diagonal(fixed, derivatives)
             logdet = logdet - torch.log1p(diagonal).sum(-1)
-        self.last_inverse_stats = stats[::-1]
+        blocks = stats[::-1]
+        self.last_stats["inverse"] = {
+            "evaluations": sum(b["evaluations"] for b in blocks),
+            "converged": all(b["converged"] for b in blocks),
+            "residual": max(b["residual"] for b in blocks),
+            "blocks": blocks,
+        }
         return y, logdet
 
     def _reattach(self, block, weights, fixed, derivatives, y_star, z, x) -> torch.Tensor:

@@ -24,22 +24,18 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-__all__ = ["LinearGaussianNetwork", "gaussian_kl", "shared_data_dir"]
+__all__ = ["LinearGaussianNetwork", "gaussian_kl", "data_dir", "shared_data_dir"]
 
 
-def shared_data_dir() -> Path:
-    """The reference data folder: ``$PYRO_STRUCT_DATA`` if set, else ``../shared/data`` beside the checkout."""
+def data_dir() -> Path:
+    """The reference data shipped with the package (``bnlearn/ecoli70.json``, ``bnlearn/magic-niab.json``);
+    ``$PYRO_STRUCT_DATA`` points elsewhere."""
     env = os.environ.get("PYRO_STRUCT_DATA")
-    if env:
-        return Path(env)
-    repo = Path(__file__).resolve().parents[2]
-    candidate = repo.parent / "shared" / "data"
-    if not candidate.exists():
-        raise FileNotFoundError(
-            f"could not find the shared reference data at {candidate}; set PYRO_STRUCT_DATA "
-            "or pass the network JSON path explicitly"
-        )
-    return candidate
+    return Path(env) if env else Path(__file__).resolve().parent / "data"
+
+
+# the name the benchmarks used when the data lived beside the checkout
+shared_data_dir = data_dir
 
 
 def _site_names(names: list[str]) -> dict[str, str]:
@@ -159,8 +155,8 @@ class LinearGaussianNetwork:
 
     @classmethod
     def from_name(cls, name: str) -> "LinearGaussianNetwork":
-        """A network shipped in ``../shared/data/bnlearn`` by file stem, e.g. ``"ecoli70"``."""
-        return cls.from_json(shared_data_dir() / "bnlearn" / f"{name}.json")
+        """A bnlearn network shipped with the package (``data_dir() / "bnlearn"``) by file stem, e.g. ``"ecoli70"``."""
+        return cls.from_json(data_dir() / "bnlearn" / f"{name}.json")
 
     @classmethod
     def random(cls, num_nodes: int, edge_prob: float = 0.4, seed: int = 0, max_parents: int = 3) -> "LinearGaussianNetwork":
@@ -286,6 +282,32 @@ class LinearGaussianNetwork:
         """Exact ``KL(p(z|x) || N(mean_q, cov_q))`` for a Gaussian approximation; ``(*batch,)``."""
         mean, cov = self.exact_posterior(obs)
         return gaussian_kl(mean, cov, mean_q.to(torch.float64), cov_q.to(torch.float64))
+
+    def forward_kl(self, obs: Mapping[str, torch.Tensor], log_q, num_samples: int = 2000) -> torch.Tensor:
+        """Exact-sample estimate of ``KL(p(z|x) || q(z|x))`` per observation ``(*batch,)``.
+
+        Args:
+            obs: observed site -> ``(*batch,)``.
+            log_q: ``z (n, *batch, d) -> log q(z | x) (n, *batch)``, ``z`` in :attr:`latent_sites` order.
+            num_samples: exact posterior samples per observation.
+        """
+        z = self.sample_posterior(obs, num_samples)
+        with torch.no_grad():
+            lq = log_q(z)
+        return (self.posterior_log_prob(obs, z) - lq.double()).mean(0)
+
+    def reverse_kl(self, obs: Mapping[str, torch.Tensor], sample_q, num_samples: int = 2000) -> torch.Tensor:
+        """Estimate of ``KL(q(z|x) || p(z|x))`` per observation ``(*batch,)`` from ``sample_q(n) ->
+        (z (n, *batch, d), log q (n, *batch))``, with the exact ``log p(z | x)``."""
+        with torch.no_grad():
+            z, lq = sample_q(num_samples)
+        return (lq.double() - self.posterior_log_prob(obs, z.double())).mean(0)
+
+    def posterior_kl(self, posterior, obs: Mapping[str, torch.Tensor], num_samples: int = 2000) -> torch.Tensor:
+        """:meth:`forward_kl` of a posterior object with ``log_prob(site -> (n, *batch))`` (e.g. a
+        ``pyro_struct.Posterior`` of these observations); ``(*batch,)``."""
+        dtype = torch.get_default_dtype()
+        return self.forward_kl(obs, lambda z: posterior.log_prob({s: z[..., i].to(dtype) for i, s in enumerate(self.latent_sites)}), num_samples)
 
     def stack_latents(self, samples: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Stack a dict of latent site samples ``site -> (n, *batch)`` into ``(n, *batch, d)``."""
