@@ -12,7 +12,7 @@ from .errors import ModelStructureError
 from .graph import BayesNet
 from .inversion import INVERSE_KINDS, INVERSION_MODES, InverseStructure, inverse_structure
 from .layout import LatentLayout, ObservedLayout
-from .trace import trace_model
+from .trace import find_observed_candidates, trace_model
 
 __all__ = ["FLOWS", "STRUCTURES", "CompiledModel", "compile_model", "flow_class", "build_flow"]
 
@@ -76,6 +76,20 @@ def _check_options(flow: str | None, structure: str, inversion_mode: str) -> Non
         raise ValueError(f"unknown inversion_mode {inversion_mode!r}; use one of {list(INVERSION_MODES)}")
 
 
+def _refuse_unobserved(model: Callable, args: tuple, kwargs: dict) -> None:
+    """The ``def model(data=None): ... obs=data`` idiom traced without data observes nothing: say which
+    sites look observed instead of compiling a guide of the prior."""
+    candidates = find_observed_candidates(model, *args, **kwargs)
+    if candidates:
+        pairs = ", ".join(f"{site!r} (obs={arg})" for site, arg in candidates.items())
+        raise ModelStructureError(
+            f"no sample site carries obs= when the model is traced with these arguments, but {pairs} "
+            f"become observed once their data argument is given. Pass observed={sorted(candidates)!r} "
+            "(or trace the model with data of the right shape via model_args/model_kwargs); "
+            "observed=[] builds a guide of the prior on purpose."
+        )
+
+
 def compile_model(
     model: Callable,
     *args,
@@ -96,7 +110,9 @@ def compile_model(
         *args, model_kwargs: the arguments the model is traced with.
         flow: ``"straf"``, ``"grf"``, ``"cnf"``, or ``None`` for no flow (structure only).
         structure: an inverse kind (:data:`STRUCTURES`).
-        observed: observed site names (default: see :func:`~pyro_struct.trace_model`).
+        observed: observed site names (default: see :func:`~pyro_struct.trace_model`; when that
+            finds none, a ``ModelStructureError`` names the sites that carry ``obs=`` once their
+            data argument is given; ``observed=[]`` compiles a guide of the prior on purpose).
         structure_seed: seed of the ``"random"`` structure.
         inversion_mode: ``"auto"``, ``"top"`` or ``"bottom"``.
         num_probes: prior draws used by the tracer (``None``: its default).
@@ -120,6 +136,8 @@ def compile_model(
     bn = trace_model(model, *args, observed=None if observed is None else list(observed), **trace_options, **dict(model_kwargs or {}))
     if not bn.latent_sites:
         raise ModelStructureError("the model has no latent sample site: there is nothing to infer")
+    if observed is None and not bn.observed_sites:
+        _refuse_unobserved(model, args, dict(model_kwargs or {}))
     inverse = inverse_structure(bn, kind=structure, seed=structure_seed, mode=inversion_mode)
     latent_layout = LatentLayout(bn, inverse.order)
     observed_layout = ObservedLayout(bn, inverse.observed)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import networkx as nx
@@ -41,6 +41,8 @@ class SiteInfo:
         offset: position of the site's first coordinate in the flat latent (unconstrained)
             or observed vector, in trace order.
         event_dim: event dimension of the site's distribution.
+        plates: ``(name, dim, size)`` of every vectorised plate the site is in (Pyro's
+            ``cond_indep_stack``); ``dim`` is negative, counted from the right of the batch shape.
     """
 
     name: str
@@ -51,10 +53,19 @@ class SiteInfo:
     node_shape: tuple | None = None
     offset: int = 0
     event_dim: int = 0
+    plates: tuple = ()
 
     def __post_init__(self):
         self.shape = tuple(self.shape)
         self.node_shape = tuple(self.shape if self.node_shape is None else self.node_shape)
+        self.plates = tuple(tuple(p) for p in self.plates)
+
+    def plate_position(self, plate: str) -> int | None:
+        """Position in :attr:`node_shape` of ``plate``'s dimension (``None`` outside that plate)."""
+        for name, dim, _ in self.plates:
+            if name == plate:
+                return len(self.shape) - self.event_dim + dim
+        return None
 
     @property
     def numel(self) -> int:
@@ -235,6 +246,7 @@ class BayesNet:
                     "observed": s.observed,
                     "block": s.block,
                     "offset": s.offset,
+                    "plates": [list(p) for p in s.plates],
                 }
                 for s in self.sites.values()
             ],

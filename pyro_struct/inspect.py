@@ -11,11 +11,12 @@ from typing import Any
 import networkx as nx
 import torch
 
+from .io import atomic_write_text
 from . import dag
 from .flows.base import ConditionalFlow
 from .nn import MaskedLinear, MaskedMLP, masked_layers, masks_of, parameter_counts
 
-__all__ = ["CompiledStructure", "hinton"]
+__all__ = ["CompiledStructure", "hinton", "plot_loss", "plot_marginals"]
 
 # Beyond these sizes the plots switch to coarser drawings (site-level ticks, no node labels,
 # site-level graphs, heat maps instead of Hinton squares) so that they stay readable and fast.
@@ -415,11 +416,7 @@ class CompiledStructure:
         """:meth:`to_dict` as a JSON string; also written to ``path`` when given."""
         text = json.dumps(self.to_dict(include_masks=include_masks), indent=indent)
         if path is not None:
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(text)
-            os.replace(tmp, path)
+            atomic_write_text(text, path)
         return text
 
     # ------------------------------------------------------------------ plots
@@ -629,3 +626,64 @@ class CompiledStructure:
         written["json"] = folder / "structure.json"
         self.to_json(written["json"])
         return written
+
+
+def plot_loss(history: list[float], path: str | os.PathLike | None = None):
+    """The training loss per step with a running mean, on a symlog axis (losses fall by orders of
+    magnitude and an unbiased estimate can dip below zero). Returns ``path`` (or the figure without one)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if history:
+        steps = list(range(1, len(history) + 1))
+        ax.plot(steps, history, color="#9ecae1", linewidth=0.6, label="per step")
+        window = max(1, len(history) // 50)
+        if window > 1:
+            t = torch.tensor(history, dtype=torch.float64)
+            smooth = torch.nn.functional.avg_pool1d(t[None, None], window, stride=1).flatten().tolist()
+            ax.plot(steps[window - 1 :], smooth, color="#08519c", linewidth=1.4, label=f"mean of {window}")
+        ax.legend(fontsize=8)
+        ax.set_yscale("symlog", linthresh=1.0)
+    ax.set(xlabel="step", ylabel="training loss (nats, symlog)")
+    ax.set_title("training loss", fontsize=10)
+    fig.tight_layout()
+    if path is None:
+        return fig
+    _finish(fig, path)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_marginals(panels, path: str | os.PathLike | None = None, max_coordinates: int = 12):
+    """Histograms of every scalar latent, one row per panel ``(title, samples site -> (n, *shape), truth or None)``;
+    true values as red lines. Returns ``path`` (or the figure without one)."""
+    from .graph import node_label
+
+    plt = _pyplot()
+    first = panels[0][1]
+    labels = [node_label(n, idx, tuple(v.shape[1:])) for n, v in first.items() for idx in _indices(tuple(v.shape[1:]))]
+    labels = labels[:max_coordinates]
+    fig, axes = plt.subplots(len(panels), len(labels), figsize=(2.1 * len(labels), 2.0 * len(panels)), squeeze=False)
+    for r, (title, samples, truth) in enumerate(panels):
+        flat = torch.cat([v.detach().reshape(v.shape[0], -1) for v in samples.values()], -1).cpu()
+        true_flat = None if truth is None else torch.cat([torch.as_tensor(truth[n]).reshape(-1) for n in samples]).cpu()
+        for k, label in enumerate(labels):
+            ax = axes[r][k]
+            ax.hist(flat[:, k].numpy(), bins=40, color="#6baed6", density=True)
+            if true_flat is not None:
+                ax.axvline(float(true_flat[k]), color="#d62728", linewidth=1.2)
+            ax.set_yticks([])
+            ax.tick_params(labelsize=7)
+            ax.set_title(label if r == 0 else "", fontsize=8)
+        axes[r][0].set_ylabel(title, fontsize=8)
+    fig.tight_layout()
+    if path is None:
+        return fig
+    _finish(fig, path)
+    plt.close(fig)
+    return Path(path)
+
+
+def _indices(shape: tuple) -> list[tuple]:
+    import itertools
+
+    return list(itertools.product(*(range(int(s)) for s in shape)))

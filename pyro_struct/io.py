@@ -17,7 +17,7 @@ __all__ = [
 ]
 
 #: the ``format`` tag of files written by :meth:`pyro_struct.StructuredGuide.save` and by training checkpoints
-GUIDE_FORMAT = "pyro_struct.StructuredGuide/1"
+GUIDE_FORMAT = "pyro_struct.StructuredGuide/2"
 
 
 def _atomic(path: str | os.PathLike, write: Callable[[Any], None], suffix: str, binary: bool) -> None:
@@ -73,7 +73,13 @@ def read_payload(path: str | os.PathLike, map_location=None, format: str = GUIDE
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{path!r} is not a pyro_struct {what} file ({first})") from e
-    if not isinstance(payload, dict) or payload.get("format") != format:
+    found = payload.get("format") if isinstance(payload, dict) else None
+    if isinstance(found, str) and found != format and found.rpartition("/")[0] == format.rpartition("/")[0]:
+        raise ValueError(
+            f"{path!r} was written by another version of pyro_struct (format {found!r}, this version reads "
+            f"{format!r}); retrain the {what} with this version"
+        )
+    if found != format:
         raise ValueError(f"{path!r} is not a pyro_struct {what} file (format {format!r})")
     return payload
 

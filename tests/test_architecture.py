@@ -11,11 +11,12 @@ PACKAGE = Path(__file__).resolve().parent.parent / "pyro_struct"
 # Layers, lowest first. A module may import modules of lower layers only; inside a layer, the
 # modules listed earlier (a package's own parts) may be imported by the ones listed later.
 LAYERS = [
-    ["errors", "threads", "dag", "models.circuit", "models.deconvolution", "models.hierarchical",
+    ["errors", "threads", "dag", "io", "models.circuit", "models.deconvolution", "models.hierarchical",
      "models.hmm", "models.linear_gaussian", "models"],
     ["graph"],
     ["trace.provenance", "trace.sparsity", "trace.probe", "trace.assemble", "trace"],
     ["inversion"],
+    ["plates"],
     ["masks"],
     ["nn"],
     ["flows.base", "flows.transforms", "flows.straf", "flows.grf", "flows.cnf", "flows"],
@@ -24,13 +25,12 @@ LAYERS = [
     ["inspect"],
     ["simulation"],
     ["objectives"],
-    ["io"],
     ["training.batches", "training.schedule", "training.guard", "training.checkpoint", "training.loop",
      "training.distributed", "training.fit", "training"],
     ["diagnostics.psis", "diagnostics.checks", "diagnostics.refinement", "diagnostics.sbc", "diagnostics"],
     ["structure_learning", "density"],
     ["guide"],
-    ["cli"],
+    ["cli.base", "cli.commands", "cli", "cli.__main__"],
 ]
 RANK = {name: (layer, pos) for layer, names in enumerate(LAYERS) for pos, name in enumerate(names)}
 

@@ -231,12 +231,3 @@ def test_console_script_reports_errors_without_a_traceback(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [f"pyro-struct: error: cannot read model file '{tmp_path / 'missing.py'}': no such file"]
     assert proc.stdout == ""
-
-
-def test_cli_choices_match_the_library():
-    from pyro_struct import cli
-    from pyro_struct.inversion import INVERSE_KINDS
-    from pyro_struct.objectives import OBJECTIVES
-
-    assert cli.STRUCTURES == INVERSE_KINDS
-    assert set(cli.OBJECTIVES) == set(OBJECTIVES)

@@ -269,5 +269,5 @@ def test_cli_check_writes_calibration_plots_and_importance_diagnostics(net, tmp_
     assert [s["site"] for s in report["calibration"]["sites"]] == ["z1", "z2", "z3"]
     assert "pareto_k=" in out and "x[1]" not in out  # x is scalar: its batch element is an observation
     assert any("x=40" in line and "observation (1,)" in line for line in out.splitlines()), out
-    assert cli_main(["check", str(guide_path), f"{models}:chain", "--simulations", "5"]) == 1
+    assert cli_main(["check", str(guide_path), f"{models}:chain", "--simulations", "5"]) == 2  # a usage error
     assert "--simulations must be at least 10" in capsys.readouterr().err

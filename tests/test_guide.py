@@ -64,7 +64,10 @@ def test_amortize_forms():
 
     bare = amortize(model)
     assert isinstance(bare, ps.guide.AmortizedModel) and bare.__name__ == "model"
-    assert bare.guide.observed_sites == []  # no obs= when traced without data
+    # traced without data nothing is observed: the error names the site that obs=x observes
+    with pytest.raises(ps.ModelStructureError, match=r"'x' \(obs=x\).*observed=\['x'\]"):
+        bare.guide
+    assert amortize(model, observed=[]).guide.observed_sites == []  # a guide of the prior, on purpose
     configured = amortize(observed="x", flow="straf")(model)
     assert configured.guide.observed_sites == ["x"] and configured.guide.latent_sites == ["z"]
     with pytest.raises(ValueError, match="unknown flow"):

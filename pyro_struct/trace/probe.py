@@ -88,6 +88,7 @@ class Record:
     prov: int = 0  # provenance bits of the distribution (site level)
     nondiff: int = 0  # the part of prov reached through ops that gradients cannot see through
     taint: int = 0  # provenance of values that escaped to Python before this site
+    plates: tuple = ()  # (name, dim, size) of each vectorised plate the site is in
 
     @property
     def shape(self) -> tuple:
@@ -178,7 +179,10 @@ class _ProbeMessenger(Messenger):
             if leaf.is_floating_point() and not self.tails:
                 leaf.requires_grad_(True)
         msg["value"] = leaf
-        record = Record(msg["name"], fn, leaf, was_observed)
+        plates = tuple(
+            (f.name, int(f.dim), int(f.size)) for f in msg["cond_indep_stack"] if f.vectorized and f.dim is not None
+        )
+        record = Record(msg["name"], fn, leaf, was_observed, plates=plates)
         mode = self.mode
         if mode is not None:
             record.prov, record.nondiff = object_bits(fn, mode)
@@ -295,6 +299,7 @@ class SiteLayout:
     n_events: int
     n_groups: int
     node_offset: int = 0
+    plates: tuple = ()
 
     @property
     def events_per_group(self) -> int:
@@ -371,6 +376,7 @@ def site_layout(record: Record, pos: int, observed: bool, granularity: str, cach
         n_nodes=_prod(node_shape),
         n_events=_prod(shape[: len(shape) - min(ed, len(shape))]),
         n_groups=n_groups,
+        plates=record.plates,
     )
 
 
