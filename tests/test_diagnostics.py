@@ -144,7 +144,7 @@ def test_resampled_moments_are_closer_to_the_exact_posterior_than_the_raw_guide(
     res_sd_err = (resampled.std(0) / sd).log().abs().mean()
     assert res_sd_err < raw_sd_err, (raw_sd_err, res_sd_err)
     # the weighted mean agrees with the resampled one
-    weighted = net.stack_latents(w.mean()).double()
+    weighted = net.stack_latents(w.mean).double()
     assert ((weighted - mean) / sd).abs().mean() < 0.5 * raw_err
 
 
