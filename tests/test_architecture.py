@@ -27,7 +27,7 @@ LAYERS = [
     ["objectives"],
     ["training.batches", "training.schedule", "training.guard", "training.checkpoint", "training.loop",
      "training.distributed", "training.fit", "training"],
-    ["diagnostics.psis", "diagnostics.checks", "diagnostics.refinement", "diagnostics.sbc", "diagnostics"],
+    ["diagnostics.checks", "diagnostics.psis", "diagnostics.refinement", "diagnostics.sbc", "diagnostics"],
     ["structure_learning", "density"],
     ["guide"],
     ["cli.base", "cli.commands", "cli", "cli.__main__"],
