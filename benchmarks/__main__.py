@@ -17,6 +17,7 @@ BENCHMARKS = {
     "flows": "faithful vs dense adjacency for each flow family",
     "amortization": "amortised posterior vs NUTS and per-observation SVI",
     "diagnostics": "trust: SBC coverage, Pareto-k, log-evidence error and refine, against sbi's SBC",
+    "simulation": "simulations per second of ordinary models: batched (plate / vmap) vs per-sample",
     "summary": "the lgbn and circuit tables side by side, checked against the goals",
 }
 

@@ -164,8 +164,8 @@ def _row(flow, structure, objective, args, reference):
             row["skl_1000_sims"] = None
             row["note"] = f"{type(e).__name__}: {str(e)[:80]}"
     if kind == "cnf":
-        stats = guide.flow.last_stats
-        row["cnf_nfe"] = "/".join(f"{k[0]}{v['evaluations']}" for k, v in stats.items()) or None
+        nfe = {k: v["evaluations"] for k, v in guide.flow.last_stats.items()}
+        row["cnf_nfe"] = "/".join(f"{k[0]}{v}" for k, v in nfe.items()) or None
     post = guide.posterior(**CIRCUIT_OBSERVATION)
     samples = post.sample(args.num_posterior_samples)
     q = torch.stack([samples[k] for k in LATENTS], -1).double()

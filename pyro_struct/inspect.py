@@ -343,6 +343,12 @@ class CompiledStructure:
             for n in self.row_labels:
                 parents = list(inv.parents(n))
                 lines.append(f"  {n} <- {', '.join(parents) if parents else '(none)'}")
+        hidden = [name for name, edges in (("G", bn.num_edges), ("H", H.number_of_edges())) if edges > max_edges]
+        if hidden:
+            lines.append(
+                f"  (parent lists of {' and '.join(hidden)} not shown: more than {max_edges} edges; "
+                "summary(max_edges=...) lists them, structure.inverse.parents(node) gives one node's)"
+            )
         text = self.adjacency_text()
         if text is not None:
             lines.append("Adjacency (rows: latents in sampling order; columns: latents | observed):")
@@ -532,7 +538,14 @@ class CompiledStructure:
             if id(ax) not in used:
                 fig.delaxes(ax)
         fig.suptitle(f"masked weights of {self._flow_name()}", fontsize=10)
-        fig.tight_layout()
+        from matplotlib.patches import Patch
+
+        legend = [Patch(facecolor="white", edgecolor="black", label="positive weight (area ~ |w|)"),
+                  Patch(facecolor="black", label="negative weight"),
+                  Patch(facecolor="#808080", label="allowed by the mask"),
+                  Patch(facecolor="#ececec", label="masked out")]
+        fig.legend(handles=legend, loc="lower center", ncol=4, fontsize=7, frameon=False)
+        fig.tight_layout(rect=(0, 0.04, 1, 1))
         return _finish(fig, path)
 
     def _drawable(self, graph: nx.DiGraph, observed: set[str]) -> tuple[nx.DiGraph, set[str], bool]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from typing import Any, Callable, Mapping
@@ -20,11 +21,35 @@ __all__ = [
 GUIDE_FORMAT = "pyro_struct.StructuredGuide/2"
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _remove_orphans(folder: str, prefix: str) -> None:
+    """Temporary files of ``prefix`` left by writers that were killed (``kill -9``) before their rename."""
+    for name in os.listdir(folder):
+        if not name.startswith(prefix):
+            continue
+        pid = name[len(prefix):].partition("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(folder, name))
+
+
 def _atomic(path: str | os.PathLike, write: Callable[[Any], None], suffix: str, binary: bool) -> None:
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+    # the temporary name carries the writer's pid, so a later write can tell orphans from live writes
+    prefix = f".{os.path.basename(path)}.tmp-"
+    _remove_orphans(folder, prefix)
+    fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}-", suffix=suffix, dir=folder)
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)

@@ -266,18 +266,60 @@ def factorize(
         return [m.contiguous() for m in paper]
     S = _subset_mask(labels, labels).T  # S[a, b]: label a subset of label b
     outputs = _subset_mask(labels, A)  # (out, r): label b subset of A[i]
-    paths = _LabelPaths(labels, A, S, outputs) if method == "greedy" else None
-    assignment = _assign_labels(paths, r, widths)
+    if method == "made":
+        masks = _label_masks(labels, S, outputs, _assign_labels(None, r, widths))
+        check_masks(masks, A)
+        return masks
+    return _greedy_masks(A, labels, S, outputs, widths)
+
+
+def _label_masks(labels, S, outputs, assignment: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The masks of a label assignment: unit reads its label's inputs, the previous layer's units
+    whose label is a subset of its own; output ``i`` reads the units whose label is within ``A[i]``."""
     masks = [labels[assignment[0]]]
     for prev, cur in zip(assignment[:-1], assignment[1:]):
         masks.append(S[prev][:, cur].T.contiguous())
     masks.append(outputs[:, assignment[-1]].contiguous())
-    check_masks(masks, A)
-    if method == "greedy":
-        paper = _paper_greedy(A, widths)
-        if paper is not None and torch.equal(_connectivity(paper), A) and count_paths(paper) > count_paths(masks):
-            masks = [m.contiguous() for m in paper]
     return masks
+
+
+def _greedy_masks(A, labels, S, outputs, widths: list[int]) -> list[torch.Tensor]:
+    """The better (in paths) of the coordinate-ascent assignment and the paper's Algorithm 1."""
+    r = len(labels)
+    paths = _LabelPaths(labels, A, S, outputs)
+    assignment = _assign_labels(paths, r, widths)
+    paper = _paper_assignment(A, r, widths)
+    if paper is not None and paths.total(_label_counts(paper, r)) > paths.total(_label_counts(assignment, r)):
+        assignment = paper
+    masks = _label_masks(labels, S, outputs, assignment)
+    check_masks(masks, A)
+    if paper is None:
+        # the paper's cycle misses a distinct row in some layer: its masks are not label masks, so
+        # build them as the paper does and keep them if they are exact and have more paths
+        direct = _paper_greedy(A, widths)
+        if direct is not None and count_paths(direct) > count_paths(masks) and torch.equal(_connectivity(direct), A):
+            masks = [m.contiguous() for m in direct]
+    return masks
+
+
+def _label_counts(assignment: list[torch.Tensor], r: int) -> list[torch.Tensor]:
+    """Units per label in every hidden layer: ``(r,)`` float64 each."""
+    return [torch.bincount(a, minlength=r).double() for a in assignment]
+
+
+def _paper_assignment(A: torch.Tensor, r: int, widths: list[int]) -> list[torch.Tensor] | None:
+    """The paper's masks (:func:`_paper_greedy`) as label indices per unit, or ``None`` when its cycle
+    misses a distinct row in some layer.
+
+    When every distinct row occurs in a layer, the paper's next target has the same non-zero rows
+    as ``A`` and its masks are the label-subset masks, so every layer cycles over the label indices
+    of ``A``'s non-zero rows in row order (repetitions included).
+    """
+    _, row_labels = torch.unique(A[A.any(1)], dim=0, return_inverse=True)  # the order of _labels
+    assignment = [row_labels[torch.arange(h) % len(row_labels)] for h in widths]
+    if any(len(torch.unique(a)) < r for a in assignment):
+        return None
+    return assignment
 
 
 def mask_product(masks: Sequence[torch.Tensor]) -> torch.Tensor:

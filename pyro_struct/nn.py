@@ -207,7 +207,7 @@ def get_activation(
         activation: the name (case-insensitive), a class/factory, or a module.
         width: the layer width (needed by activations with per-unit parameters, e.g. ``lipswish``).
         require: ``"lipschitz"`` or ``"smooth"``: accept only a table activation with that flag
-            (``what`` the caller needs, e.g. the GRF's contraction or the CNF's adaptive solver).
+            (the GRF's contraction needs the first, the CNF's adaptive solver the second).
 
     Raises:
         ValueError: unknown name, an activation without the required flag, or a wrong type.

@@ -10,8 +10,9 @@ import torch
 __all__ = ["DEFAULT_NUM_THREADS", "torch_threads"]
 
 #: Threads for training and sampling when the user does not choose (``PYRO_STRUCT_THREADS``
-#: overrides). The networks are small: on the 2-core development machine one thread trained the
-#: README quickstart in ~30 s where torch's default (2 threads) took 7.5 minutes on a busy machine.
+#: overrides). The networks are small, so extra threads mostly wait on each other: 300 steps of the
+#: README quickstart took 14.8 s on one thread and 258 s on two (torch's default here) on the 2-core
+#: development machine with both cores busy (load average 8; 2026-12-03).
 DEFAULT_NUM_THREADS = 1
 
 

@@ -179,8 +179,7 @@ def check_interface(flow: ConditionalFlow, expected_passes: int | None) -> None:
         calls[0] = 0
         flow.log_prob(z, x)
         assert flow.last_stats["inverse"]["evaluations"] == calls[0] > 0
-    for bad, name in [((flow.forward, "eps"), "eps"), ((flow.inverse, "z"), "z")]:
-        fn = bad[0]
+    for fn, name in [(flow.forward, "eps"), (flow.inverse, "z")]:
         try:
             fn(torch.zeros(2, flow.dim + 1, dtype=torch.float64), None if x is None else x[:2])
         except ValueError as e:

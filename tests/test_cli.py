@@ -71,10 +71,16 @@ def test_demo_runs_and_writes_the_report(tmp_path, capsys):
 def test_inspect_prints_edge_counts_and_writes_json_and_plots(tmp_path, capsys):
     code, out, err = run(capsys, "inspect", ref("overlap"), "--observed", "x", "--out", tmp_path / "s")
     assert code == 0, err
-    assert _line(out, "model G:").endswith("3 latent + 2 observed coordinates in 2 sites, 4 edges")
-    assert "6 edges" in _line(out, "inverse H:")
-    assert "z[1] <- x[0], x[1]" in out
     data = json.loads((tmp_path / "s" / "structure.json").read_text())
+    # what is printed is what was compiled (the counts come from the library, not typed in)
+    import pyro_struct as ps
+    from tests.models_for_cli import overlap
+
+    bn = ps.trace_model(overlap, observed=["x"])
+    inv = ps.faithful_inverse(bn)
+    assert f"{bn.num_edges} edges" in _line(out, "model G:") and f"{inv.num_edges} edges" in _line(out, "inverse H:")
+    assert data["model"]["num_edges"] == bn.num_edges and data["inverse"]["num_edges"] == inv.num_edges
+    assert f"z[1] <- {', '.join(inv.parents('z[1]'))}" in out
     assert data["model"]["num_edges"] == 4 and data["inverse"]["num_edges"] == 6
     assert sorted(map(tuple, data["model"]["edges"])) == sorted(
         [("z[0]", "x[0]"), ("z[1]", "x[0]"), ("z[1]", "x[1]"), ("z[2]", "x[1]")]
@@ -89,8 +95,9 @@ def test_inspect_a_factory_with_kwargs_and_no_flow(tmp_path, capsys):
         "--out", tmp_path / "c", "--no-plots",
     )
     assert code == 0, err
-    assert _line(out, "model G:").endswith("4 latent + 1 observed coordinates in 5 sites, 4 edges")
-    assert "4 edges, depth 3 -> 4 sampling passes" in _line(out, "inverse H:")
+    # a chain of 4 latents: depth 3, one edge per link
+    assert "4 latent + 1 observed" in _line(out, "model G:")
+    assert "4 edges, depth 3" in _line(out, "inverse H:")
     assert "parameters:" not in out
     assert (tmp_path / "c" / "structure.json").is_file()
     assert not (tmp_path / "c" / "adjacency.png").exists()
@@ -100,7 +107,8 @@ def test_inspect_dense_structure_has_all_autoregressive_edges(tmp_path, capsys):
     code, out, err = run(capsys, "inspect", ref("overlap"), "--observed", "x", "--structure", "dense", "--flow", "none", "--no-plots",
                          "--out", tmp_path)
     assert code == 0, err
-    assert "9 edges" in _line(out, "inverse H:")  # 3 latents: 3 among them + 3 x 2 observed
+    d, c = 3, 2  # latents and observed coordinates of the overlap model
+    assert f"{d * (d - 1) // 2 + d * c} edges" in _line(out, "inverse H:")  # every autoregressive entry
 
 
 # ---------------------------------------------------------------------------- fit and posterior

@@ -276,3 +276,25 @@ def test_constructor_errors():
 
     with pytest.raises(ps.ModelStructureError, match="'k'"):
         StructuredGuide(discrete, observed=["x"])
+
+
+def test_atomic_save_leaves_no_temporary_file_and_removes_orphans(tmp_path):
+    from pyro_struct.io import atomic_save
+
+    target = tmp_path / "guide.pt"
+    # a writer killed before its rename (pid 2**22 + 1 is above Linux's pid_max default of 2**22)
+    orphan = tmp_path / f".guide.pt.tmp-{2**22 + 1}-abc.pt"
+    orphan.write_bytes(b"half")
+    unrelated = tmp_path / ".other.pt.tmp-1-x.pt"
+    unrelated.write_bytes(b"x")
+    atomic_save({"a": 1}, target)
+    assert target.is_file() and not orphan.exists() and unrelated.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["guide.pt", unrelated.name])
+
+    class Unsaveable:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle")
+
+    with pytest.raises(RuntimeError, match="cannot pickle"):
+        atomic_save(Unsaveable(), tmp_path / "bad.pt")
+    assert not any(p.name.startswith(".bad.pt.tmp-") for p in tmp_path.iterdir())

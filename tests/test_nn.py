@@ -248,3 +248,54 @@ def test_row_restricted_forward_equals_the_full_pass():
         # only the units with a path to those outputs are used
         plan = net.row_plan(idx)
         assert len(plan[0]) == int(A[idx].any(0).sum())
+
+
+# ------------------------------------------------------------------ activation table and the one pass
+@pytest.mark.parametrize("name", sorted(__import__("pyro_struct.nn", fromlist=["ACTIVATIONS"]).ACTIVATIONS))
+def test_activation_table_derivatives_and_flags(name):
+    from pyro_struct.nn import ACTIVATIONS
+
+    act = get_activation(name, width=5).double()
+    with torch.no_grad():
+        for p in act.parameters():  # LipSwish: betas away from 1
+            p.copy_(torch.linspace(-2.0, 2.0, p.numel(), dtype=p.dtype))
+    a = torch.linspace(-6.0, 6.0, 400, dtype=torch.float64).repeat(5, 1).T.contiguous().requires_grad_()
+    value, slope = act.value_and_derivative(a)
+    (grad,) = torch.autograd.grad(value.sum(), a)
+    assert torch.allclose(slope, grad, atol=1e-12) and torch.allclose(act(a), value)
+    lipschitz = bool((slope.abs() <= 1.0 + 1e-12).all())
+    assert ACTIVATIONS[name].lipschitz == lipschitz, f"{name}: max |f'| = {slope.abs().max().item():.3f}"
+    with pytest.raises(ValueError, match="lipschitz|derivative bounded"):
+        get_activation("gelu", require="lipschitz")
+    with pytest.raises(ValueError, match="smooth"):
+        get_activation("relu", require="smooth")
+
+
+def test_one_pass_hooks_give_slopes_tangents_and_row_plans():
+    from tests.flow_properties import random_dag_adjacency
+
+    A = random_dag_adjacency(6, 2, p=0.5, seed=3)
+    net = StrNN(A, hidden_sizes=(10, 9), num_params=2, activation="lipswish").double()
+    _randomize(net, seed=4)
+    x = torch.randn(7, 8, dtype=torch.float64)
+    v = torch.randn(7, 6, dtype=torch.float64)
+    gates = [torch.rand(m.shape[0], dtype=torch.float64) + 0.5 for m in net.masks]
+
+    def post(k, a):
+        return a * gates[k] + 0.1, gates[k]
+
+    result = net.run(x, post=post, need_slopes=True, tangent=v)
+    f = lambda inp: net.run(inp, post=post).output  # noqa: E731
+    _, jvp = torch.autograd.functional.jvp(f, x, torch.cat([v, torch.zeros(7, 2, dtype=torch.float64)], -1))
+    assert torch.allclose(result.tangent, jvp, atol=1e-12), "tangent is the Jacobian-vector product"
+    assert [s.shape[-1] for s in result.slopes] == [10, 9, 12] and torch.equal(result.slopes[-1], gates[-1])
+    # the slopes rebuild the Jacobian: J = W_L S_{L-1} ... S_1 W_1 per sample
+    W = net.effective_weights()
+    first = [s.expand(7, -1)[0] for s in result.slopes]  # the output gate is not batched
+    J = W[0] * first[0].unsqueeze(-1)
+    for Wk, sk in zip(W[1:], first[1:]):
+        J = (Wk @ J) * sk.unsqueeze(-1)
+    assert torch.allclose(J, torch.autograd.functional.jacobian(lambda inp: f(inp), x[0]), atol=1e-12)
+    # LipSwish's per-unit betas follow the units a row plan selects (feature-major)
+    rows = torch.tensor([4, 1])
+    assert torch.allclose(net(x.T.contiguous(), rows=rows), net(x)[:, rows].permute(1, 2, 0), atol=1e-12)

@@ -72,7 +72,7 @@ def convolution_model(n_in, kernel=(0.5, -1.0, 2.0)):
 
 # ----------------------------------------------------------------------------- exact edges
 def test_chain():
-    bn = trace_model(chain_model)
+    bn = ps.trace_model(chain_model)  # the package-level export
     assert edges(bn) == {("z1", "z2"), ("z2", "z3"), ("z3", "x")}
     assert bn.latent_nodes == ["z1", "z2", "z3"] and bn.observed_nodes == ["x"]
     assert bn.nodes == ["z1", "z2", "z3", "x"]
@@ -205,6 +205,24 @@ def test_non_differentiable_dependency_still_gives_an_edge(op):
     bn = trace_model(model)
     # no gradient ever flows, so every element of a is a parent of every element of b
     assert edges(bn) == {(f"a[{i}]", f"b[{j}]") for i in range(2) for j in range(2)}
+
+
+def test_change_point_reaches_every_element_on_both_sides():
+    T = 40
+
+    def model(x=None):
+        tau = pyro.sample("tau", dist.Uniform(0.0, float(T)))
+        r1 = pyro.sample("r1", dist.LogNormal(0.0, 1.0))
+        r2 = pyro.sample("r2", dist.LogNormal(0.0, 1.0))
+        rate = torch.where(torch.arange(T) < tau, r1, r2)
+        with pyro.plate("t", T):
+            pyro.sample("x", dist.Normal(rate, 1.0), obs=x)
+
+    bn = trace_model(model, x=torch.zeros(T))
+    # x[t] depends on r1 for some tau > t (every t) and on r2 for some tau <= t (t >= 1, as tau > 0)
+    expected = {(p, f"x[{t}]") for t in range(T) for p in ("tau", "r1")}
+    expected |= {("r2", f"x[{t}]") for t in range(1, T)}
+    assert edges(bn) == expected
 
 
 def test_mixed_differentiable_and_rounded_path_is_all_to_all():
@@ -366,10 +384,6 @@ def test_rng_state_untouched_and_reproducible():
     assert first.to_dict() == second.to_dict()
 
 
-def test_public_export():
-    assert ps.trace_model is trace_model
-
-
 # ----------------------------------------------------------------------------- errors
 def test_discrete_latent_is_refused():
     def model():
@@ -421,7 +435,7 @@ def test_branch_taken_half_the_time_is_refused_for_every_seed(sign):
 
 
 def test_rare_branch_is_found_in_the_prior_tails():
-    # P(z > 2.5) = 0.006: 24 plain prior draws would miss it about 6 times in 7
+    # P(z > 2.5) = 0.006: 16 plain prior draws would miss it about 9 times in 10
     for seed in range(4):
         with pytest.raises(ModelStructureError, match="'w'"):
             trace_model(branch_model(1, threshold=2.5), seed=seed)
@@ -446,6 +460,7 @@ def test_structure_runs_only_when_values_reach_python(num_probes):
     model = count_calls(escaping)
     trace_model(model, num_probes=num_probes)
     assert model.calls == 1 + trace_module.structure_runs(num_probes) >= 17
+    assert trace_module.structure_runs(num_probes + 10) > trace_module.structure_runs(num_probes)
     model = count_calls(chain_model)  # no escape and no gradients to read: one run
     trace_model(model, num_probes=num_probes)
     assert model.calls == 1
@@ -465,6 +480,15 @@ def test_model_failing_only_in_the_tails_is_still_traced():
     assert raised  # the failing tail runs were repeated at plain prior draws
 
 
+def test_tail_plan_gives_every_site_both_tails_every_four_runs():
+    n_sites = 50
+    sides = [[plan.next()[0] for _ in range(n_sites)] for plan in map(lambda k: probe_module.TailPlan(k, 0), range(8))]
+    for block in (sides[:4], sides[4:]):
+        for site in range(n_sites):
+            assert sorted(run[site] for run in block) == [-1, 0, 0, 1]
+    assert sides[:4] != sides[4:]  # the combinations of the sites' tails change between blocks
+
+
 @pytest.mark.parametrize(
     "fn",
     [dist.Normal(torch.zeros(3), 1.0), dist.Gamma(2.0, 1.0).expand([3]), dist.Dirichlet(2 * torch.ones(3)),
@@ -472,7 +496,8 @@ def test_model_failing_only_in_the_tails_is_still_traced():
 )
 def test_tail_draws_keep_shape_and_support(fn):
     pyro.set_rng_seed(0)
-    draws = [probe_module.tail_draw(fn) for _ in range(40)]
+    plan = probe_module.TailPlan(0, 0)
+    draws = [probe_module.tail_draw(fn, side, plan.next()[1]) for side in (-1, 1) * 20]
     ref = fn.sample()
     assert all(d.shape == ref.shape and bool(fn.support.check(d).all()) for d in draws)
     plain = [fn.sample() for _ in range(40)]
@@ -550,3 +575,14 @@ def test_observed_candidates_of_a_python_loop_indexing_its_data():
     # x[t] of a scalar draw raises (skipped); the scalar draws stacked into (6,) fit x[t]
     assert trace_module.find_observed_candidates(hmm_model(3)) == {f"x_{t}": "x" for t in range(3)}
     assert trace_module.find_observed_candidates(chain_model) == {}  # no data argument
+
+
+def test_observed_candidates_of_a_pyro_module():
+    from pyro.nn import PyroModule
+
+    class Model(PyroModule):
+        def forward(self, data=None):
+            mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+            return pyro.sample("obs", dist.Normal(mu, 1.0), obs=data)
+
+    assert trace_module.find_observed_candidates(Model()) == {"obs": "data"}

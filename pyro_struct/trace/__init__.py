@@ -22,9 +22,9 @@ from ..graph import BayesNet
 from .assemble import build_bayesnet, check_acyclic, resolve_dependencies
 from .probe import (
     Probe,
-    find_observed_candidates,
     check_same_structure,
     elementwise_log_prob,
+    find_observed_candidates,
     is_discrete,
     run_probe,
     run_structure,
@@ -50,19 +50,24 @@ def trace_model(
     """Trace a Pyro model into a :class:`~pyro_struct.graph.BayesNet` over scalar coordinates.
 
     The model is run ``num_probes`` times with every sample site (observed ones included)
-    drawn from its prior. Which sites feed which comes from provenance tracking (exact for
-    any torch op, and for values that escape to Python control flow); which *elements* feed
-    which comes from batched gradients of each site's per-element log density with respect
-    to its parents' values, united over the draws. A site pair with provenance but no
-    non-zero gradient (rounding, comparisons, integer indexing) is connected all-to-all.
+    drawn from its prior (the first run plain, the others spread into the tails as below).
+    Which sites feed which comes from provenance tracking (exact for any torch op, and for
+    values that escape to Python control flow); which *elements* feed which comes from
+    batched gradients of each site's per-element log density with respect to its parents'
+    values, united over the draws. A site pair with provenance but no non-zero gradient
+    (rounding, comparisons, integer indexing) is connected all-to-all. A child reached by
+    control flow or a non-differentiable path (``torch.where(t < tau, r1, r2)``), whose
+    element-level dependencies may change with the values, gets ``structure_runs(num_probes)``
+    gradient draws instead.
 
     Dynamic structure: when a sampled value reaches Python control flow (``if z < 0``,
     ``int(n)``) or a value-dependent shape (``z[z > 0]``), the model is also run
-    :func:`structure_runs` ``(num_probes)`` more times (24 by default) cheaply, without
-    provenance or gradients, with values spread over the prior and its tails (half of the
-    draws at an extreme quantile or the most extreme of several draws); every run must give
-    the same sites in the same order with the same shapes. Without such an escape the sites
-    cannot change from run to run, and these runs are skipped.
+    :func:`structure_runs` ``(num_probes)`` more times (16 by default) cheaply, without
+    provenance or gradients, with values spread over the prior and its tails (in every four
+    runs each site is drawn twice from the prior, once at a low and once at a high extreme
+    quantile, or the least likely of several draws); every run must give the same sites in
+    the same order with the same shapes. Without such an escape the sites cannot change from
+    run to run, and these runs are skipped.
 
     Nodes are ordered site by site in trace order, row-major within a site, and labelled
     with :func:`~pyro_struct.graph.node_label` (``"z"``, ``"z[3]"``, ``"L[1,0]"``).
@@ -98,7 +103,7 @@ def trace_model(
             every node of a parent site feeds every node of a child site.
         num_probes: the number of prior draws whose gradients are read (default 3; each
             costs a model run plus backward passes); structure checks use
-            ``max(16, 8 * num_probes)`` further cheap runs. Raise it for models whose
+            ``max(16, 4 * num_probes)`` further cheap runs. Raise it for models whose
             element-level dependencies or sites change with the sampled values.
         dependencies: extra site-level edges ``{child_site: [parent_site, ...]}`` (every
             node of each parent to every node of the child).
@@ -153,8 +158,8 @@ def trace_model(
 # ----------------------------------------------------------------------------- stages
 def structure_runs(num_probes: int) -> int:
     """How many cheap structure runs :func:`trace_model` makes for a model whose sampled values
-    reach Python control flow or tensor shapes: ``max(16, 8 * num_probes)``."""
-    return max(16, 8 * num_probes)
+    reach Python control flow or tensor shapes: ``max(16, 4 * num_probes)``."""
+    return max(16, 4 * num_probes)
 
 
 def _probe_model(model: Callable, args: tuple, kwargs: dict, seed: int, num_probes: int) -> Probe:
@@ -166,7 +171,7 @@ def _probe_model(model: Callable, args: tuple, kwargs: dict, seed: int, num_prob
     if first.value_dependent:
         for k in range(structure_runs(num_probes)):
             # seeds apart from those of the gradient probes (seed + 1, ...)
-            run = run_structure(model, args, kwargs, seed + 100_003 + k)
+            run = run_structure(model, args, kwargs, k, seed + 100_003 + k)
             check_same_structure(first, run, f"structure run {k}")
     return first
 
@@ -223,7 +228,9 @@ def _resolve_observed(observed, first: Probe) -> set:
 def _element_dependencies(model, args, kwargs, first: Probe, layouts: list, granularity: str, num_probes: int, seed: int) -> dict:
     """Stage 3: site-level parents (data flow, control flow, non-differentiable paths) and, for
     pairs whose element-level answer is not already all-to-all, the element pairs with a
-    non-zero gradient in any of ``num_probes`` prior draws.
+    non-zero gradient in any of ``num_probes`` prior draws (the first plain, the others spread
+    into the tails; ``structure_runs(num_probes)`` draws for children reached by control flow or
+    non-differentiable paths).
 
     Returns ``{"parents", "control", "nondiff"}`` (child pos -> parent positions) and
     ``"masks"`` ((child, parent) -> ``PairMask``).
@@ -244,14 +251,15 @@ def _element_dependencies(model, args, kwargs, first: Probe, layouts: list, gran
                     grad_parents.setdefault(d, []).append(u)
     masks = {(d, u): PairMask(layouts[d].n_events, layouts[u].n_values) for d, us in grad_parents.items() for u in us}
     _gradient_sparsity(first.records, grad_parents, masks)
-    # further draws can only change the answer if gradients are read (dynamic structure is
-    # checked by the structure runs of stage 1)
-    more_probes = num_probes if grad_parents else 1
-    for p in range(1, more_probes):
-        pyro.set_rng_seed(seed + p)
-        probe = run_probe(model, args, kwargs, with_provenance=False)
+    # children reached by control flow or a non-differentiable path (torch.where, rounding)
+    # may have element-level dependencies that change with the values (a change point):
+    # they get as many draws as the structure runs, all spread into the tails
+    varying = {d: us for d, us in grad_parents.items() if control[d] or nondiff[d]}
+    n_draws = structure_runs(num_probes) if varying else num_probes if grad_parents else 1
+    for p in range(1, n_draws):
+        probe = run_structure(model, args, kwargs, p - 1, seed + p, grad=True)
         check_same_structure(first, probe, f"probe {p}")
-        _gradient_sparsity(probe.records, grad_parents, masks)
+        _gradient_sparsity(probe.records, grad_parents if p < num_probes else varying, masks)
         del probe
     return {"parents": parents, "control": control, "nondiff": nondiff, "masks": masks}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import random
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
@@ -30,6 +31,7 @@ __all__ = [
     "run_probe",
     "run_structure",
     "tail_draw",
+    "TailPlan",
     "site_layout",
     "check_same_structure",
     "strip_wrappers",
@@ -58,6 +60,8 @@ def _is_delta(fn: Distribution) -> bool:
 
 
 def is_discrete(fn: Distribution, value: torch.Tensor) -> bool:
+    """Whether a site of distribution ``fn`` with value ``value`` is discrete (discrete or
+    enumerable support, or a non-floating value)."""
     support = getattr(fn, "support", None)
     if support is not None and getattr(support, "is_discrete", False):
         return True
@@ -108,10 +112,11 @@ class Probe:
 class _ProbeMessenger(Messenger):
     """Samples every site from the prior (observed ones too) as a fresh leaf and records it."""
 
-    def __init__(self, mode: ProvenanceMode | None, tails: bool = False):
+    def __init__(self, mode: ProvenanceMode | None, tails: TailPlan | None = None, grad: bool = True):
         super().__init__()
         self.mode = mode
-        self.tails = tails  # a structure run: values pushed into the tails, no gradient leaves
+        self.tails = tails  # values pushed into the tails with this generator
+        self.grad = grad  # floating leaves require grad
         self.probe = Probe()
         self._names: set = set()
         self._pending: dict = {}
@@ -149,8 +154,8 @@ class _ProbeMessenger(Messenger):
             msg["is_observed"] = False
             msg["value"] = None
             msg["done"] = False
-        if self.tails and not msg["done"]:
-            msg["value"] = tail_draw(fn, msg["args"], msg["kwargs"])
+        if self.tails is not None and not msg["done"]:
+            msg["value"] = tail_draw(fn, *self.tails.next(), msg["args"], msg["kwargs"])
             msg["done"] = True
         elif self.mode is not None and not msg["done"]:
             # draw the value here, out of provenance tracking: it is replaced by a fresh leaf
@@ -176,7 +181,7 @@ class _ProbeMessenger(Messenger):
         with torch._C.DisableTorchFunction():
             # a fresh tensor object: the leaf must not alias the user's observation
             leaf = value.detach().clone() if value is obs else value.detach()
-            if leaf.is_floating_point() and not self.tails:
+            if leaf.is_floating_point() and self.grad:
                 leaf.requires_grad_(True)
         msg["value"] = leaf
         plates = tuple(
@@ -201,25 +206,43 @@ _TAIL_QUANTILES = (1e-4, 1e-2)
 _TAIL_DRAWS = 16
 
 
-def tail_draw(fn: Distribution, args=(), kwargs=None) -> torch.Tensor:
-    """A draw of ``fn`` for structure runs, spread over the prior including its tails.
+class TailPlan:
+    """Where the sites of structure run ``index`` are drawn: ``next()`` gives the next site's
+    ``(side, q)``. Within each block of four runs every site is drawn twice from the prior,
+    once in its low tail and once in its high tail (``side`` 0, 0, -1, +1), in an order shifted
+    per site and per block so that the sites' tails meet in changing combinations; ``q`` is
+    log-uniform in ``_TAIL_QUANTILES`` (from ``seed``)."""
 
-    Half the time a plain prior draw; otherwise every element at one extreme quantile
-    (``icdf`` of ``q`` or ``1 - q``, ``q`` log-uniform in ``_TAIL_QUANTILES``) when the
-    distribution has an inverse cdf, else the least likely of ``_TAIL_DRAWS`` prior draws. Same shape and support as ``fn(*args, **kwargs)``.
+    def __init__(self, index: int, seed: int):
+        self.index = index
+        self.block = index // 4
+        self.rng = random.Random(seed)
+        self.site = 0
+
+    def next(self) -> tuple[int, float]:
+        # the site's phase in this block: a hash of ints is the same in every process
+        phase = hash((self.block, self.site, 0x5EED)) >> 7
+        self.site += 1
+        side = (0, 0, -1, 1)[(self.index + phase) % 4]
+        lo, hi = (math.log10(q) for q in _TAIL_QUANTILES)
+        return side, 10 ** (lo + (hi - lo) * self.rng.random())
+
+
+def tail_draw(fn: Distribution, side: int, q: float, args=(), kwargs=None) -> torch.Tensor:
+    """A draw of ``fn`` at its prior (``side`` 0) or in its low (-1) or high (+1) tail.
+
+    In a tail: every element at quantile ``q`` or ``1 - q`` (``icdf``) when the distribution
+    has an inverse cdf, else the least likely of ``_TAIL_DRAWS`` prior draws. Same shape and
+    support as ``fn(*args, **kwargs)``.
     """
     kwargs = kwargs or {}
     with torch._C.DisableTorchFunction(), torch.no_grad():
         value = fn(*args, **kwargs)
-        u = float(torch.rand(()))
-        if u < 0.5:
+        if side == 0:
             return value
-        high = u >= 0.75
-        lo, hi = (math.log10(q) for q in _TAIL_QUANTILES)
-        q = 10 ** (lo + (hi - lo) * float(torch.rand(())))
         if value.is_floating_point():
             try:
-                v = strip_wrappers(fn).icdf(torch.full_like(value, 1 - q if high else q))
+                v = strip_wrappers(fn).icdf(torch.full_like(value, 1 - q if side > 0 else q))
                 if v.shape == value.shape and bool(torch.isfinite(v).all()) and bool(fn.support.check(v).all()):
                     return v
             except (NotImplementedError, ValueError, RuntimeError, TypeError, AttributeError):
@@ -228,33 +251,37 @@ def tail_draw(fn: Distribution, args=(), kwargs=None) -> torch.Tensor:
         try:  # the least likely draw
             score = -fn.log_prob(draws).reshape(_TAIL_DRAWS, -1).double().sum(1)
         except (NotImplementedError, ValueError, RuntimeError):
-            score = draws.reshape(_TAIL_DRAWS, -1).double().sum(1) * (1 if high else -1)
+            score = draws.reshape(_TAIL_DRAWS, -1).double().sum(1) * side
         if not bool(torch.isfinite(score).all()):
             return value
         return draws[int(score.argmax())]
 
 
-def run_structure(model: Callable, args: tuple, kwargs: dict, seed: int) -> Probe:
-    """One cheap run that only reads which sites appear with which shapes: no provenance, no
-    gradient leaves, every value from :func:`tail_draw` (seeded with ``seed``). If the model
-    raises at those tail values, the run is repeated with plain prior draws."""
+def run_structure(model: Callable, args: tuple, kwargs: dict, index: int, seed: int, grad: bool = False) -> Probe:
+    """Structure run number ``index``: every value from :func:`tail_draw` as :class:`TailPlan`
+    places it (spread over the prior and its tails), without provenance; gradient leaves only
+    if ``grad``; seeded with ``seed``. If the model raises at those values, the run is repeated
+    with plain prior draws."""
     pyro.set_rng_seed(seed)
     try:
-        return run_probe(model, args, kwargs, with_provenance=False, tails=True)
+        return run_probe(model, args, kwargs, with_provenance=False, tails=TailPlan(index, seed), grad=grad)
     except _TailFailure:
         pyro.set_rng_seed(seed)
-        return run_probe(model, args, kwargs, with_provenance=False)
+        return run_probe(model, args, kwargs, with_provenance=False, grad=grad)
 
 
-def run_probe(model: Callable, args: tuple, kwargs: dict, with_provenance: bool, tails: bool = False) -> Probe:
+def run_probe(
+    model: Callable, args: tuple, kwargs: dict, with_provenance: bool, tails: TailPlan | None = None,
+    grad: bool = True,
+) -> Probe:
     """Run ``model(*args, **kwargs)`` once with every site drawn from its prior as a fresh leaf
-    (``requires_grad`` for floating sites), with provenance tracking if ``with_provenance``;
-    ``tails``: a structure run (see :func:`run_structure`).
+    (``requires_grad`` for floating sites if ``grad``), with provenance tracking if
+    ``with_provenance``; ``tails``: the generator of tail pushes (see :func:`run_structure`).
 
     Any exception of the model becomes a :class:`ModelStructureError` naming the last site reached.
     """
     mode = ProvenanceMode() if with_provenance else None
-    messenger = _ProbeMessenger(mode, tails=tails)
+    messenger = _ProbeMessenger(mode, tails=tails, grad=grad)
     try:
         with torch.enable_grad(), pyro.validation_enabled(False), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -267,7 +294,7 @@ def run_probe(model: Callable, args: tuple, kwargs: dict, with_provenance: bool,
     except ModelStructureError:
         raise
     except Exception as e:
-        if tails:
+        if tails is not None:
             raise _TailFailure() from e
         records = messenger.probe.records
         where = f"after site {records[-1].name!r}" if records else "before its first sample site"
@@ -434,7 +461,8 @@ def find_observed_candidates(model: Callable, *args, **kwargs) -> dict[str, str]
         parameter exists, the model's signature cannot be read, or nothing becomes observed.
     """
     try:
-        sig = inspect.signature(model)
+        # a PyroModule's __call__ takes (*args, **kwargs); its forward names the arguments
+        sig = inspect.signature(model.forward if isinstance(model, torch.nn.Module) else model)
         bound = sig.bind_partial(*args, **kwargs)
     except (TypeError, ValueError):
         return {}

@@ -60,6 +60,7 @@ class ProvenanceMode(TorchFunctionMode):
         self.value_dependent_shapes = False  # a tagged tensor went through a data-shaped op
 
     def tag(self, t: torch.Tensor, bits: int) -> None:
+        """Give the leaf ``t`` (a site's value) the provenance ``bits``."""
         self.tags[id(t)] = (t, bits, 0)
 
     def __torch_function__(self, func, types_, args=(), kwargs=None):
