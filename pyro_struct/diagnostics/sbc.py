@@ -68,7 +68,8 @@ class CalibrationResult:
         Returns:
             level -> ``(D,)`` fraction of simulations whose true value lies in the central
             ``level`` interval of its posterior draws (nominal: ``level``; standard error
-            ``sqrt(level (1 - level) / N)``).
+            ``sqrt(level (1 - level) / N)``). Ranks resolve intervals to ``1 / (S + 1)``: with
+            fewer than ``2 / (1 - level)`` draws every truth lies inside (e.g. ``S = 10`` at 95%).
         """
         u = self.normalized_ranks
         out = {}
