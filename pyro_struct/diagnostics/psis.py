@@ -197,9 +197,11 @@ class ImportanceResult:
             out[site] = flat[index, columns].reshape((n,) + tuple(v.shape[1:]))
         return out
 
-    def mean(self, smoothed: bool = True) -> dict[str, torch.Tensor]:
-        """Self-normalised importance estimates of the posterior mean: site -> ``(*batch, *site_shape)``."""
-        lw = self.smoothed_log_weights if smoothed else self.log_weights
+    @property
+    def mean(self) -> dict[str, torch.Tensor]:
+        """Self-normalised (Pareto-smoothed) importance estimate of the posterior mean:
+        site -> ``(*batch, *site_shape)``, like :attr:`Posterior.mean`."""
+        lw = self.smoothed_log_weights
         out = {}
         for site, v in self.samples.items():
             w = torch.exp(lw).reshape(lw.shape + (1,) * (v.dim() - lw.dim())).to(v.dtype)

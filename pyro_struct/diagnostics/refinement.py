@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 
+from ..training import TrainingError
+from ..training.loop import train
 from .psis import model_log_joint, posterior_context
 
 __all__ = ["refine", "RefinementRecord", "elbo"]
@@ -55,12 +56,45 @@ def elbo(guide, context, observations, batch_shape, num_particles: int, grad: bo
         return log_w.mean(0), se
 
 
-def _check_options(num_steps, lr, num_particles, num_eval_particles) -> None:
+def _check_options(num_steps, lr, num_particles, num_eval_particles, clip_grad) -> None:
     for name, value in (("num_steps", num_steps), ("num_particles", num_particles), ("num_eval_particles", num_eval_particles)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"refine: {name} must be a positive int; got {value!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"refine: lr must be a positive number; got {lr!r}")
+    if clip_grad is not None and not (isinstance(clip_grad, (int, float)) and clip_grad > 0):
+        raise ValueError(f"refine: clip_grad must be a positive number or None; got {clip_grad!r}")
+
+
+class _NoData:
+    """A batch source for a loss that draws its own particles: no batches, no validation."""
+
+    validation = None
+    steps_per_epoch = None
+
+    def next_batch(self):
+        return None
+
+
+def _reverse_kl_loss(guide, context, observations, batch_shape, num_particles: int, estimator: str):
+    """``batch -> KL(q || p) + const`` summed over the batch (the negative ELBO), reparameterised.
+
+    With ``"stl"`` the draws are scored under a parameter-frozen twin of the guide, synchronised
+    before every evaluation, so the gradient flows through the draws only (Roeder et al. 2017).
+    """
+    frozen = copy.deepcopy(guide) if estimator == "stl" else None
+    if frozen is not None:
+        for p in frozen.parameters():
+            p.requires_grad_(False)
+
+    def loss(_batch):
+        z, log_q = guide.rsample_q(context, num_particles, batch_shape)
+        if frozen is not None:
+            frozen.flow.load_state_dict(guide.flow.state_dict())
+            log_q = frozen.log_q(z, context, torch.Size((num_particles,)) + batch_shape)
+        return (log_q - model_log_joint(guide, z, observations, batch_shape)).mean(0).sum()
+
+    return loss
 
 
 def refine(
@@ -69,7 +103,7 @@ def refine(
     lr: float = 5e-3,
     num_particles: int = 64,
     num_eval_particles: int = 512,
-    clip_grad: float = 10.0,
+    clip_grad: float | None = 10.0,
     estimator: str = "stl",
 ):
     """Semi-amortised correction of an amortised posterior for its observations.
@@ -81,7 +115,7 @@ def refine(
     Args:
         post: a :class:`~pyro_struct.Posterior`.
         num_steps: optimisation steps.
-        lr: Adam's learning rate (small: the amortised solution is already close).
+        lr: Adam's base learning rate (cosine-annealed over the steps; small: the amortised solution is close).
         num_particles: draws of ``q`` per observation and step.
         num_eval_particles: draws per observation for the ELBO before and after.
         clip_grad: maximum gradient norm.
@@ -98,7 +132,7 @@ def refine(
         specialised to these observations) with ``.refinement``, a :class:`RefinementRecord`
         holding the ELBO before and after.
     """
-    _check_options(num_steps, lr, num_particles, num_eval_particles)
+    _check_options(num_steps, lr, num_particles, num_eval_particles, clip_grad)
     if estimator not in ("stl", "reparam"):
         raise ValueError(f"refine: estimator must be 'stl' or 'reparam'; got {estimator!r}")
     guide = copy.deepcopy(post.guide)
@@ -108,37 +142,22 @@ def refine(
     params = [p for p in guide.flow.parameters() if p.requires_grad]
     if not params:
         raise ValueError("refine: the guide's flow has no trainable parameters")
-    before, before_se = elbo(guide, context, post.observations, batch_shape, num_eval_particles)
+    before, _ = elbo(guide, context, post.observations, batch_shape, num_eval_particles)
     initial = copy.deepcopy(guide.flow.state_dict())
-    # the STL estimator scores samples under a parameter-frozen twin, synchronised every step
-    frozen = copy.deepcopy(guide) if estimator == "stl" else None
-    if frozen is not None:
-        for p in frozen.parameters():
-            p.requires_grad_(False)
-    optimizer = torch.optim.Adam(params, lr=lr)
-    history = []
-    start = time.perf_counter()
-    guide.train()
-    for _ in range(num_steps):
-        optimizer.zero_grad()
-        z, log_q = guide.rsample_q(context, num_particles, batch_shape)
-        if frozen is not None:
-            frozen.flow.load_state_dict(guide.flow.state_dict())
-            log_q = frozen.log_q(z, context, torch.Size((num_particles,)) + batch_shape)
-        log_p = model_log_joint(guide, z, post.observations, batch_shape)
-        loss = (log_q - log_p).mean(0).sum()
-        if not torch.isfinite(loss):
-            warnings.warn("refine: a non-finite ELBO stopped the refinement early", stacklevel=2)
-            break
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, clip_grad)
-        optimizer.step()
-        history.append(float(loss.detach()))
-    seconds = time.perf_counter() - start
+    loss_fn = _reverse_kl_loss(guide, context, post.observations, batch_shape, num_particles, estimator)
+    try:
+        result = train(
+            guide.flow, loss_fn, _NoData(), num_steps=num_steps, lr=lr, clip_grad=clip_grad, progress=False, desc="refine"
+        )
+        history, seconds = list(result), float(result.seconds)
+    except TrainingError as e:
+        warnings.warn(f"refine: {e}", stacklevel=2)
+        guide.flow.load_state_dict(initial)
+        history, seconds = [], float("nan")
     guide.eval()
     for p in guide.parameters():
         p.requires_grad_(False)
-    after, after_se = elbo(guide, context, post.observations, batch_shape, num_eval_particles)
+    after, _ = elbo(guide, context, post.observations, batch_shape, num_eval_particles)
     kept = bool(after.sum() < before.sum())
     if kept:
         # the parameters are shared by the batch: keep the amortised ones when the total ELBO fell

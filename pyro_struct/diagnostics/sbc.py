@@ -68,7 +68,8 @@ class CalibrationResult:
         Returns:
             level -> ``(D,)`` fraction of simulations whose true value lies in the central
             ``level`` interval of its posterior draws (nominal: ``level``; standard error
-            ``sqrt(level (1 - level) / N)``).
+            ``sqrt(level (1 - level) / N)``). Ranks resolve intervals to ``1 / (S + 1)``: with
+            fewer than ``2 / (1 - level)`` draws every truth lies inside (e.g. ``S = 10`` at 95%).
         """
         u = self.normalized_ranks
         out = {}
@@ -177,7 +178,7 @@ class CalibrationResult:
 
         plt = _pyplot()
         by = "site" if len(set(self.sites)) <= 6 else "depth"
-        groups = self._groups(by)[:8]
+        groups = _merge_groups(self._groups(by), 8)
         grid = torch.linspace(0, 1, 101, dtype=torch.float64)
         lower, upper = self.ecdf_band(grid)
         u = self.normalized_ranks
@@ -285,3 +286,15 @@ def calibration(guide, num_simulations: int = 200, num_samples: int = 100, seed:
         time.perf_counter() - start,
     )
 
+
+def _merge_groups(groups: list, most: int) -> list:
+    """At most ``most`` panels: consecutive groups merged (``"3-5"``) when there are more."""
+    if len(groups) <= most:
+        return groups
+    size = math.ceil(len(groups) / most)
+    merged = []
+    for i in range(0, len(groups), size):
+        part = groups[i:i + size]
+        key = part[0][0] if len(part) == 1 else f"{part[0][0]}-{part[-1][0]}"
+        merged.append((key, [j for _, idx in part for j in idx]))
+    return merged
