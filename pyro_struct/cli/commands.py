@@ -170,8 +170,9 @@ def _check_writable(out: Path) -> None:
 
 
 def _run_fit(args) -> int:
+    from ..training.distributed import is_main, launch
+
     if args.nproc != 1:  # re-run this command line in N processes under torchrun
-        from ..training.distributed import launch
         return launch(sys.argv[1:], args.nproc)
     check_training_args(args)
     if args.resume and not args.checkpoint:
@@ -187,6 +188,8 @@ def _run_fit(args) -> int:
     checkpointing = {"checkpoint": args.checkpoint, "resume": args.resume} if args.checkpoint else {}
     history = list(fit(guide, args, **checkpointing))
     seconds = time.perf_counter() - start
+    if not is_main():
+        return 0  # every rank holds the same parameters; rank 0 writes the file
     guide.save(out)
     tail = history[-max(1, len(history) // 10):]
     final = f", final loss {sum(tail) / len(tail):.4f} (mean of the last {len(tail)} steps)" if history else ""
