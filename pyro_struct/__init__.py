@@ -22,11 +22,14 @@ _EXPORTS = {
     "count_paths": "masks",
     "MaskedLinear": "nn",
     "StrNN": "nn",
+    "compile_model": "compile",
+    "CompiledModel": "compile",
     "StructuredGuide": "guide",
     "Posterior": "guide",
     "amortize": "guide",
     "AmortizedModel": "guide",
     "TrainingError": "training",
+    "FitResult": "training",
     "CompiledStructure": "inspect",
 }
 

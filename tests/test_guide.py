@@ -92,7 +92,7 @@ def test_constrained_supports_and_jacobians():
     # from autograd on the stick-breaking map restricted to the first K-1 coordinates
     u = post.sample_unconstrained(7)  # (7, 3, 1 + 2 + 1 + 2), trace order
     assert u.shape == (7, 3, 6)
-    log_q_u = guide._flat_log_prob(u, post._context)
+    log_q_u = guide._flat_log_prob(u, post.context)
     u_scale, u_rate, u_p, u_w = u[..., 0], u[..., 1:3], u[..., 3], u[..., 4:6]
     stick = torch.distributions.transforms.StickBreakingTransform()
     values = {"scale": u_scale.exp(), "rate": u_rate.exp(), "p": torch.sigmoid(u_p), "w": stick(u_w)}
@@ -188,7 +188,7 @@ def test_save_load_roundtrip(tmp_path):
     assert path.exists() and not [p for p in path.parent.iterdir() if p.name.startswith(".tmp")]
     loaded = StructuredGuide.load(path, constrained_model)
     assert loaded.history == guide.history
-    assert torch.equal(loaded.context_loc, guide.context_loc) and torch.equal(loaded.latent_scale, guide.latent_scale)
+    assert torch.equal(loaded.observed_layout.loc, guide.observed_layout.loc) and torch.equal(loaded.latent_layout.scale, guide.latent_layout.scale)
     x = torch.tensor([0.2, 2.0])
     torch.manual_seed(3)
     a = guide.posterior(x=x).sample(50)

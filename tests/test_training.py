@@ -10,7 +10,8 @@ import torch
 
 from pyro_struct.guide import StructuredGuide
 from pyro_struct.models import LinearGaussianNetwork
-from pyro_struct.objectives import ModelSimulator, forward_kl, get_objective
+from pyro_struct.objectives import forward_kl, get_objective
+from pyro_struct.simulation import ModelSimulator
 from pyro_struct.training import TrainingError, learning_rate_factor
 
 
