@@ -31,6 +31,9 @@ _EXPORTS = {
     "TrainingError": "training",
     "FitResult": "training",
     "CompiledStructure": "inspect",
+    "DensityFlow": "density",
+    "CausalFlow": "density",
+    "learn_structure": "structure_learning",
 }
 
 __all__ = sorted(_EXPORTS) + ["flows", "models"]

@@ -228,7 +228,7 @@ class DensityFlow:
         Z = self._to_flow(X)[torch.randperm(X.shape[0])]
         source = PoolSource(TensorPool(Z), batch_size, validation)
         flow = self.flow
-        self.fit_result = train(flow, lambda batch: -flow.log_prob(batch).mean(), source, num_steps=num_steps, lr=lr,
+        self.fit_result = train(flow, lambda batch: -flow.log_prob(batch.data).mean(), source, num_steps=num_steps, lr=lr,
                                 time_budget=time_budget, progress=progress, desc=f"{type(self).__name__}.fit",
                                 weight_decay=weight_decay, **train_options)
         self.history.extend(float(v) for v in self.fit_result)
@@ -277,16 +277,16 @@ class DensityFlow:
 
     def save(self, path) -> None:
         """Write the fitted flow (structure, options, standardisation, parameters) to ``path`` atomically."""
-        from .guide import atomic_save
+        from .io import atomic_save
 
         atomic_save(self.state_payload(), path)
 
     @classmethod
     def load(cls, path) -> "DensityFlow":
         """Read a flow written by :meth:`save` (``torch.load(weights_only=True)``: no code is unpickled)."""
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
-            raise ValueError(f"{path} is not a file written by DensityFlow.save")
+        from .io import read_payload
+
+        payload = read_payload(path, format=_FORMAT, what="DensityFlow")
         kind = _CLASSES.get(payload["class"], DensityFlow)
         if not issubclass(kind, cls):
             raise ValueError(f"{path} holds a {payload['class']}, not a {cls.__name__}")

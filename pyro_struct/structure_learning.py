@@ -198,7 +198,7 @@ def learn_structure(data, *, sparsity: float = 0.01, threshold: float = 0.3, ste
     def loss_fn(batch):
         A = model.conditioner.adjacency()
         h = acyclicity(A)
-        return model.nll(batch) + sparsity * A.sum() + alpha * h + 0.5 * rho * h * h
+        return model.nll(batch.data) + sparsity * A.sum() + alpha * h + 0.5 * rho * h * h
 
     for _ in range(int(max_rounds)):
         train(model, loss_fn, source, num_steps=int(steps_per_round), lr=lr, lr_schedule="constant",

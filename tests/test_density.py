@@ -100,3 +100,10 @@ def test_bad_data_errors_name_the_node_and_count_the_rows():
         flow.log_prob({"a": torch.randn(3), "b": torch.randn(3)})
     with pytest.raises(ValueError, match="shape"):
         DensityFlow(torch.zeros(2, 3))
+
+
+def test_load_refuses_a_file_that_is_not_a_density_flow(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"format": "something else"}, path)
+    with pytest.raises(ValueError, match="DensityFlow"):
+        DensityFlow.load(path)
