@@ -17,6 +17,8 @@ BENCHMARKS = {
     "flows": "faithful vs dense adjacency for each flow family",
     "amortization": "amortised posterior vs NUTS and per-observation SVI",
     "summary": "the lgbn and circuit tables side by side, checked against the goals",
+    "causal": "interventions and counterfactuals: StrAF on the true DAG vs CAREFL vs regression",
+    "density": "test NLL at small n: true / learned / dense DAG flows vs zuko MAF and NSF; SHD",
 }
 
 

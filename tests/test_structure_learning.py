@@ -44,3 +44,15 @@ def test_bad_data_is_refused_with_the_row_count():
     X[[3, 7], 1] = float("nan")
     with pytest.raises(ValueError, match="2 row"):
         learn_structure(X, **FAST)
+
+
+def test_structural_hamming_distance_counts_missing_extra_and_reversed_edges_once():
+    from benchmarks.density import shd
+
+    true = torch.tensor([[0, 0, 0], [1, 0, 0], [0, 1, 0]], dtype=torch.bool)  # 0 -> 1 -> 2
+    assert shd(true, true) == 0
+    reversed_ = true.T.clone()
+    assert shd(reversed_, true) == 2
+    extra = true.clone(); extra[2, 0] = True
+    assert shd(extra, true) == 1
+    assert shd(torch.zeros(3, 3, dtype=torch.bool), true) == 2
