@@ -263,7 +263,7 @@ def main(argv=None) -> int:
     notes = (
         "Errors in units of each node's observational sd; int. mean err averages |E_fit - E_true| over the "
         "non-intervened nodes, cf RMSE over those nodes and the factual rows. 'mean' rows average the queries "
-        "(and seeds). Budgets are reduced for the shared 2-core machine (steps, one seed by default)."
+        "(and seeds). Budgets are reduced for the shared 2-core machine (the steps and seeds in Settings)."
     )
     meta = {k: v for k, v in vars(args).items() if k not in ("out", "results_dir")}
     write_results(args.out, rows, meta=meta, notes=notes, results_dir=args.results_dir)

@@ -214,6 +214,12 @@ class DensityFlow:
         from .training import train
         from .training.batches import PoolSource, TensorPool
 
+        if not 0 <= validation < 1:
+            raise ValueError(f"validation must be a share of the rows in [0, 1); got {validation!r}")
+        if not isinstance(num_steps, int) or num_steps < 0:
+            raise ValueError(f"num_steps must be a non-negative int; got {num_steps!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
         if seed is not None:
             torch.manual_seed(seed)
         X = self._prepare(data)

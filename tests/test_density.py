@@ -107,3 +107,12 @@ def test_load_refuses_a_file_that_is_not_a_density_flow(tmp_path):
     torch.save({"format": "something else"}, path)
     with pytest.raises(ValueError, match="DensityFlow"):
         DensityFlow.load(path)
+
+
+def test_fit_arguments_are_checked_by_name():
+    flow = DensityFlow(nx.DiGraph([("a", "b")]), **SMALL)
+    data = {"a": torch.randn(10), "b": torch.randn(10)}
+    with pytest.raises(ValueError, match="validation"):
+        flow.fit(data, validation=1.5, progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        flow.fit(data, batch_size=0, progress=False)
