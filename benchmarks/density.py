@@ -153,7 +153,7 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, default=1000, help="training rows (small-n regime: <= 1000)")
     parser.add_argument("--n-test", type=int, default=5000)
     parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--structure-steps", type=int, default=300, help="steps per augmented-Lagrangian round")
+    parser.add_argument("--structure-steps", type=int, default=500, help="steps per augmented-Lagrangian round")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--zuko-lr", type=float, default=1e-3)

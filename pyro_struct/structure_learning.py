@@ -154,7 +154,7 @@ def _as_matrix(data) -> torch.Tensor:
     return (X - X.mean(0)) / X.std(0).clamp(min=1e-12)
 
 
-def learn_structure(data, *, sparsity: float = 0.01, threshold: float = 0.3, steps_per_round: int = 300,
+def learn_structure(data, *, sparsity: float = 0.01, threshold: float = 0.1, steps_per_round: int = 500,
                     max_rounds: int = 8, tolerance: float = 1e-6, rho_max: float = 1e16, normalizer: str = "additive",
                     hidden: int = 8, depth: int = 2, lr: float = 1e-2, batch_size: int | None = None,
                     seed: int | None = 0, progress: bool = False, return_strength: bool = False):
