@@ -55,6 +55,7 @@ class SCM:
 
     @property
     def graph(self) -> nx.DiGraph:
+        """The causal DAG (edges parent -> child)."""
         g = nx.DiGraph()
         g.add_nodes_from(self.names)
         g.add_edges_from((p, c) for c in self.names for p in self.parents[c])
@@ -161,10 +162,12 @@ class LinearRegressionSCM:
         return x
 
     def intervene_sample(self, do: dict, n: int) -> dict:
+        """``n`` rows of ``p(x | do)``: the training residuals resampled as noise."""
         noise = {k: r[torch.randint(len(r), (n,))] for k, r in self.residuals.items()}
         return self._run(noise, do)
 
     def counterfactual(self, factual: dict, do: dict) -> dict:
+        """The factual rows' residuals (abduction) pushed through the fitted equations under ``do``."""
         noise = {}
         for name in self.scm.names:
             X = torch.stack([torch.ones_like(factual[name])] + [factual[p] for p in self.scm.parents[name]], -1)
@@ -239,6 +242,7 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def main(argv=None) -> int:
+    """Run the benchmark (arguments as in the module docstring) and write ``results/causal.md``."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks causal", description=__doc__.splitlines()[0])
     parser.add_argument("--scms", nargs="+", default=list(SCMS), choices=list(SCMS))
     parser.add_argument("--methods", nargs="+", default=["straf", "carefl", "regression"],

@@ -85,9 +85,11 @@ class _ZukoDensity(torch.nn.Module):
         self.register_buffer("scale", scale)
 
     def standard_log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """``log q(z)`` ``(n,)`` of standardised rows ``z`` ``(n, d)``."""
         return self.flow().log_prob(z)
 
     def log_prob(self, X: torch.Tensor) -> torch.Tensor:
+        """``log p(x)`` ``(n,)`` in data units for rows ``X`` ``(n, d)``."""
         return self.standard_log_prob((X - self.loc) / self.scale) - torch.log(self.scale).sum()
 
 
@@ -146,6 +148,7 @@ def run_dataset(name: str, args, seed: int) -> list[dict]:
 
 
 def main(argv=None) -> int:
+    """Run the benchmark (arguments as in the module docstring) and write ``results/density.md``."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks density", description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=["ecoli70", "magic-niab", "hetero7", "random10"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))

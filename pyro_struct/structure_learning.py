@@ -96,6 +96,7 @@ class GraphicalConditioner(nn.Module):
         return torch.einsum("iph,ihj->ij", self.out.abs(), C)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normaliser parameters ``(n, d, num_params)`` of every column for rows ``x`` ``(n, d)``."""
         h = torch.einsum("ihj,nj->nih", self.edge_weights(), x) + self.first_bias
         for w, b in zip(self.hidden, self.hidden_bias):
             h = torch.einsum("igh,nih->nig", w, torch.tanh(h)) + b
@@ -196,6 +197,7 @@ def learn_structure(data, *, sparsity: float = 0.01, threshold: float = 0.1, ste
     alpha, rho, h_last = 0.0, 1.0, math.inf
 
     def loss_fn(batch):
+        """The augmented Lagrangian at the current multipliers (read when called)."""
         A = model.conditioner.adjacency()
         h = acyclicity(A)
         return model.nll(batch.data) + sparsity * A.sum() + alpha * h + 0.5 * rho * h * h
