@@ -21,6 +21,8 @@ BENCHMARKS = {
     "diagnostics": "trust: SBC coverage, Pareto-k, log-evidence error and refine, against sbi's SBC",
     "simulation": "simulations per second of ordinary models: batched (plate / vmap) vs per-sample",
     "summary": "the lgbn and circuit tables side by side, checked against the goals",
+    "causal": "interventions and counterfactuals: StrAF on the true DAG vs CAREFL vs regression",
+    "density": "test NLL at small n: true / learned / dense DAG flows vs zuko MAF and NSF; SHD",
 }
 
 

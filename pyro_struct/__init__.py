@@ -37,6 +37,9 @@ _EXPORTS = {
     "RefinementRecord": "diagnostics",
     "PriorPredictiveNote": "diagnostics",
     "prior_predictive_check": "diagnostics",
+    "DensityFlow": "density",
+    "CausalFlow": "density",
+    "learn_structure": "structure_learning",
 }
 
 __all__ = sorted(_EXPORTS) + ["diagnostics", "flows", "models"]
