@@ -659,11 +659,7 @@ def plot_loss(history: list[float], path: str | os.PathLike | None = None):
     ax.set(xlabel="step", ylabel="training loss (nats, symlog)")
     ax.set_title("training loss", fontsize=10)
     fig.tight_layout()
-    if path is None:
-        return fig
-    _finish(fig, path)
-    plt.close(fig)
-    return Path(path)
+    return _saved(fig, path, plt)
 
 
 def plot_marginals(panels, path: str | os.PathLike | None = None, max_coordinates: int = 12):
@@ -689,6 +685,11 @@ def plot_marginals(panels, path: str | os.PathLike | None = None, max_coordinate
             ax.set_title(label if r == 0 else "", fontsize=8)
         axes[r][0].set_ylabel(title, fontsize=8)
     fig.tight_layout()
+    return _saved(fig, path, plt)
+
+
+def _saved(fig, path, plt):
+    """The figure when no ``path`` is given; otherwise save it there, close it and return the path."""
     if path is None:
         return fig
     _finish(fig, path)

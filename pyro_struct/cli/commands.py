@@ -198,14 +198,19 @@ def _run_fit(args) -> int:
 
 
 # ---------------------------------------------------------------------------- posterior
-def _add_posterior(p):
+def _add_guide_arguments(p, obs_help: str, obs_required: bool) -> None:
+    """The arguments of commands that read a saved guide: GUIDE.pt, FILE.py:FUNCTION, --obs, --kwargs, --seed."""
     p.add_argument("guide", metavar="GUIDE.pt", help="a guide saved by 'pyro-struct fit' or guide.save()")
     p.add_argument("model", metavar="FILE.py:FUNCTION", help="the model the guide was trained for")
-    p.add_argument("--obs", required=True, help="JSON file mapping observed site names to numbers or lists")
+    p.add_argument("--obs", required=obs_required, default=None, help=obs_help)
     p.add_argument("--kwargs", default=None, help="JSON object of keyword arguments for FUNCTION")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+
+
+def _add_posterior(p):
+    _add_guide_arguments(p, "JSON file mapping observed site names to numbers or lists", True)
     p.add_argument("--samples", type=int, default=1000, help="posterior samples (default: 1000)")
     p.add_argument("--level", type=float, default=0.9, help="probability of the central interval (default: 0.9)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--out", default=None, help="write the summary and the samples to this JSON file")
 
 
@@ -244,15 +249,11 @@ def _run_posterior(args) -> int:
 
 # ---------------------------------------------------------------------------- check
 def _add_check(p):
-    p.add_argument("guide", metavar="GUIDE.pt", help="a guide saved by 'pyro-struct fit' or guide.save()")
-    p.add_argument("model", metavar="FILE.py:FUNCTION", help="the model the guide was trained for")
-    p.add_argument("--obs", default=None, help="JSON file of observations: also report their Pareto-k, ESS and prior-predictive range")
-    p.add_argument("--kwargs", default=None, help="JSON object of keyword arguments for FUNCTION")
+    _add_guide_arguments(p, "JSON file of observations: also report their Pareto-k, ESS and prior-predictive range", False)
     p.add_argument("--out", default="pyro_struct_check", help="report folder (default: ./pyro_struct_check)")
     p.add_argument("--simulations", type=int, default=200, help="simulated data sets for calibration (default: 200)")
     p.add_argument("--samples", type=int, default=100, help="posterior draws per simulated data set (default: 100)")
     p.add_argument("--importance-samples", type=int, default=1000, help="importance draws per observation (default: 1000)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
 
 
 def _run_check(args) -> int:
