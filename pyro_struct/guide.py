@@ -50,7 +50,8 @@ class _ConditionedFlowDistribution(TorchDistribution):
         self._guide = guide
         self._context = context
         self._cache = None
-        super().__init__(torch.Size(batch_shape), torch.Size((guide.latent_dim,)), validate_args=False)
+        # a plate guide's latent vector has as many coordinates as this context's plate has members
+        super().__init__(torch.Size(batch_shape), torch.Size((guide._amortizer.latent_dim(context),)), validate_args=False)
 
     def expand(self, batch_shape, _instance=None):
         return _ConditionedFlowDistribution(self._guide, self._context, torch.Size(batch_shape))
@@ -58,7 +59,7 @@ class _ConditionedFlowDistribution(TorchDistribution):
     def rsample(self, sample_shape=torch.Size()):
         shape = torch.Size(sample_shape) + self.batch_shape
         flat, log_q = self._guide._sample_flat(self._context, math.prod(shape), torch.Size())
-        flat = flat.reshape(shape + (self._guide.latent_dim,))
+        flat = flat.reshape(shape + self.event_shape)
         self._cache = (flat, log_q.reshape(shape))
         return flat
 
@@ -253,7 +254,8 @@ class StructuredGuide(PyroModule):
                 raise ValueError(f"guide call: the model has no sample site {b.name!r} with these arguments; call the guide with the same arguments as the model")
             if not site["is_observed"]:
                 raise ValueError(f"guide call: observed site {b.name!r} got no observed value from the model's arguments; pass its data (shape {b.shape}) to the model and the guide")
-            if tuple(site["value"].shape) != b.shape:
+            # (a plate guide's layout checks the shapes itself: the plate's size may differ)
+            if self.plate_layout is None and tuple(site["value"].shape) != b.shape:
                 raise ValueError(
                     f"guide call: observed site {b.name!r} has shape {tuple(site['value'].shape)} but the guide was compiled "
                     f"for shape {b.shape}; build the guide with model_args/model_kwargs shaped like this data"
@@ -278,14 +280,25 @@ class StructuredGuide(PyroModule):
         """The auxiliary latent sample ``(*particles, latent_dim)`` of this call."""
         return self._sample_latent(self.get_posterior(*args, **kwargs))
 
+    def _node_shapes(self, latent_dim: int) -> dict[str, tuple]:
+        """Site -> node shape of a flat latent vector with ``latent_dim`` coordinates (trace order)."""
+        if self.plate_layout is None:
+            return {b.name: b.node_shape for b in self.latent_layout.blocks}
+        L = self.plate_layout
+        n = (latent_dim - L.num_globals) // L.member_dim if L.member_dim else L.traced_size
+        return {s.name: tuple(n if i == s.pos else d for i, d in enumerate(s.shape)) for s in L.latent}
+
     def _unpack_latent(self, latent: torch.Tensor, trace):
         """``(site, unconstrained value)`` per latent site, shaped for plates outside the model (particles)."""
         batch_shape = latent.shape[:-1]
-        for b in self.latent_layout.blocks:
+        offset = 0
+        for b, node_shape in zip(self.latent_layout.blocks, self._node_shapes(latent.shape[-1]).values()):
             site = trace.nodes[b.name]
             event_dim = site["fn"].event_dim + len(b.node_shape) - len(b.shape)
-            shape = torch.broadcast_shapes(b.node_shape, batch_shape + (1,) * event_dim)
-            yield site, latent[..., b.offset : b.offset + b.size].reshape(shape)
+            shape = torch.broadcast_shapes(node_shape, batch_shape + (1,) * event_dim)
+            size = math.prod(node_shape)
+            yield site, latent[..., offset : offset + size].reshape(shape)
+            offset += size
 
     def _create_plates(self, trace) -> dict[str, pyro.plate]:
         """The plates of the latent sites, created as ``AutoGuide._create_plates`` does (full size,

@@ -226,3 +226,20 @@ def test_non_exchangeable_plate_falls_back_with_a_warning_naming_it():
 def test_plate_option_is_checked():
     with pytest.raises(ValueError, match="plates"):
         StructuredGuide(hierarchical, observed=["x"], plates="yes")
+
+
+def test_the_pyro_guide_call_answers_a_plate_size_other_than_the_traced_one():
+    import pyro.poutine as poutine
+    from pyro.infer import SVI, Trace_ELBO
+
+    guide = StructuredGuide(hierarchical, observed=["x"], plates="auto")  # traced with N = 4
+    x = torch.randn(30)
+    tr = poutine.trace(guide).get_trace(30, x)
+    assert tr.nodes["z"]["value"].shape == (30,)
+    # the guide trace's density (auxiliary flow sample + Jacobian deltas) is the posterior's
+    tr.compute_log_prob()
+    total = sum(site["log_prob_sum"] for site in tr.nodes.values() if site["type"] == "sample")
+    values = {k: tr.nodes[k]["value"] for k in ("mu", "z")}
+    assert torch.allclose(total, guide.posterior(x=x).log_prob(values), atol=1e-4)
+    svi = SVI(hierarchical, guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
+    assert torch.isfinite(torch.tensor(svi.step(30, x)))
