@@ -20,6 +20,7 @@ BENCHMARKS = {
     "gpu_check": "GPU checks of every flow (sample, score, fit, save/load across devices); exits 0 without CUDA",
     "diagnostics": "trust: SBC coverage, Pareto-k, log-evidence error and refine, against sbi's SBC",
     "simulation": "simulations per second of ordinary models: batched (plate / vmap) vs per-sample",
+    "plates": "plate guides: compile time, parameters, step time and exact KL for N = 10 ... 100,000",
     "summary": "the lgbn and circuit tables side by side, checked against the goals",
     "causal": "interventions and counterfactuals: StrAF on the true DAG vs CAREFL vs regression",
     "density": "test NLL at small n: true / learned / dense DAG flows vs zuko MAF and NSF; SHD",

@@ -11,10 +11,12 @@ import torch
 from .errors import ModelStructureError
 from .graph import BayesNet
 from .inversion import INVERSE_KINDS, INVERSION_MODES, InverseStructure, inverse_structure
-from .layout import LatentLayout, ObservedLayout
+from .layout import LatentLayout, ObservedLayout, PlateLayout
+from .plates import PlateCouplingError, PlateInverse, plate_inverse
 from .trace import find_observed_candidates, trace_model
 
-__all__ = ["FLOWS", "STRUCTURES", "CompiledModel", "compile_model", "flow_class", "build_flow"]
+__all__ = ["FLOWS", "STRUCTURES", "PLATE_MODES", "PLATE_FLOW_OPTIONS", "CompiledModel", "CompiledPlate", "compile_model",
+           "compile_plate", "flow_class", "build_flow"]
 
 #: flow name -> (module, class) of the conditional flow compiled over the inverse structure
 FLOWS: dict[str, tuple[str, str]] = {
@@ -24,6 +26,10 @@ FLOWS: dict[str, tuple[str, str]] = {
 }
 #: inverse-structure kinds a model can be compiled with
 STRUCTURES = INVERSE_KINDS
+#: ``plates=``: ``None`` (one flow coordinate per plate member) or ``"auto"`` (shared-weight plate flow where it applies)
+PLATE_MODES = (None, "auto")
+#: options of the plate flow's DeepSet pooling (the rest go to its StrAFs)
+PLATE_FLOW_OPTIONS = ("pool_dim", "pool_hidden")
 
 
 def flow_class(flow: str):
@@ -65,9 +71,94 @@ class CompiledModel:
     latent_layout: LatentLayout
     observed_layout: ObservedLayout
     options: dict = field(default_factory=dict)
+    plate: "CompiledPlate | None" = None
+    plate_note: str | None = None
 
 
-def _check_options(flow: str | None, structure: str, inversion_mode: str) -> None:
+# ---------------------------------------------------------------- plates
+@dataclass
+class CompiledPlate:
+    """The shared-weight plate flow of a model with one data plate.
+
+    Attributes:
+        template: the one-member :class:`~pyro_struct.plates.PlateInverse`.
+        layout: the :class:`~pyro_struct.layout.PlateLayout` (site values <-> globals and members, any ``N``).
+        flow: the :class:`~pyro_struct.flows.plated.PlatedStrAF`.
+    """
+
+    template: PlateInverse
+    layout: PlateLayout
+    flow: torch.nn.Module
+
+
+def _plate_refusal(bn: BayesNet, inverse: InverseStructure, flow: str | None) -> tuple[str | None, str | None]:
+    """``(plate, why the plate flow does not apply or None)``; ``(None, None)`` without plates."""
+    names = sorted({p[0] for s in bn.sites.values() for p in s.plates})
+    if not names:
+        return None, None
+    if len(names) > 1:
+        return names[0], f"the model has the plates {names}; the shared-weight plate flow handles one non-nested plate"
+    plate = names[0]
+    if flow != "straf":
+        return plate, f"shared-weight plate conditioners exist for flow='straf' only (got flow={flow!r})"
+    for s in bn.sites.values():
+        if s.plate_position(plate) is not None and (s.block or s.node_shape != s.shape):
+            return plate, f"site {s.name!r} in plate {plate!r} is a joint block (its coordinates are not elementwise)"
+    return plate, None
+
+
+def _plate_adjacencies(template: PlateInverse, layout: PlateLayout):
+    """The plate flow's ``(g, g + cg)``, ``(g, ko)`` and ``(k, k + g + cg + ko)`` adjacencies from the template."""
+    gi = {v: i for i, v in enumerate(layout.global_labels)}
+    ci = {v: i for i, v in enumerate(layout.global_observed_labels)}
+    mi = {v: i for i, v in enumerate(layout.member_labels)}
+    oi = {v: i for i, v in enumerate(layout.member_observed_labels)}
+    g, cg, k, ko = len(gi), len(ci), len(mi), len(oi)
+    Ag, P, Am = torch.zeros(g, g + cg, dtype=torch.bool), torch.zeros(g, ko, dtype=torch.bool), torch.zeros(k, k + g + cg + ko, dtype=torch.bool)
+    for v, (outside, pooled) in template.global_parents.items():
+        for p in outside:
+            Ag[gi[v], gi[p] if p in gi else g + ci[p]] = True
+        for p in pooled:
+            P[gi[v], oi[p]] = True
+    for v, (outside, own) in template.member_parents.items():
+        for p in outside:
+            Am[mi[v], k + gi[p] if p in gi else k + g + ci[p]] = True
+        for p in own:
+            Am[mi[v], mi[p] if p in mi else k + g + cg + oi[p]] = True
+    return Ag, P, Am
+
+
+def compile_plate(bn: BayesNet, inverse: InverseStructure, flow: str | None, **flow_options) -> tuple[CompiledPlate | None, str | None]:
+    """The shared-weight plate flow of ``inverse``, or ``None`` and the reason it does not apply.
+
+    Returns:
+        ``(CompiledPlate, None)``; ``(None, reason)`` (the reason names the plate) when the model
+        has several plates, the flow is not StrAF, or the inverse couples members or treats them
+        differently (:class:`~pyro_struct.plates.PlateCouplingError`); ``(None, None)`` without plates.
+    """
+    from .flows.plated import PlatedStrAF
+
+    plate, reason = _plate_refusal(bn, inverse, flow)
+    if plate is None or reason is not None:
+        return None, reason
+    try:
+        template = plate_inverse(inverse, plate)
+    except PlateCouplingError as e:
+        return None, f"plate {plate!r}: {e}"
+    if template.size < 2:
+        return None, f"plate {plate!r} was traced with one member; trace it with at least 2 to check that members are exchangeable"
+    layout = PlateLayout(bn, template)
+    Ag, P, Am = _plate_adjacencies(template, layout)
+    try:
+        built = PlatedStrAF(Ag, P, Am, member_obs_dim=P.shape[1], **flow_options)
+    except TypeError as e:
+        raise ValueError(f"bad option for the plate flow (PlatedStrAF): {e}") from e
+    return CompiledPlate(template, layout, built), None
+
+
+def _check_options(flow: str | None, structure: str, inversion_mode: str, plates=None) -> None:
+    if plates not in PLATE_MODES:
+        raise ValueError(f"unknown plates={plates!r}; use None (one flow coordinate per member) or 'auto'")
     if flow is not None and flow not in FLOWS:
         raise ValueError(f"unknown flow {flow!r}; use one of {sorted(FLOWS)}")
     if structure not in STRUCTURES:
@@ -101,6 +192,7 @@ def compile_model(
     num_probes: int | None = None,
     granularity: str = "element",
     model_kwargs: Mapping | None = None,
+    plates: str | None = None,
     **flow_options,
 ) -> CompiledModel:
     """Trace ``model(*args, **model_kwargs)``, invert it and build the flow and layouts.
@@ -117,7 +209,11 @@ def compile_model(
         inversion_mode: ``"auto"``, ``"top"`` or ``"bottom"``.
         num_probes: prior draws used by the tracer (``None``: its default).
         granularity: ``"element"`` or ``"site"`` (see :func:`~pyro_struct.trace_model`).
-        **flow_options: passed to the flow class.
+        plates: ``None`` (default: one flow coordinate per plate member) or ``"auto"``: a model
+            with one data plate whose inverse has a one-member template gets the shared-weight
+            :class:`~pyro_struct.flows.plated.PlatedStrAF` (``flow="straf"``), which answers data
+            sets of any size; otherwise ``plate_note`` says why not and the per-coordinate flow is built.
+        **flow_options: passed to the flow class (and ``pool_dim``, ``pool_hidden`` to the plate flow).
 
     Returns:
         a :class:`CompiledModel`; its flow has ``d = latent_layout.dim`` latents and
@@ -127,7 +223,7 @@ def compile_model(
         ModelStructureError: an observed name that is not a site, no latent site, and every
             refusal of the tracer.
     """
-    _check_options(flow, structure, inversion_mode)
+    _check_options(flow, structure, inversion_mode, plates)
     if isinstance(observed, str):
         observed = [observed]
     trace_options = {"granularity": granularity}
@@ -141,7 +237,11 @@ def compile_model(
     inverse = inverse_structure(bn, kind=structure, seed=structure_seed, mode=inversion_mode)
     latent_layout = LatentLayout(bn, inverse.order)
     observed_layout = ObservedLayout(bn, inverse.observed)
-    built = None if flow is None else build_flow(flow, inverse, **flow_options)
     options = dict(flow=flow, structure=structure, observed=observed, structure_seed=structure_seed,
-                   inversion_mode=inversion_mode, num_probes=num_probes, flow_options=dict(flow_options))
-    return CompiledModel(bn, inverse, built, latent_layout, observed_layout, options)
+                   inversion_mode=inversion_mode, num_probes=num_probes, flow_options=dict(flow_options), plates=plates)
+    plate, note = (None, None) if plates is None else compile_plate(bn, inverse, flow, **flow_options)
+    if plate is not None:
+        return CompiledModel(bn, inverse, plate.flow, latent_layout, observed_layout, options, plate, None)
+    flat_options = {k: v for k, v in flow_options.items() if k not in PLATE_FLOW_OPTIONS}
+    built = None if flow is None else build_flow(flow, inverse, **flat_options)
+    return CompiledModel(bn, inverse, built, latent_layout, observed_layout, options, None, note)

@@ -6,6 +6,7 @@ import functools
 import itertools
 import math
 import os
+import warnings
 from contextlib import ExitStack
 from typing import Any, Callable, Mapping, Sequence
 
@@ -18,6 +19,7 @@ from pyro.distributions.util import sum_rightmost
 from pyro.nn import PyroModule
 from torch.distributions import constraints
 
+from .amortizer import FlatAmortizer, PlateAmortizer
 from .compile import FLOWS, STRUCTURES, compile_model
 from .errors import ModelStructureError
 from .io import GUIDE_FORMAT, atomic_save, check_compatible, read_payload
@@ -48,7 +50,8 @@ class _ConditionedFlowDistribution(TorchDistribution):
         self._guide = guide
         self._context = context
         self._cache = None
-        super().__init__(torch.Size(batch_shape), torch.Size((guide.latent_dim,)), validate_args=False)
+        # a plate guide's latent vector has as many coordinates as this context's plate has members
+        super().__init__(torch.Size(batch_shape), torch.Size((guide._amortizer.latent_dim(context),)), validate_args=False)
 
     def expand(self, batch_shape, _instance=None):
         return _ConditionedFlowDistribution(self._guide, self._context, torch.Size(batch_shape))
@@ -56,7 +59,7 @@ class _ConditionedFlowDistribution(TorchDistribution):
     def rsample(self, sample_shape=torch.Size()):
         shape = torch.Size(sample_shape) + self.batch_shape
         flat, log_q = self._guide._sample_flat(self._context, math.prod(shape), torch.Size())
-        flat = flat.reshape(shape + (self._guide.latent_dim,))
+        flat = flat.reshape(shape + self.event_shape)
         self._cache = (flat, log_q.reshape(shape))
         return flat
 
@@ -96,6 +99,12 @@ class StructuredGuide(PyroModule):
         inversion_mode: ``"auto"``, ``"top"`` or ``"bottom"`` (see :func:`~pyro_struct.faithful_inverse`).
         num_probes: prior draws the tracer uses to find dependencies and dynamic structure
             (default: the tracer's).
+        plates: ``None`` (default: one flow coordinate per plate member, the traced data-set
+            size only) or ``"auto"``: a model with one data plate whose inverse has a one-member
+            template gets the shared-weight plate flow (``flow="straf"``), whose parameters do not
+            depend on the plate's size and whose :meth:`posterior` answers observations with any
+            number of members; where that does not apply, a one-time warning names the plate and
+            ``guide.plate_note`` says why (the per-coordinate flow is built instead).
         **flow_options: passed to the flow class (e.g. ``num_layers``, ``hidden_sizes``).
 
     Shapes: :meth:`posterior` answers observations of shape ``(*batch, *site_shape)``;
@@ -120,6 +129,7 @@ class StructuredGuide(PyroModule):
         structure_seed: int = 0,
         inversion_mode: str = "auto",
         num_probes: int | None = None,
+        plates: str | None = None,
         **flow_options,
     ):
         if not callable(model):
@@ -129,7 +139,7 @@ class StructuredGuide(PyroModule):
         super().__init__(name=f"pyro_struct_guide_{next(_instance_counter)}")
         compiled = compile_model(
             model, *model_args, flow=flow, structure=structure, observed=observed, structure_seed=structure_seed,
-            inversion_mode=inversion_mode, num_probes=num_probes, model_kwargs=model_kwargs, **flow_options,
+            inversion_mode=inversion_mode, num_probes=num_probes, model_kwargs=model_kwargs, plates=plates, **flow_options,
         )
         # a tuple keeps a PyroModule/nn.Module model out of this module's parameters
         self._model = (model,)
@@ -140,6 +150,16 @@ class StructuredGuide(PyroModule):
         self.flow = compiled.flow
         self.latent_layout = compiled.latent_layout
         self.observed_layout = compiled.observed_layout
+        # ---- plates (issue #11): the flat and the plate path behind one amortizer interface
+        self.plate_note = compiled.plate_note
+        self.plate_layout = None if compiled.plate is None else compiled.plate.layout
+        if compiled.plate is None:
+            self._amortizer = FlatAmortizer(self.flow, self.latent_layout, self.observed_layout)
+        else:
+            self._amortizer = PlateAmortizer(self.flow, self.plate_layout)
+        if self.plate_note is not None:
+            warnings.warn(f"{self.plate_note}; the guide uses one flow coordinate per plate member instead", stacklevel=2)
+        # ----
         self.register_buffer("standardized", torch.tensor(False))
         self.history: list[float] = []
         self.validation_history: list[float] = []
@@ -178,42 +198,36 @@ class StructuredGuide(PyroModule):
         if self._structure_view is None:
             from .inspect import CompiledStructure
 
-            self._structure_view = CompiledStructure(bn=self.bn, inverse=self.inverse, flow=self.flow, guide=self)
+            # the plate flow has no per-coordinate adjacency: the view shows H (its expansion at the traced size)
+            flow = self.flow if self.plate_layout is None else None
+            self._structure_view = CompiledStructure(bn=self.bn, inverse=self.inverse, flow=flow, guide=self)
+            # why a plate did not get the shared-weight flow (None when it did, or without plates)
+            self._structure_view.plate_note = self.plate_note
         return self._structure_view
 
     # ---------------------------------------------------------- densities
     def condition(self, observations: Mapping[str, Any], where: str = "simulations", check_finite: bool = False):
-        """The flow's standardised context ``(*batch, c)`` (or ``None``) and ``batch`` for observed
+        """The flow's context (the standardised ``(*batch, c)`` tensor or ``None``; a
+        :class:`~pyro_struct.amortizer.PlateContext` for a plate flow) and ``batch`` for observed
         values site -> ``(*batch, *site_shape)``."""
-        flat, batch_shape = self.observed_layout.pack(observations, where, check_finite)
-        return self.observed_layout.context(flat), batch_shape
+        return self._amortizer.condition(observations, where, check_finite)
 
     def _sample_flat(self, context, n: int, batch_shape: torch.Size, common_noise: bool = False):
         """Reparameterised ``u`` ``(n, *batch, d)`` (trace order) and ``log q(u)`` ``(n, *batch)``."""
-        ref = self.latent_layout.loc
-        batch_shape, d = torch.Size(batch_shape), self.latent_dim
-        noise_batch = (1,) * len(batch_shape) if common_noise else batch_shape
-        eps = torch.randn((n,) + tuple(noise_batch) + (d,), dtype=ref.dtype, device=ref.device).expand((n,) + batch_shape + (d,))
-        x = None if context is None else context.expand((n,) + batch_shape + (self.context_dim,))
-        y, logdet = self.flow(eps, x)
-        log_q = self.flow.base_log_prob(eps) - logdet - self.latent_layout.log_scale()
-        return self.latent_layout.from_flow(y), log_q
+        return self._amortizer.sample_flat(context, n, batch_shape, common_noise)
 
     def _flat_log_prob(self, flat: torch.Tensor, context) -> torch.Tensor:
         """``log q(u | x)`` of the flat unconstrained vector ``(*batch, d)`` (trace order)."""
-        return self.flow.log_prob(self.latent_layout.to_flow(flat), context) - self.latent_layout.log_scale()
+        return self._amortizer.flat_log_prob(flat, context)
 
     def log_q(self, latents: Mapping[str, torch.Tensor], context, batch_shape: torch.Size) -> torch.Tensor:
         """``log q(z | x)`` ``(*batch,)`` of constrained latents site -> ``(*batch, *site_shape)``,
         Jacobians included; ``-inf`` outside a site's support."""
-        flat, ladj = self.latent_layout.pack(latents, batch_shape)
-        return self._flat_log_prob(flat, context) - ladj
+        return self._amortizer.log_q(latents, context, batch_shape)
 
     def rsample_q(self, context, n: int, batch_shape: torch.Size, common_noise: bool = False):
         """Reparameterised constrained samples site -> ``(n, *batch, *site_shape)`` and ``log q`` ``(n, *batch)``."""
-        flat, log_q = self._sample_flat(context, n, batch_shape, common_noise)
-        values, ladj = self.latent_layout.unpack(flat)
-        return values, log_q - ladj
+        return self._amortizer.rsample(context, n, batch_shape, common_noise)
 
     @torch.no_grad()
     def set_standardization(self, simulations: Mapping[str, torch.Tensor]) -> None:
@@ -223,11 +237,7 @@ class StructuredGuide(PyroModule):
         diagonal affine map, which keeps the compiled sparsity), so an untrained flow starts at a
         moment-matched prior.
         """
-        n = next(iter(simulations.values())).shape[0]
-        u, _ = self.latent_layout.pack({s: simulations[s] for s in self.latent_sites}, torch.Size((n,)))
-        self.latent_layout.set_statistics(u)
-        flat, _ = self.observed_layout.pack({s: simulations[s] for s in self.observed_sites}, "standardisation", False)
-        self.observed_layout.set_statistics(flat)
+        self._amortizer.set_standardization(simulations)
         self.standardized.fill_(True)
 
     # ------------------------------------------------------------ Pyro hooks
@@ -244,7 +254,8 @@ class StructuredGuide(PyroModule):
                 raise ValueError(f"guide call: the model has no sample site {b.name!r} with these arguments; call the guide with the same arguments as the model")
             if not site["is_observed"]:
                 raise ValueError(f"guide call: observed site {b.name!r} got no observed value from the model's arguments; pass its data (shape {b.shape}) to the model and the guide")
-            if tuple(site["value"].shape) != b.shape:
+            # (a plate guide's layout checks the shapes itself: the plate's size may differ)
+            if self.plate_layout is None and tuple(site["value"].shape) != b.shape:
                 raise ValueError(
                     f"guide call: observed site {b.name!r} has shape {tuple(site['value'].shape)} but the guide was compiled "
                     f"for shape {b.shape}; build the guide with model_args/model_kwargs shaped like this data"
@@ -269,14 +280,25 @@ class StructuredGuide(PyroModule):
         """The auxiliary latent sample ``(*particles, latent_dim)`` of this call."""
         return self._sample_latent(self.get_posterior(*args, **kwargs))
 
+    def _node_shapes(self, latent_dim: int) -> dict[str, tuple]:
+        """Site -> node shape of a flat latent vector with ``latent_dim`` coordinates (trace order)."""
+        if self.plate_layout is None:
+            return {b.name: b.node_shape for b in self.latent_layout.blocks}
+        L = self.plate_layout
+        n = (latent_dim - L.num_globals) // L.member_dim if L.member_dim else L.traced_size
+        return {s.name: tuple(n if i == s.pos else d for i, d in enumerate(s.shape)) for s in L.latent}
+
     def _unpack_latent(self, latent: torch.Tensor, trace):
         """``(site, unconstrained value)`` per latent site, shaped for plates outside the model (particles)."""
         batch_shape = latent.shape[:-1]
-        for b in self.latent_layout.blocks:
+        offset = 0
+        for b, node_shape in zip(self.latent_layout.blocks, self._node_shapes(latent.shape[-1]).values()):
             site = trace.nodes[b.name]
             event_dim = site["fn"].event_dim + len(b.node_shape) - len(b.shape)
-            shape = torch.broadcast_shapes(b.node_shape, batch_shape + (1,) * event_dim)
-            yield site, latent[..., b.offset : b.offset + b.size].reshape(shape)
+            shape = torch.broadcast_shapes(node_shape, batch_shape + (1,) * event_dim)
+            size = math.prod(node_shape)
+            yield site, latent[..., offset : offset + size].reshape(shape)
+            offset += size
 
     def _create_plates(self, trace) -> dict[str, pyro.plate]:
         """The plates of the latent sites, created as ``AutoGuide._create_plates`` does (full size,
@@ -389,6 +411,7 @@ class StructuredGuide(PyroModule):
             "adjacency": torch.as_tensor(self.inverse.adjacency()).bool().clone(),
             "state_dict": {k: v.detach().cpu().clone() for k, v in self.state_dict().items()},
             "history": [float(h) for h in self.history],
+            "plates": o.get("plates"),
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -420,7 +443,7 @@ class StructuredGuide(PyroModule):
         guide = cls(
             model, flow=payload["flow"], structure=payload["structure"], observed=payload["observed"],
             model_args=model_args, model_kwargs=model_kwargs, structure_seed=payload["structure_seed"],
-            inversion_mode=payload["inversion_mode"], **payload["flow_options"],
+            inversion_mode=payload["inversion_mode"], plates=payload.get("plates"), **payload["flow_options"],
         )
         guide.load_payload(payload)
         return guide.to(device) if device is not None else guide
@@ -454,7 +477,7 @@ class Posterior:
         self._moments = None
 
     def _chunks(self, n: int) -> list[int]:
-        per_sample = max(1, math.prod(self.batch_shape) * max(self.guide.latent_dim, 1))
+        per_sample = max(1, math.prod(self.batch_shape) * max(self.guide._amortizer.latent_dim(self.context), 1))
         size = max(1, MAX_SAMPLE_ELEMENTS // per_sample)
         return [min(size, n - i) for i in range(0, n, size)]
 
@@ -504,11 +527,7 @@ class Posterior:
         Returns:
             ``(*sample, *batch)`` log densities.
         """
-        shapes = []
-        for b in self.guide.latent_layout.blocks:
-            if b.name not in values:
-                raise ValueError(f"log_prob: missing value for latent site {b.name!r}; pass every latent site")
-            shapes.append(b.check_shape(torch.as_tensor(values[b.name]), "log_prob", "the value"))
+        shapes = self.guide._amortizer.latent_batch_shapes(values, self.context, "log_prob")
         try:
             lead = torch.broadcast_shapes(self.batch_shape, *shapes)
         except RuntimeError:

@@ -6,6 +6,7 @@ Both are plain ``nn.Module`` s holding index permutations and standardisation st
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, Mapping, Sequence
 
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 from torch.distributions import biject_to
 
-__all__ = ["SiteBlock", "LatentLayout", "ObservedLayout", "robust_moments"]
+__all__ = ["SiteBlock", "LatentLayout", "ObservedLayout", "PlateLayout", "robust_moments"]
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -226,3 +227,227 @@ class ObservedLayout(nn.Module):
             loc, scale = robust_moments(flat.index_select(-1, self.perm))
             self.loc.copy_(loc)
             self.scale.copy_(scale)
+
+
+class _PlateSite:
+    """One site of a plate layout: a :class:`SiteBlock` and where its plate dimension is."""
+
+    def __init__(self, info, plate_pos: int | None):
+        self.block = SiteBlock(info)
+        self.name = info.name
+        self.pos = plate_pos
+        self.shape = self.block.shape
+        rest = [s for i, s in enumerate(self.shape) if i != plate_pos]
+        self.width = _numel(rest) if plate_pos is not None else self.block.size
+
+    def batch_shape(self, v: torch.Tensor, where: str, what: str) -> tuple[torch.Size, int | None]:
+        """``(batch shape, N)`` of a value ``(*batch, *shape)`` whose plate dimension may have any size."""
+        k = len(self.shape)
+        tail = tuple(v.shape[v.dim() - k :]) if v.dim() >= k else None
+        if self.pos is None:
+            return self.block.check_shape(v, where, what), None
+        ok = tail is not None and all(a == b for i, (a, b) in enumerate(zip(tail, self.shape)) if i != self.pos)
+        if not ok:
+            want = tuple("N" if i == self.pos else s for i, s in enumerate(self.shape))
+            raise ValueError(
+                f"{where}: {what} for site {self.name!r} has shape {tuple(v.shape)} but the guide expects "
+                f"shape {want} with N members of the plate (optionally with leading batch dimensions)"
+            )
+        return v.shape[: v.dim() - k], int(tail[self.pos])
+
+    def to_matrix(self, v: torch.Tensor, nb: int) -> torch.Tensor:
+        """``(*batch, *shape)`` -> ``(*batch, N, width)`` (plate dimension first, the rest flattened)."""
+        return v.movedim(nb + self.pos, nb).reshape(v.shape[:nb] + (v.shape[nb + self.pos], self.width))
+
+    def from_matrix(self, m: torch.Tensor) -> torch.Tensor:
+        """``(*batch, N, width)`` -> ``(*batch, *shape)`` with that ``N``."""
+        nb = m.dim() - 2
+        rest = tuple(s for i, s in enumerate(self.shape) if i != self.pos)
+        return m.reshape(m.shape[: nb + 1] + rest).movedim(nb, nb + self.pos)
+
+    def member_labels(self) -> list[str]:
+        """Member 0's node labels, in the order of the matrix columns."""
+        from .graph import node_label
+
+        rest = [range(s) for i, s in enumerate(self.shape) if i != self.pos]
+        out = []
+        for idx in itertools.product(*rest):
+            full = list(idx)
+            full.insert(self.pos, 0)
+            out.append(node_label(self.name, tuple(full), self.shape))
+        return out
+
+
+class PlateLayout(nn.Module):
+    """Site values <-> the plate flow's globals ``(*batch, g)`` and members ``(*batch, N, k)``, for any ``N``.
+
+    Latent sites outside the plate form the global vector (in the template's ``global_order``),
+    those inside it the member matrix (columns in ``member_order``); observed sites likewise form
+    the global context and the member observations (trace order). The plate's size is read from
+    the values, so one layout serves every data-set size. Standardisation is per global
+    coordinate and per member coordinate (shared by all members).
+
+    Args:
+        bn: the model's :class:`~pyro_struct.BayesNet` (a site is in the plate or outside every plate).
+        template: the :class:`~pyro_struct.plates.PlateInverse`.
+
+    Attributes:
+        global_labels, member_labels: latent labels of the flow's globals / member-0 columns.
+        global_observed_labels, member_observed_labels: observed labels of the context columns.
+    """
+
+    def __init__(self, bn, template):
+        super().__init__()
+        self.plate, self.traced_size = template.plate, int(template.size)
+        pos = {s: template.positions[s][1] for s in template.positions}
+        self.latent = [_PlateSite(bn.sites[s], pos.get(s)) for s in bn.latent_sites]
+        self.observed = [_PlateSite(bn.sites[s], pos.get(s)) for s in bn.observed_sites]
+        g_sites = [s for s in self.latent if s.pos is None]
+        m_sites = [s for s in self.latent if s.pos is not None]
+        g_trace = [label for s in g_sites for label in bn.sites[s.name].nodes]
+        m_trace = [label for s in m_sites for label in s.member_labels()]
+        self.global_labels, self.member_labels = list(template.global_order), list(template.member_order)
+        self.global_observed_labels = [label for s in self.observed if s.pos is None for label in bn.sites[s.name].nodes]
+        self.member_observed_labels = [label for s in self.observed if s.pos is not None for label in s.member_labels()]
+        dtype = torch.get_default_dtype()
+        self.register_buffer("global_perm", _permutation(g_trace, self.global_labels, "global latent"))
+        self.register_buffer("member_perm", _permutation(m_trace, self.member_labels, "member latent"))
+        for name, size in (("global", len(g_trace)), ("member", len(m_trace)),
+                           ("global_obs", len(self.global_observed_labels)), ("member_obs", len(self.member_observed_labels))):
+            self.register_buffer(f"{name}_loc", torch.zeros(size, dtype=dtype))
+            self.register_buffer(f"{name}_scale", torch.ones(size, dtype=dtype))
+
+    @property
+    def num_globals(self) -> int:
+        return len(self.global_labels)
+
+    @property
+    def member_dim(self) -> int:
+        return len(self.member_labels)
+
+    # ------------------------------------------------------------ shapes
+    def _shapes(self, sites, values: Mapping[str, Any], where: str, what: str, n_members: int | None = None):
+        batches, sizes = [], {}
+        for s in sites:
+            b, n = s.batch_shape(values[s.name], where, what)
+            batches.append(b)
+            if n is not None:
+                sizes[s.name] = n
+        if n_members is not None:
+            sizes = {"the observations": n_members, **sizes}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"{where}: the sites of plate {self.plate!r} have different sizes {sizes}; they must share N")
+        try:
+            batch = torch.broadcast_shapes(*batches) if batches else torch.Size()
+        except RuntimeError:
+            raise ValueError(f"{where}: the batch shapes {[tuple(b) for b in batches]} do not broadcast") from None
+        n = next(iter(sizes.values())) if sizes else (self.traced_size if n_members is None else n_members)
+        return torch.Size(batch), n
+
+    def latent_batch_shape(self, values: Mapping[str, Any], n_members: int, where: str = "log_prob") -> torch.Size:
+        """The batch shape of latent values site -> ``(*batch, *shape)`` (their ``N`` must be ``n_members``)."""
+        for s in self.latent:
+            if s.name not in values:
+                raise ValueError(f"{where}: missing value for latent site {s.name!r}; pass every latent site")
+        return self._shapes(self.latent, {k: torch.as_tensor(v) for k, v in values.items()}, where, "the value", n_members)[0]
+
+    # ------------------------------------------------------------ observed
+    def observe(self, values: Mapping[str, Any], where: str = "posterior", check_finite: bool = True):
+        """Observed values site -> ``(*batch, *shape)`` (any ``N``) -> ``(global context (*batch, cg) or None,
+        member observations (*batch, N, ko), batch, N)``, standardised. Errors name the site."""
+        known = {s.name for s in self.observed}
+        unknown = [k for k in values if k not in known]
+        if unknown:
+            raise ValueError(f"{where}: {unknown[0]!r} is not an observed site of the model; observed sites are {sorted(known)}")
+        ref = self.global_loc
+        tensors = {}
+        for s in self.observed:
+            if values.get(s.name) is None:
+                raise ValueError(f"{where}: missing observation for site {s.name!r}; pass {s.name}=...")
+            v = torch.as_tensor(values[s.name], dtype=ref.dtype, device=ref.device)
+            if check_finite and not torch.isfinite(v).all():
+                raise ValueError(f"{where}: the observation for site {s.name!r} has non-finite values; an amortised posterior needs finite observations")
+            tensors[s.name] = v
+        batch, n = self._shapes(self.observed, tensors, where, "observation")
+        glob = [tensors[s.name].expand(batch + s.shape).reshape(batch + (s.width,)) for s in self.observed if s.pos is None]
+        memb = [s.to_matrix(tensors[s.name].expand(batch + tensors[s.name].shape[tensors[s.name].dim() - len(s.shape):]), len(batch))
+                for s in self.observed if s.pos is not None]
+        g_ctx = (torch.cat(glob, -1) - self.global_obs_loc) / self.global_obs_scale if glob else None
+        m_obs = torch.cat(memb, -1) if memb else ref.new_zeros(batch + (n, 0))
+        return g_ctx, (m_obs - self.member_obs_loc) / self.member_obs_scale, batch, n
+
+    # ------------------------------------------------------------ latent
+    def pack(self, values: Mapping[str, torch.Tensor], batch_shape: torch.Size, n_members: int):
+        """Constrained latents (with ``n_members`` members) -> standardised ``(y_globals (*batch, g), y_members (*batch, N, k))`` and
+        ``log|d value / d u|`` ``(*batch,)`` (``+inf`` outside a site's support, so that ``log q = -inf``)."""
+        batch_shape = torch.Size(batch_shape)
+        nb = len(batch_shape)
+        ref = self.global_loc
+        glob, memb, ladj = [], [], ref.new_zeros(batch_shape)
+        for s in self.latent:
+            v = torch.as_tensor(values[s.name], dtype=ref.dtype, device=ref.device)
+            v = v.expand(batch_shape + v.shape[v.dim() - len(s.shape):])
+            t = s.block.transform
+            u = t.inv(v)
+            site_ladj = _sum_to_batch(t.log_abs_det_jacobian(u, v), batch_shape)
+            outside = _sum_to_batch((~s.block.support.check(v)).to(ref.dtype), batch_shape) > 0
+            ladj = ladj + torch.where(outside, torch.full_like(site_ladj, math.inf), site_ladj)
+            u = torch.nan_to_num(u, nan=0.0, posinf=0.0, neginf=0.0)
+            (glob if s.pos is None else memb).append(u.reshape(batch_shape + (s.width,)) if s.pos is None else s.to_matrix(u, nb))
+        y_g = (torch.cat(glob, -1).index_select(-1, self.global_perm) - self.global_loc) / self.global_scale if glob else ref.new_zeros(batch_shape + (0,))
+        if memb:
+            y_m = (torch.cat(memb, -1).index_select(-1, self.member_perm) - self.member_loc) / self.member_scale
+        else:
+            y_m = ref.new_zeros(batch_shape + (n_members, 0))
+        return y_g, y_m, ladj
+
+    def unpack(self, y_globals: torch.Tensor, y_members: torch.Tensor):
+        """Standardised ``(*batch, g)``, ``(*batch, N, k)`` -> constrained values site -> ``(*batch, *shape)``,
+        the flat unconstrained vector ``(*batch, D_N)`` (trace order) and ``log|d value / d u|`` ``(*batch,)``."""
+        batch = y_members.shape[:-2]
+        u_g = (self.global_loc + self.global_scale * y_globals).index_select(-1, torch.argsort(self.global_perm))
+        u_m = (self.member_loc + self.member_scale * y_members).index_select(-1, torch.argsort(self.member_perm))
+        u_g, u_m = u_g.expand(batch + u_g.shape[-1:]), u_m
+        values, flat, ladj = {}, [], y_members.new_zeros(batch)
+        go = mo = 0
+        for s in self.latent:
+            if s.pos is None:
+                u = u_g[..., go : go + s.width].reshape(batch + s.shape)
+                go += s.width
+            else:
+                u = s.from_matrix(u_m[..., mo : mo + s.width])
+                mo += s.width
+            v = s.block.transform(u)
+            ladj = ladj + _sum_to_batch(s.block.transform.log_abs_det_jacobian(u, v), batch)
+            values[s.name] = v
+            flat.append(u.reshape(batch + (-1,)))
+        return values, torch.cat(flat, -1), ladj
+
+    def unflatten(self, flat: torch.Tensor, n_members: int) -> dict[str, torch.Tensor]:
+        """The flat unconstrained vector ``(*batch, D_N)`` (trace order) -> unconstrained site values."""
+        out, off = {}, 0
+        for s in self.latent:
+            shape = tuple(n_members if i == s.pos else d for i, d in enumerate(s.shape))
+            size = _numel(shape)
+            out[s.name] = flat[..., off : off + size].reshape(flat.shape[:-1] + shape)
+            off += size
+        return out
+
+    def log_scale(self, n_members: int) -> torch.Tensor:
+        """The standardisation's ``log|du/dy|`` for ``n_members`` members."""
+        return self.global_scale.log().sum() + n_members * self.member_scale.log().sum()
+
+    @torch.no_grad()
+    def set_statistics(self, simulations: Mapping[str, torch.Tensor]) -> None:
+        """Standardise by simulations site -> ``(n, *shape)``: globals per coordinate, members per
+        coordinate pooled over the members (and so over data sets of any size)."""
+        for name in ("global", "member", "global_obs", "member_obs"):
+            getattr(self, f"{name}_loc").zero_()
+            getattr(self, f"{name}_scale").fill_(1.0)
+        g_ctx, m_obs, batch, n = self.observe({s.name: simulations[s.name] for s in self.observed}, "standardisation", False)
+        y_g, y_m, _ = self.pack({s.name: simulations[s.name] for s in self.latent}, batch, n)
+        for name, y in (("global", y_g), ("member", y_m), ("global_obs", g_ctx), ("member_obs", m_obs)):
+            if y is not None and y.shape[-1]:
+                loc, scale = robust_moments(y.reshape(-1, y.shape[-1]))
+                getattr(self, f"{name}_loc").copy_(loc)
+                getattr(self, f"{name}_scale").copy_(scale)

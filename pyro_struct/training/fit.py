@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import numbers
 import os
-from typing import Callable, Protocol
+import types
+from typing import Any, Callable, Mapping, Protocol
 
 import pyro
+import pyro.poutine as poutine
 import torch
 
 from ..io import read_payload
@@ -18,7 +21,7 @@ from .checkpoint import Checkpointer
 from .distributed import DataParallel, data_parallel, rank_seed
 from .loop import FitResult, train
 
-__all__ = ["fit", "TrainableGuide"]
+__all__ = ["fit", "TrainableGuide", "DrawnArgumentsSource", "check_simulate_with", "draw_arguments"]
 
 
 class TrainableGuide(Protocol):
@@ -170,6 +173,103 @@ def _on(sims: Simulations | None, device: torch.device) -> Simulations | None:
     return Simulations({k: v.to(device) for k, v in sims.items()}, sims.log_joint.to(device))
 
 
+# ---- simulate_with (issue #11): model keyword arguments drawn per training batch --------------
+def check_simulate_with(model: Callable, spec) -> dict:
+    """Validate ``simulate_with`` against ``model``'s signature; errors name the argument.
+
+    Each value is a 2-tuple of ints ``(low, high)`` (uniform integers in the closed range), a
+    non-empty list (a uniform choice) or a callable ``rng -> value`` (``rng`` a ``torch.Generator``).
+    """
+    if not isinstance(spec, Mapping) or not spec:
+        raise ValueError(f"simulate_with must be a non-empty dict {{model argument: (low, high) | list | callable}}; got {spec!r}")
+    try:
+        params = inspect.signature(model).parameters
+    except (TypeError, ValueError):
+        params = None
+    open_kwargs = params is None or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for name, value in spec.items():
+        if not open_kwargs and name not in params:
+            raise ValueError(
+                f"simulate_with names {name!r}, which the model {getattr(model, '__name__', model)!r} does not take; "
+                f"its arguments are {list(params)}"
+            )
+        ints = isinstance(value, tuple) and len(value) == 2 and all(
+            isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value)
+        if not (callable(value) or (ints and value[0] <= value[1]) or (isinstance(value, list) and value)):
+            raise ValueError(
+                f"simulate_with[{name!r}] must be a 2-tuple of ints (low, high) with low <= high, a non-empty list "
+                f"or a callable rng -> value; got {value!r}"
+            )
+    return dict(spec)
+
+
+def draw_arguments(spec: Mapping[str, Any], rng: torch.Generator) -> dict:
+    """One draw of every argument of a (checked) ``simulate_with`` spec."""
+    out = {}
+    for name, value in spec.items():
+        if callable(value):
+            out[name] = value(rng)
+        elif isinstance(value, tuple):
+            out[name] = int(torch.randint(int(value[0]), int(value[1]) + 1, (), generator=rng))
+        else:
+            out[name] = value[int(torch.randint(len(value), (), generator=rng))]
+    return out
+
+
+class DrawnArgumentsSource:
+    """Fresh simulations every step, each batch with model keyword arguments drawn from ``spec``.
+
+    A simulator per distinct drawn value set (cached for hashable values, e.g. a plate size);
+    its site shapes come from one trace of the model with those arguments. Each batch carries
+    its simulator as ``batch.simulator`` (the reverse objectives need that model's density).
+
+    Args:
+        guide: the guide (its ``model``, ``model_args``, ``model_kwargs``, ``bn``).
+        spec: a checked ``simulate_with`` dict.
+        batch_size: simulations per step.
+        rng: the generator the arguments are drawn with.
+        vectorize: the vectorisation decision of the guide's own simulator (reused, not re-checked).
+    """
+
+    validation = None
+    steps_per_epoch = None
+
+    def __init__(self, guide, spec: Mapping[str, Any], batch_size: int, rng: torch.Generator, vectorize: bool | None = None):
+        self.guide, self.spec, self.batch_size, self.rng, self.vectorize = guide, dict(spec), int(batch_size), rng, vectorize
+        self._simulators: dict = {}
+
+    def simulator_for(self, drawn: Mapping[str, Any]) -> ModelSimulator:
+        """The simulator of the model run with ``drawn`` on top of the guide's ``model_kwargs``."""
+        try:
+            key = tuple(sorted(drawn.items()))
+            hash(key)
+        except TypeError:
+            key = None
+        if key is not None and key in self._simulators and not any(torch.is_tensor(v) for v in drawn.values()):
+            return self._simulators[key]
+        g = self.guide
+        kwargs = {**g.model_kwargs, **drawn}
+        with torch.no_grad(), poutine.block():
+            tr = poutine.trace(g.model).get_trace(*g.model_args, **kwargs)
+        # the simulator needs only each site's value shape at these arguments
+        sites = {name: types.SimpleNamespace(shape=tuple(tr.nodes[name]["value"].shape)) for name in g.bn.sites}
+        sim = ModelSimulator(g.model, types.SimpleNamespace(sites=sites), g.model_args, kwargs, vectorize=self.vectorize)
+        if key is not None and not any(torch.is_tensor(v) for v in drawn.values()):
+            self._simulators[key] = sim
+        return sim
+
+    def simulate(self, n: int) -> Simulations:
+        """``n`` simulations at one draw of the arguments (``.simulator`` attached)."""
+        sim = self.simulator_for(draw_arguments(self.spec, self.rng))
+        sims = sim.simulate_in_chunks(n)
+        sims.simulator = sim
+        return sims
+
+    def next_batch(self) -> Simulations:
+        return self.simulate(self.batch_size)
+# ---- end simulate_with ----------------------------------------------------------------------
+
+
 def fit(
     guide: TrainableGuide,
     num_steps: int = 1000,
@@ -190,6 +290,7 @@ def fit(
     weight_decay: float = 0.0,
     num_threads: int | None = None,
     distributed: bool | None = None,
+    simulate_with: Mapping[str, Any] | None = None,
 ) -> FitResult:
     """Train a guide on simulations ``(z, x) ~ p(z, x)`` of its model.
 
@@ -236,6 +337,11 @@ def fit(
             shows progress, and every rank ends with the same parameters; see
             :mod:`pyro_struct.training.distributed`. ``False``: this process alone; ``True``: like
             ``None`` but an error when there is no process group.
+        simulate_with: model keyword arguments drawn afresh for every training batch (and for the
+            standardisation): ``{"N": (10, 200)}`` draws uniform integers in the closed range, a
+            list a uniform choice, a callable ``rng -> value`` anything (e.g. a covariate tensor).
+            The guide then learns over those arguments (over data-set sizes with
+            ``plates="auto"``). Data arguments of the model must be left unset so that it simulates.
 
     Returns:
         a :class:`~pyro_struct.training.loop.FitResult`: the loss per step over every fit of this
@@ -251,6 +357,10 @@ def fit(
     options = dict(locals())
     loss_fn = get_objective(objective)
     _check_arguments(options)
+    if simulate_with is not None:
+        simulate_with = check_simulate_with(guide.model, simulate_with)
+        if num_simulations is not None:
+            raise ValueError("simulate_with draws fresh simulations every step; it cannot be combined with num_simulations")
     name = objective if isinstance(objective, str) else getattr(objective, "__name__", "custom")
     if distributed not in (None, True, False):
         raise ValueError(f"distributed must be None, True or False; got {distributed!r}")
@@ -270,12 +380,19 @@ def fit(
                 )
             dp.broadcast_module(guide)  # every rank starts from rank 0's parameters and standardisation
         pool, share = _pools(simulator, pool, num_simulations, dp)
+        drawn = None
+        if simulate_with is not None:
+            rng = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
+            drawn = DrawnArgumentsSource(guide, simulate_with, batch_size, rng, vectorize=simulator.vectorized)
+            if not bool(guide.standardized):
+                guide.set_standardization(drawn.simulate(num_standardization))
         _standardize(guide, simulator, pool, num_standardization, dp)
         source = SimulationSource(simulator, batch_size) if share is None else PoolSource(_on(share, device), batch_size, validation_fraction)
+        source = drawn or source
         checkpointer = _checkpointer(guide, checkpoint, checkpoint_every, pool, dp)
         guide.validation_history = []
         result = train(
-            guide, lambda batch: loss_fn(guide, simulator, _on(batch, device)), source,
+            guide, lambda batch: loss_fn(guide, getattr(batch, "simulator", simulator), _on(batch, device)), source,
             num_steps=num_steps, lr=lr, lr_schedule=lr_schedule, time_budget=time_budget, clip_grad=clip_grad,
             weight_decay=weight_decay, progress=progress, desc=f"fit[{name}]", history=guide.history,
             validation_history=guide.validation_history, checkpointer=checkpointer, start_step=start,

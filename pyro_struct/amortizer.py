@@ -1,0 +1,157 @@
+"""How a guide turns observations into a conditioned flow and samples/scores latents: the per-coordinate and the plate path.
+
+A :class:`~pyro_struct.StructuredGuide` talks to its compiled flow only through one of these
+objects, so the per-coordinate flow (one flow coordinate per scalar latent, a fixed data-set size)
+and the shared-weight plate flow (any number of plate members) plug into the same guide, objectives
+and posteriors. Both expose the same members; a *context* is whatever :meth:`condition` returns
+and is passed back unchanged (a tensor, or a :class:`PlateContext`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, NamedTuple
+
+import torch
+
+from .layout import LatentLayout, ObservedLayout, PlateLayout
+
+__all__ = ["FlatAmortizer", "PlateAmortizer", "PlateContext"]
+
+
+def _noise(ref: torch.Tensor, n: int, batch_shape: torch.Size, event: tuple, common_noise: bool) -> torch.Tensor:
+    noise_batch = (1,) * len(batch_shape) if common_noise else tuple(batch_shape)
+    eps = torch.randn((n,) + noise_batch + event, dtype=ref.dtype, device=ref.device)
+    return eps.expand((n,) + tuple(batch_shape) + event)
+
+
+class FlatAmortizer:
+    """The per-coordinate path: the flow over the flat latent vector of the traced shapes.
+
+    Args:
+        flow: a :class:`~pyro_struct.flows.base.ConditionalFlow` over ``d`` latents.
+        latent_layout, observed_layout: the layouts it was compiled with.
+    """
+
+    def __init__(self, flow, latent_layout: LatentLayout, observed_layout: ObservedLayout):
+        self.flow, self.latent_layout, self.observed_layout = flow, latent_layout, observed_layout
+
+    def latent_dim(self, context) -> int:
+        """Coordinates of the flat unconstrained latent vector (the traced ``d``)."""
+        return self.latent_layout.dim
+
+    def condition(self, observations: Mapping[str, Any], where: str, check_finite: bool):
+        """The standardised context ``(*batch, c)`` (or ``None``) and ``batch``."""
+        flat, batch_shape = self.observed_layout.pack(observations, where, check_finite)
+        return self.observed_layout.context(flat), batch_shape
+
+    def sample_flat(self, context, n: int, batch_shape: torch.Size, common_noise: bool = False):
+        """Reparameterised ``u`` ``(n, *batch, d)`` (trace order) and ``log q(u)`` ``(n, *batch)``."""
+        batch_shape, d = torch.Size(batch_shape), self.latent_layout.dim
+        eps = _noise(self.latent_layout.loc, n, batch_shape, (d,), common_noise)
+        x = None if context is None else context.expand((n,) + batch_shape + context.shape[-1:])
+        y, logdet = self.flow(eps, x)
+        log_q = self.flow.base_log_prob(eps) - logdet - self.latent_layout.log_scale()
+        return self.latent_layout.from_flow(y), log_q
+
+    def flat_log_prob(self, flat: torch.Tensor, context) -> torch.Tensor:
+        """``log q(u | x)`` ``(*batch,)`` of the flat unconstrained vector ``(*batch, d)``."""
+        return self.flow.log_prob(self.latent_layout.to_flow(flat), context) - self.latent_layout.log_scale()
+
+    def rsample(self, context, n: int, batch_shape: torch.Size, common_noise: bool = False):
+        """Constrained samples site -> ``(n, *batch, *shape)`` and ``log q`` ``(n, *batch)``."""
+        flat, log_q = self.sample_flat(context, n, batch_shape, common_noise)
+        values, ladj = self.latent_layout.unpack(flat)
+        return values, log_q - ladj
+
+    def log_q(self, latents: Mapping[str, torch.Tensor], context, batch_shape: torch.Size) -> torch.Tensor:
+        """``log q(z | x)`` ``(*batch,)`` of constrained latents, Jacobians included."""
+        flat, ladj = self.latent_layout.pack(latents, batch_shape)
+        return self.flat_log_prob(flat, context) - ladj
+
+    def latent_batch_shapes(self, values: Mapping[str, Any], context, where: str = "log_prob") -> list[torch.Size]:
+        """The leading batch shape of every latent site's value (errors name the site)."""
+        shapes = []
+        for b in self.latent_layout.blocks:
+            if b.name not in values:
+                raise ValueError(f"{where}: missing value for latent site {b.name!r}; pass every latent site")
+            shapes.append(b.check_shape(torch.as_tensor(values[b.name]), where, "the value"))
+        return shapes
+
+    def set_standardization(self, simulations: Mapping[str, torch.Tensor]) -> None:
+        """Standardise latents and context by simulations site -> ``(n, *shape)``."""
+        n = next(iter(simulations.values())).shape[0]
+        u, _ = self.latent_layout.pack({s: simulations[s] for s in self.latent_layout.sites}, torch.Size((n,)))
+        self.latent_layout.set_statistics(u)
+        flat, _ = self.observed_layout.pack({s: simulations[s] for s in self.observed_layout.sites}, "standardisation", False)
+        self.observed_layout.set_statistics(flat)
+
+
+class PlateContext(NamedTuple):
+    """A plate flow's context: global observations ``(*batch, cg)`` (or ``None``), member
+    observations ``(*batch, N, ko)`` (standardised) and ``N``."""
+
+    global_context: torch.Tensor | None
+    member_obs: torch.Tensor
+    num_members: int
+
+
+class PlateAmortizer:
+    """The plate path: the shared-weight plate flow, answering data sets with any number of members.
+
+    Args:
+        flow: a :class:`~pyro_struct.flows.plated.PlatedStrAF`.
+        layout: its :class:`~pyro_struct.layout.PlateLayout`.
+    """
+
+    def __init__(self, flow, layout: PlateLayout):
+        self.flow, self.layout = flow, layout
+
+    def latent_dim(self, context: PlateContext) -> int:
+        """Coordinates of the flat unconstrained latent vector for ``context``'s ``N``."""
+        return self.layout.num_globals + context.num_members * self.layout.member_dim
+
+    def condition(self, observations: Mapping[str, Any], where: str, check_finite: bool):
+        """A :class:`PlateContext` and ``batch``; ``N`` is read from the observations' plate dimension."""
+        g_ctx, m_obs, batch, n = self.layout.observe(observations, where, check_finite)
+        return PlateContext(g_ctx, m_obs, n), batch
+
+    def _sample(self, context: PlateContext, n: int, batch_shape: torch.Size, common_noise: bool):
+        batch_shape, L = torch.Size(batch_shape), self.layout
+        eps_g = _noise(L.global_loc, n, batch_shape, (L.num_globals,), common_noise)
+        eps_m = _noise(L.global_loc, n, batch_shape, (context.num_members, L.member_dim), common_noise)
+        y_g, y_m, logdet = self.flow(eps_g, eps_m, context.global_context, context.member_obs)
+        log_q_u = self.flow.base_log_prob(eps_g, eps_m) - logdet - L.log_scale(context.num_members)
+        values, flat, ladj = L.unpack(y_g, y_m)
+        return values, flat, log_q_u, ladj
+
+    def sample_flat(self, context: PlateContext, n: int, batch_shape: torch.Size, common_noise: bool = False):
+        """Reparameterised ``u`` ``(n, *batch, D_N)`` (trace order, this ``N``) and ``log q(u)`` ``(n, *batch)``."""
+        _, flat, log_q_u, _ = self._sample(context, n, batch_shape, common_noise)
+        return flat, log_q_u
+
+    def flat_log_prob(self, flat: torch.Tensor, context: PlateContext) -> torch.Tensor:
+        """``log q(u | x)`` ``(*batch,)`` of the flat unconstrained vector ``(*batch, D_N)``."""
+        sites = {s.name: s for s in self.layout.latent}
+        unconstrained = self.layout.unflatten(flat, context.num_members)
+        values = {k: sites[k].block.transform(u) for k, u in unconstrained.items()}
+        return self.log_q(values, context, flat.shape[:-1], _add_jacobian=True)
+
+    def rsample(self, context: PlateContext, n: int, batch_shape: torch.Size, common_noise: bool = False):
+        """Constrained samples site -> ``(n, *batch, *shape)`` (plate dimension ``N``) and ``log q`` ``(n, *batch)``."""
+        values, _, log_q_u, ladj = self._sample(context, n, batch_shape, common_noise)
+        return values, log_q_u - ladj
+
+    def log_q(self, latents: Mapping[str, torch.Tensor], context: PlateContext, batch_shape: torch.Size,
+              _add_jacobian: bool = False) -> torch.Tensor:
+        """``log q(z | x)`` ``(*batch,)`` of constrained latents with ``N`` members, Jacobians included."""
+        y_g, y_m, ladj = self.layout.pack(latents, batch_shape, context.num_members)
+        log_q_u = self.flow.log_prob(y_g, y_m, context.global_context, context.member_obs) - self.layout.log_scale(context.num_members)
+        return log_q_u if _add_jacobian else log_q_u - ladj
+
+    def latent_batch_shapes(self, values: Mapping[str, Any], context: PlateContext, where: str = "log_prob") -> list[torch.Size]:
+        """The common batch shape of the latent values (their plate size must be the context's ``N``)."""
+        return [self.layout.latent_batch_shape(values, context.num_members, where)]
+
+    def set_standardization(self, simulations: Mapping[str, torch.Tensor]) -> None:
+        """Standardise per global coordinate and per member coordinate (shared by the members)."""
+        self.layout.set_statistics(simulations)
