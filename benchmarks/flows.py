@@ -31,18 +31,16 @@ import warnings
 
 import pyro
 import torch
-from pyro import poutine
 
 import pyro_struct as ps
 from pyro_struct.flows import GraphicalResidualFlow, StrAF, StructuredCNF
+from pyro_struct.simulation import ModelSimulator
 from pyro_struct.models import LinearGaussianNetwork, arithmetic_circuit
 
 from .report import RESULTS_DIR, markdown_table, write_results
 
 __all__ = [
     "main",
-    "simulate",
-    "stack_nodes",
     "Problem",
     "build_problem",
     "build_flow",
@@ -55,67 +53,54 @@ STRUCTURES = ("faithful", "dense")
 GRF_ITERATIONS = (1, 2, 3, 5, 10, 20, 50)
 
 
-# ------------------------------------------------------------------------ utilities
-def simulate(model, n: int, seed: int, **kwargs) -> dict[str, torch.Tensor]:
-    """``n`` joint simulations of every sample site of ``model`` (vectorised over a plate):
-    site name -> ``(n, *site_shape)``."""
-    pyro.set_rng_seed(seed)
-    with torch.no_grad(), pyro.plate("_simulations", n, dim=-1):
-        trace = poutine.trace(model).get_trace(**kwargs)
-    return {name: site["value"] for name, site in trace.nodes.items() if site["type"] == "sample"}
-
-
-def stack_nodes(values: dict[str, torch.Tensor], bn, labels: list[str]) -> torch.Tensor:
-    """Scalar node values ``(n, len(labels))`` from simulated site values, by the nodes' site and index."""
-    cols = []
-    for label in labels:
-        attrs = bn.graph.nodes[label]
-        v = values[attrs["site"]]
-        cols.append(v[(slice(None),) + tuple(attrs["index"])])
-    return torch.stack(cols, -1)
-
-
+# ------------------------------------------------------------------------ problems
 class Problem:
-    """One model's inverse structures and standardised simulations.
+    """One model compiled with each structure (no flow), and standardised simulations from the library.
+
+    Simulations come from :class:`pyro_struct.simulation.ModelSimulator`, packing and
+    standardisation from the compiled :class:`~pyro_struct.layout.LatentLayout` /
+    :class:`~pyro_struct.layout.ObservedLayout` (the same ones a guide uses).
 
     Attributes:
         name, model, bn: the model and its traced BayesNet.
-        structures: ``kind -> InverseStructure``.
-        z_mean, z_std, x_mean, x_std: standardisation statistics (latents in the inverse order,
-            which is the same for both kinds).
+        structures: ``kind -> InverseStructure`` (all with the faithful latent order).
+        latent_layout, observed_layout: the layouts, standardised on ``stats_samples`` simulations.
         exact_entropy: ``E_x H[p(z | x)]`` in nats when the posterior is known in closed form.
     """
 
     def __init__(self, name, model, observed, exact_entropy=None, stats_samples=20000, seed=0):
-        self.name = name
-        self.model = model
-        self.bn = ps.trace_model(model, observed=observed)
-        self.structures = {k: ps.inverse_structure(self.bn, kind=k) for k in STRUCTURES}
-        ref = self.structures["faithful"]
+        self.name, self.model = name, model
+        compiled = {k: ps.compile_model(model, flow=None, structure=k, observed=observed) for k in STRUCTURES}
+        ref = compiled["faithful"]
+        self.bn = ref.bn
+        self.structures = {k: c.inverse for k, c in compiled.items()}
         for inv in self.structures.values():
-            if inv.order != ref.order or inv.observed != ref.observed:
+            if inv.order != ref.inverse.order or inv.observed != ref.inverse.observed:
                 raise RuntimeError("faithful and dense structures must share the latent order for a fair comparison")
-        self.latents, self.observed = list(ref.order), list(ref.observed)
-        z, x = self.sample(stats_samples, seed=10_000 + seed, standardise=False)
-        self.z_mean, self.z_std = z.mean(0), z.std(0)
-        self.x_mean, self.x_std = x.mean(0), x.std(0)
+        self.latent_layout, self.observed_layout = ref.latent_layout, ref.observed_layout
+        self.simulator = ModelSimulator(model, self.bn)
         self.exact_entropy = exact_entropy
+        sims = self._simulate(stats_samples, seed=10_000 + seed)
+        u, _ = self.latent_layout.pack({s: sims[s] for s in self.latent_layout.sites}, torch.Size((stats_samples,)))
+        self.latent_layout.set_statistics(u)
+        self.observed_layout.set_statistics(self.observed_layout.pack({s: sims[s] for s in self.observed_layout.sites}, "stats", False)[0])
 
-    def sample(self, n: int, seed: int, standardise: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """``n`` simulations: latents ``(n, d)`` in the inverse order and observations ``(n, c)``."""
-        values = simulate(self.model, n, seed)
-        z = stack_nodes(values, self.bn, self.latents)
-        x = stack_nodes(values, self.bn, self.observed)
-        if standardise:
-            z = (z - self.z_mean) / self.z_std
-            x = (x - self.x_mean) / self.x_std
-        return z, x
+    def _simulate(self, n: int, seed: int):
+        pyro.set_rng_seed(seed)
+        return self.simulator.simulate_in_chunks(n)
+
+    def sample(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` standardised simulations: latents ``(n, d)`` in the flow's order and the context ``(n, c)``."""
+        sims = self._simulate(n, seed)
+        u, _ = self.latent_layout.pack({s: sims[s] for s in self.latent_layout.sites}, torch.Size((n,)))
+        flat, _ = self.observed_layout.pack({s: sims[s] for s in self.observed_layout.sites}, "simulations", False)
+        return self.latent_layout.to_flow(u), self.observed_layout.context(flat)
 
     def nll(self, flow, z: torch.Tensor, x: torch.Tensor) -> float:
         """Mean ``-log q(z | x)`` in the model's units (the standardisation's Jacobian added back)."""
         with torch.no_grad():
             lp = flow.log_prob(z, x)
-        return float(-lp.mean() + self.z_std.log().sum())
+        return float(-lp.mean() + self.latent_layout.log_scale())
 
 
 def build_problem(name: str, seed: int = 0) -> Problem:
