@@ -54,9 +54,9 @@ def load_dataset(name: str, n: int, seed: int):
     """``(graph, data dict name -> (n,), oracle NLL per dim or None)`` for a dataset name."""
     gen = torch.Generator().manual_seed(seed)
     if name in LINEAR:
-        from pyro_struct.models import LinearGaussianNetwork, shared_data_dir
+        from pyro_struct.models import LinearGaussianNetwork
 
-        net = LinearGaussianNetwork.from_json(shared_data_dir() / "bnlearn" / f"{name}.json")
+        net = LinearGaussianNetwork.from_name(name)
         graph = nx.DiGraph()
         graph.add_nodes_from(net.site_names[v] for v in net.order)
         graph.add_edges_from((net.site_names[p], net.site_names[c]) for p, c in net.graph.edges)

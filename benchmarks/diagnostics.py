@@ -29,7 +29,7 @@ import torch
 
 import pyro_struct as ps
 from pyro_struct.diagnostics import importance, refine
-from pyro_struct.models import LinearGaussianNetwork, arithmetic_circuit, shared_data_dir
+from pyro_struct.models import LinearGaussianNetwork, arithmetic_circuit
 
 from .report import RESULTS_DIR, write_results
 
@@ -76,7 +76,7 @@ def logistic_regression(num_data: int = 30, num_features: int = 3, seed: int = 0
 
 
 def _network(name):
-    return LinearGaussianNetwork.from_json(shared_data_dir() / "bnlearn" / f"{name}.json")
+    return LinearGaussianNetwork.from_name(name)
 
 
 #: training objective per model where the default (symmetrised KL) is not usable: the heavy

@@ -10,7 +10,7 @@ from .circuit import arithmetic_circuit
 from .deconvolution import deconvolution
 from .hierarchical import hierarchical
 from .hmm import hmm
-from .linear_gaussian import LinearGaussianNetwork, data_dir, gaussian_kl, shared_data_dir
+from .linear_gaussian import LinearGaussianNetwork, data_dir, gaussian_kl
 
 __all__ = [
     "arithmetic_circuit",
@@ -20,5 +20,4 @@ __all__ = [
     "LinearGaussianNetwork",
     "gaussian_kl",
     "data_dir",
-    "shared_data_dir",
 ]

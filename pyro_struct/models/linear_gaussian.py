@@ -24,7 +24,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-__all__ = ["LinearGaussianNetwork", "gaussian_kl", "data_dir", "shared_data_dir"]
+__all__ = ["LinearGaussianNetwork", "gaussian_kl", "data_dir"]
 
 
 def data_dir() -> Path:
@@ -32,10 +32,6 @@ def data_dir() -> Path:
     ``$PYRO_STRUCT_DATA`` points elsewhere."""
     env = os.environ.get("PYRO_STRUCT_DATA")
     return Path(env) if env else Path(__file__).resolve().parent / "data"
-
-
-# the name the benchmarks used when the data lived beside the checkout
-shared_data_dir = data_dir
 
 
 def _site_names(names: list[str]) -> dict[str, str]:
