@@ -381,14 +381,27 @@ class StructuredGuide(PyroModule):
         context, batch_shape = self.condition(values, "posterior", check_finite=True)
         return Posterior(self, context, batch_shape, values, num_moment_samples)
 
-    def fit(self, num_steps: int = 1000, objective: str = "skl", **options):
+    def fit(self, num_steps: int = 1000, objective: str = "skl", checks: Sequence[str] = (), **options):
         """Train the guide on simulations of its model; see :func:`pyro_struct.training.fit` for the options.
+
+        Args:
+            checks: diagnostics to run once training ends, recorded in ``result.checks`` and
+                ``result.report()``: ``"skl"`` (a symmetrised-KL estimate on fresh simulations),
+                ``"calibration"`` (simulation-based calibration over 100 simulations).
 
         Returns:
             a :class:`~pyro_struct.training.FitResult`: the loss history (over every ``fit`` of
-            this guide) with ``validation_history``.
+            this guide) with ``validation_history``, ``checks`` and ``report()``.
         """
-        return _fit(self, num_steps=num_steps, objective=objective, **options)
+        from .diagnostics.after_fit import CHECKS, run_checks
+
+        names = [checks] if isinstance(checks, str) else list(checks)
+        unknown = [n for n in names if n not in CHECKS]
+        if unknown:  # before training, not after
+            raise ValueError(f"unknown check {unknown[0]!r}; use any of {sorted(CHECKS)}")
+        result = _fit(self, num_steps=num_steps, objective=objective, **options)
+        result.checks = run_checks(self, names)
+        return result
 
     def simulator(self) -> ModelSimulator:
         """The :class:`~pyro_struct.simulation.ModelSimulator` used for training (created once)."""

@@ -28,7 +28,7 @@ LAYERS = [
     ["objectives"],
     ["training.batches", "training.schedule", "training.guard", "training.checkpoint", "training.loop",
      "training.distributed", "training.fit", "training"],
-    ["diagnostics.checks", "diagnostics.psis", "diagnostics.refinement", "diagnostics.sbc", "diagnostics"],
+    ["diagnostics.checks", "diagnostics.psis", "diagnostics.refinement", "diagnostics.sbc", "diagnostics.after_fit", "diagnostics"],
     ["structure_learning", "density"],
     ["guide"],
     ["cli.base", "cli.commands", "cli", "cli.__main__"],

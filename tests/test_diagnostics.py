@@ -271,3 +271,21 @@ def test_cli_check_writes_calibration_plots_and_importance_diagnostics(net, tmp_
     assert any("x=40" in line and "observation (1,)" in line for line in out.splitlines()), out
     assert cli_main(["check", str(guide_path), f"{models}:chain", "--simulations", "5"]) == 2  # a usage error
     assert "--simulations must be at least 10" in capsys.readouterr().err
+
+
+def test_fit_runs_the_requested_checks_and_reports_them():
+    from pyro_struct import StructuredGuide
+    from pyro_struct.models import LinearGaussianNetwork
+
+    net = LinearGaussianNetwork.random(4, seed=3)
+    guide = StructuredGuide(net.model, observed=net.observed_sites, hidden_sizes=(8,))
+    with pytest.raises(ValueError, match="unknown check 'nope'"):
+        guide.fit(num_steps=2, progress=False, checks=["nope"])
+    assert guide.history == []  # refused before training
+    plain = guide.fit(num_steps=5, batch_size=32, progress=False)
+    assert plain.checks == {} and "checks run: none" in plain.report()
+    result = guide.fit(num_steps=5, batch_size=32, progress=False, checks=("skl", "calibration"))
+    assert set(result.checks) == {"skl", "calibration"}
+    report = result.report()
+    assert "check skl: expected symmetrised KL" in report and "check calibration: SBC over 100" in report
+    assert report.startswith("5 steps in")

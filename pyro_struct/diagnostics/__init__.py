@@ -30,6 +30,7 @@ _EXPORTS = {
     "PriorPredictiveNote": "checks",
     "symmetrized_kl_estimate": "checks",
     "warn_if_untrained": "checks",
+    "run_checks": "after_fit",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -27,6 +27,8 @@ class FitResult(list):
         stopped_by: ``"num_steps"`` or ``"time_budget"``.
         local_losses: this call's losses on this process's own batches; under data parallelism
             ``history`` holds the mean over ranks, these are this rank's share of it.
+        checks: the diagnostics run after training (name -> one-line result; see
+            ``StructuredGuide.fit(checks=...)``); empty when none were run.
     """
 
     def __init__(self, history, validation_history=(), num_steps: int = 0, seconds: float = 0.0, stopped_by: str = "num_steps",
@@ -37,10 +39,22 @@ class FitResult(list):
         self.num_steps = int(num_steps)
         self.seconds = float(seconds)
         self.stopped_by = stopped_by
+        self.checks: dict[str, str] = {}
 
     @property
     def history(self) -> list[float]:
         return list(self)
+
+    def report(self) -> str:
+        """The training report: steps, time, what stopped it, the final loss and which checks ran."""
+        tail = self.local_losses[-max(1, len(self.local_losses) // 10):]
+        final = f", final loss {sum(tail) / len(tail):.4g} (mean of the last {len(tail)} steps)" if tail else ""
+        lines = [f"{self.num_steps} steps in {self.seconds:.1f} s (stopped by {self.stopped_by}){final}"]
+        if self.checks:
+            lines += [f"check {name}: {text}" for name, text in self.checks.items()]
+        else:
+            lines.append("checks run: none (fit(checks=('skl', 'calibration')) runs them; post.importance(n) per observation)")
+        return "\n".join(lines)
 
 
 def make_optimizer(module: torch.nn.Module, params: list, lr: float, weight_decay: float) -> torch.optim.Optimizer:
