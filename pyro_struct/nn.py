@@ -35,6 +35,7 @@ from torch.nn import functional as F
 from .masks import factorize
 
 __all__ = [
+    "MaskedStructure",
     "ACTIVATIONS",
     "Activation",
     "LipSwish",
@@ -565,3 +566,20 @@ class StrNN(MaskedMLP):
         if self.skip is not None:
             out = out + self.skip(input)
         return out.unflatten(-1, (self.d_out, self.num_params))
+
+
+class MaskedStructure:
+    """Mixin for modules built from masked layers: their masks and effective/dense parameter counts."""
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """``{module name: (out, in) bool mask}`` of every masked layer, in module order (CPU copies)."""
+        return masks_of(self)
+
+    def num_effective_parameters(self) -> int:
+        """Trainable parameters that are not masked out (every parameter outside masked weights counts)."""
+        return parameter_counts(self)[0]
+
+    def num_dense_parameters(self) -> int:
+        """Trainable parameters of the same module without masks."""
+        return parameter_counts(self)[1]

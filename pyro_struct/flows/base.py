@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..dag import transitive_closure
-from ..nn import masks_of, parameter_counts
+from ..nn import MaskedStructure
 
 __all__ = ["ConditionalFlow", "check_adjacency", "transitive_closure"]
 
@@ -56,7 +56,7 @@ def check_adjacency(adjacency: torch.Tensor, context_dim: int) -> torch.Tensor:
     return A.clone()
 
 
-class ConditionalFlow(nn.Module, ABC):
+class ConditionalFlow(MaskedStructure, nn.Module, ABC):
     """A normalizing flow ``z = T(eps; x)`` over ``d`` latents conditioned on a context ``x``.
 
     The base distribution is a standard normal on ``eps``. The public :meth:`forward` and
@@ -134,19 +134,6 @@ class ConditionalFlow(nn.Module, ABC):
         return self._inverse(z, x)
 
     # ------------------------------------------------------------------- derived
-    @property
-    def masks(self) -> dict[str, torch.Tensor]:
-        """``{module name: (out, in) bool mask}`` of every masked layer, in module order (CPU copies)."""
-        return masks_of(self)
-
-    def num_effective_parameters(self) -> int:
-        """Trainable parameters that are not masked out (every parameter outside masked weights counts)."""
-        return parameter_counts(self)[0]
-
-    def num_dense_parameters(self) -> int:
-        """Trainable parameters of the same flow without masks."""
-        return parameter_counts(self)[1]
-
     def _check_context(self, x: torch.Tensor | None) -> torch.Tensor | None:
         if self.context_dim == 0:
             if x is not None and x.shape[-1] != 0:

@@ -35,7 +35,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..nn import masks_of, parameter_counts
+from ..nn import MaskedStructure
 from .straf import StrAF
 
 __all__ = ["PlatedStrAF", "broadcast_cat"]
@@ -48,7 +48,7 @@ def broadcast_cat(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
     return torch.cat([t.expand(lead + t.shape[-1:]) for t in ts], -1)
 
 
-class PlatedStrAF(nn.Module):
+class PlatedStrAF(MaskedStructure, nn.Module):
     """The plate flow over globals ``(*batch, g)`` and members ``(*batch, N, k)``.
 
     Args:
@@ -187,19 +187,6 @@ class PlatedStrAF(nn.Module):
         eps_m = torch.randn((n,) + batch + (member_obs.shape[-2], self.member_dim), dtype=ref.dtype, device=ref.device)
         y_g, y_m, logdet = self.forward(eps_g, eps_m, global_ctx, member_obs)
         return y_g, y_m, self.base_log_prob(eps_g, eps_m) - logdet
-
-    @property
-    def masks(self) -> dict[str, torch.Tensor]:
-        """``{module name: (out, in) bool mask}`` of every masked layer (both StrAFs)."""
-        return masks_of(self)
-
-    def num_effective_parameters(self) -> int:
-        """Trainable parameters that are not masked out; independent of the number of members."""
-        return parameter_counts(self)[0]
-
-    def num_dense_parameters(self) -> int:
-        """Trainable parameters of the same flow without masks."""
-        return parameter_counts(self)[1]
 
     @property
     def num_passes(self) -> int:
