@@ -8,6 +8,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from .covariates import check_covariates, covariate_model, mark_covariates
 from .errors import ModelStructureError
 from .graph import BayesNet
 from .inversion import INVERSE_KINDS, INVERSION_MODES, InverseStructure, inverse_structure
@@ -193,6 +194,7 @@ def compile_model(
     granularity: str = "element",
     model_kwargs: Mapping | None = None,
     plates: str | None = None,
+    covariates: Sequence[str] | str | None = None,
     **flow_options,
 ) -> CompiledModel:
     """Trace ``model(*args, **model_kwargs)``, invert it and build the flow and layouts.
@@ -213,6 +215,8 @@ def compile_model(
             with one data plate whose inverse has a one-member template gets the shared-weight
             :class:`~pyro_struct.flows.plated.PlatedStrAF` (``flow="straf"``), which answers data
             sets of any size; otherwise ``plate_note`` says why not and the per-coordinate flow is built.
+        covariates: names of tensor model arguments traced as observed, non-random sites of
+            the same name (:mod:`pyro_struct.covariates`): conditioning inputs of the flow.
         **flow_options: passed to the flow class (and ``pool_dim``, ``pool_hidden`` to the plate flow).
 
     Returns:
@@ -229,7 +233,12 @@ def compile_model(
     trace_options = {"granularity": granularity}
     if num_probes is not None:
         trace_options["num_probes"] = num_probes
-    bn = trace_model(model, *args, observed=None if observed is None else list(observed), **trace_options, **dict(model_kwargs or {}))
+    covariates = check_covariates(model, covariates)
+    traced = covariate_model(model, covariates, args, dict(model_kwargs or {})) if covariates else model
+    if observed is not None and covariates:
+        observed = list(observed) + [c for c in covariates if c not in observed]
+    bn = trace_model(traced, *args, observed=None if observed is None else list(observed), **trace_options, **dict(model_kwargs or {}))
+    mark_covariates(bn, covariates)
     if not bn.latent_sites:
         raise ModelStructureError("the model has no latent sample site: there is nothing to infer")
     if observed is None and not bn.observed_sites:
@@ -238,7 +247,8 @@ def compile_model(
     latent_layout = LatentLayout(bn, inverse.order)
     observed_layout = ObservedLayout(bn, inverse.observed)
     options = dict(flow=flow, structure=structure, observed=observed, structure_seed=structure_seed,
-                   inversion_mode=inversion_mode, num_probes=num_probes, flow_options=dict(flow_options), plates=plates)
+                   inversion_mode=inversion_mode, num_probes=num_probes, flow_options=dict(flow_options), plates=plates,
+                   covariates=list(covariates))
     plate, note = (None, None) if plates is None else compile_plate(bn, inverse, flow, **flow_options)
     if plate is not None:
         return CompiledModel(bn, inverse, plate.flow, latent_layout, observed_layout, options, plate, None)

@@ -43,6 +43,8 @@ class SiteInfo:
         event_dim: event dimension of the site's distribution.
         plates: ``(name, dim, size)`` of every vectorised plate the site is in (Pyro's
             ``cond_indep_stack``); ``dim`` is negative, counted from the right of the batch shape.
+        covariate: an observed site that is a model argument, not a random variable
+            (:mod:`pyro_struct.covariates`): a conditioning input like an observation.
     """
 
     name: str
@@ -54,6 +56,7 @@ class SiteInfo:
     offset: int = 0
     event_dim: int = 0
     plates: tuple = ()
+    covariate: bool = False
 
     def __post_init__(self):
         self.shape = tuple(self.shape)
@@ -247,6 +250,7 @@ class BayesNet:
                     "block": s.block,
                     "offset": s.offset,
                     "plates": [list(p) for p in s.plates],
+                    **({"covariate": True} if s.covariate else {}),
                 }
                 for s in self.sites.values()
             ],

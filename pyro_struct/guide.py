@@ -21,6 +21,7 @@ from torch.distributions import constraints
 
 from .amortizer import FlatAmortizer, PlateAmortizer
 from .compile import FLOWS, STRUCTURES, compile_model
+from .covariates import covariate_values
 from .errors import ModelStructureError
 from .io import GUIDE_FORMAT, atomic_save, check_compatible, read_payload
 from .simulation import ModelSimulator
@@ -105,6 +106,11 @@ class StructuredGuide(PyroModule):
             depend on the plate's size and whose :meth:`posterior` answers observations with any
             number of members; where that does not apply, a one-time warning names the plate and
             ``guide.plate_note`` says why (the per-coordinate flow is built instead).
+        covariates: names of tensor model arguments (``["X"]``, keyword or positional) that
+            condition the flow like observations (:mod:`pyro_struct.covariates`): pass their values
+            to :meth:`posterior` by name (``posterior(y=..., X=...)``); a guide call reads them from
+            its arguments. Rows of a covariate inside the data plate are per-member inputs of a plate
+            guide. ``fit(simulate_with={"X": ...})`` trains over designs; without it, over the traced one.
         **flow_options: passed to the flow class (e.g. ``num_layers``, ``hidden_sizes``).
 
     Shapes: :meth:`posterior` answers observations of shape ``(*batch, *site_shape)``;
@@ -130,6 +136,7 @@ class StructuredGuide(PyroModule):
         inversion_mode: str = "auto",
         num_probes: int | None = None,
         plates: str | None = None,
+        covariates: Sequence[str] | str | None = None,
         **flow_options,
     ):
         if not callable(model):
@@ -139,13 +146,15 @@ class StructuredGuide(PyroModule):
         super().__init__(name=f"pyro_struct_guide_{next(_instance_counter)}")
         compiled = compile_model(
             model, *model_args, flow=flow, structure=structure, observed=observed, structure_seed=structure_seed,
-            inversion_mode=inversion_mode, num_probes=num_probes, model_kwargs=model_kwargs, plates=plates, **flow_options,
+            inversion_mode=inversion_mode, num_probes=num_probes, model_kwargs=model_kwargs, plates=plates,
+            covariates=covariates, **flow_options,
         )
         # a tuple keeps a PyroModule/nn.Module model out of this module's parameters
         self._model = (model,)
         self.model_args = tuple(model_args)
         self.model_kwargs = dict(model_kwargs or {})
         self.options = compiled.options
+        self.covariates = tuple(compiled.options["covariates"])
         self.bn, self.inverse = compiled.bn, compiled.inverse
         self.flow = compiled.flow
         self.latent_layout = compiled.latent_layout
@@ -246,9 +255,12 @@ class StructuredGuide(PyroModule):
         with torch.no_grad(), poutine.block():
             return poutine.trace(self.model).get_trace(*args, **kwargs)
 
-    def _observed_from_call(self, trace) -> dict[str, torch.Tensor]:
-        values = {}
+    def _observed_from_call(self, trace, args=(), kwargs=None) -> dict[str, torch.Tensor]:
+        values = covariate_values(self.model, args, kwargs or {}, self.covariates, "guide call")
+        self._check_covariates(values, "guide call")
         for b in self.observed_layout.blocks:
+            if b.name in values:
+                continue
             site = trace.nodes.get(b.name)
             if site is None or site["type"] != "sample":
                 raise ValueError(f"guide call: the model has no sample site {b.name!r} with these arguments; call the guide with the same arguments as the model")
@@ -263,14 +275,31 @@ class StructuredGuide(PyroModule):
             values[b.name] = site["value"]
         return values
 
-    def _conditioned(self, trace) -> TorchDistribution:
-        context, _ = self.condition(self._observed_from_call(trace), "guide call", True)
+    def _check_covariates(self, values: Mapping[str, Any], where: str) -> None:
+        """A missing covariate, or one whose shape differs from the traced one (the plate dimension
+        aside for a plate guide), is an error naming the argument and the expected shape."""
+        for name in self.covariates:
+            info = self.bn.sites[name]
+            pos = None if self.plate_layout is None else info.plate_position(self.plate_layout.plate)
+            want = tuple("N" if i == pos else d for i, d in enumerate(info.shape))
+            if values.get(name) is None:
+                raise ValueError(f"{where}: missing covariate {name!r} (a model argument of shape {want}); pass {name}=...")
+            shape = tuple(torch.as_tensor(values[name]).shape)
+            tail = shape[len(shape) - len(want):] if len(shape) >= len(want) else None
+            if tail is None or any(w != "N" and w != t for w, t in zip(want, tail)):
+                raise ValueError(
+                    f"{where}: covariate {name!r} has shape {shape} but the guide expects shape {want} "
+                    "(optionally with leading batch dimensions)"
+                )
+
+    def _conditioned(self, trace, args=(), kwargs=None) -> TorchDistribution:
+        context, _ = self.condition(self._observed_from_call(trace, args, kwargs), "guide call", True)
         return _ConditionedFlowDistribution(self, context)
 
     def get_posterior(self, *args, **kwargs) -> TorchDistribution:
-        """The flow conditioned on this call's observations: a distribution over the flat
-        unconstrained latent vector ``(latent_dim,)`` (trace order), as in ``AutoContinuous``."""
-        return self._conditioned(self._prototype(args, kwargs))
+        """The flow conditioned on this call's observations (and covariates): a distribution over the
+        flat unconstrained latent vector ``(latent_dim,)`` (trace order), as in ``AutoContinuous``."""
+        return self._conditioned(self._prototype(args, kwargs), args, kwargs)
 
     def _sample_latent(self, posterior: TorchDistribution) -> torch.Tensor:
         pyro.module(self._pyro_name, self.flow)
@@ -323,7 +352,7 @@ class StructuredGuide(PyroModule):
             site -> sampled constrained value.
         """
         trace = self._prototype(args, kwargs)
-        latent = self._sample_latent(self._conditioned(trace))
+        latent = self._sample_latent(self._conditioned(trace, args, kwargs))
         plates = self._create_plates(trace)
         result = {}
         for site, u in self._unpack_latent(latent, trace):
@@ -343,7 +372,7 @@ class StructuredGuide(PyroModule):
         return result
 
     def _posterior_of_call(self, args, kwargs) -> "Posterior":
-        observed = self._observed_from_call(self._prototype(args, kwargs))
+        observed = self._observed_from_call(self._prototype(args, kwargs), args, kwargs)
         return self.posterior(observed)
 
     def median(self, *args, num_samples: int = 1000, **kwargs) -> dict[str, torch.Tensor]:
@@ -363,13 +392,15 @@ class StructuredGuide(PyroModule):
         Args:
             *args: optionally one dict ``{site: value}``.
             num_moment_samples: samples used to estimate ``.mean`` and ``.std``.
-            **observations: observed site name -> value ``(*batch, *site_shape)``.
+            **observations: observed site name -> value ``(*batch, *site_shape)``, and each
+                covariate (by argument name) -> value ``(*batch, *shape)``.
 
         Returns:
             a :class:`Posterior` with batch shape ``batch``.
 
         Raises:
-            ValueError: unknown or missing sites, wrong shapes, non-finite values (naming the site).
+            ValueError: unknown or missing sites or covariates, wrong shapes, non-finite values
+                (naming the site or argument and the expected shape).
         """
         if len(args) > 1 or (args and not isinstance(args[0], Mapping)):
             raise ValueError("posterior takes observations as keyword arguments or one dict {site: value}")
@@ -378,6 +409,7 @@ class StructuredGuide(PyroModule):
         if overlap:
             raise ValueError(f"posterior: observation {sorted(overlap)[0]!r} given twice")
         values.update(observations)
+        self._check_covariates(values, "posterior")
         context, batch_shape = self.condition(values, "posterior", check_finite=True)
         return Posterior(self, context, batch_shape, values, num_moment_samples)
 
@@ -406,7 +438,7 @@ class StructuredGuide(PyroModule):
     def simulator(self) -> ModelSimulator:
         """The :class:`~pyro_struct.simulation.ModelSimulator` used for training (created once)."""
         if self._simulator is None:
-            self._simulator = ModelSimulator(self.model, self.bn, self.model_args, self.model_kwargs)
+            self._simulator = ModelSimulator(self.model, self.bn, self.model_args, self.model_kwargs, covariates=self.covariates)
         return self._simulator
 
     # ------------------------------------------------------------ save / load
@@ -425,6 +457,7 @@ class StructuredGuide(PyroModule):
             "state_dict": {k: v.detach().cpu().clone() for k, v in self.state_dict().items()},
             "history": [float(h) for h in self.history],
             "plates": o.get("plates"),
+            "covariates": list(self.covariates),
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -456,7 +489,8 @@ class StructuredGuide(PyroModule):
         guide = cls(
             model, flow=payload["flow"], structure=payload["structure"], observed=payload["observed"],
             model_args=model_args, model_kwargs=model_kwargs, structure_seed=payload["structure_seed"],
-            inversion_mode=payload["inversion_mode"], plates=payload.get("plates"), **payload["flow_options"],
+            inversion_mode=payload["inversion_mode"], plates=payload.get("plates"),
+            covariates=payload.get("covariates"), **payload["flow_options"],
         )
         guide.load_payload(payload)
         return guide.to(device) if device is not None else guide

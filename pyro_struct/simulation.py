@@ -18,6 +18,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch.overrides import TorchFunctionMode
 
+from .covariates import covariate_values
 from .errors import ModelStructureError
 
 __all__ = ["ModelSimulator", "Simulations", "STRATEGIES"]
@@ -255,6 +256,9 @@ class ModelSimulator:
         model_args, model_kwargs: the arguments the model runs with.
         vectorize: ``None`` (detect), ``True`` (detect, but raise instead of falling back to the
             loop), ``False`` (loop), or a strategy name (forced, unchecked).
+        covariates: names of covariate arguments (sites of ``bn`` that are model arguments, not
+            sample sites): their values in this call are attached to every simulation
+            ``(n, *shape)`` and ignored by :meth:`log_joint`.
 
     Attributes:
         strategy: the strategy in use (``None`` until decided).
@@ -265,14 +269,16 @@ class ModelSimulator:
             sample site the traced model does not have, or lacks one (dynamic structure).
     """
 
-    def __init__(self, model: Callable, bn, model_args: Sequence = (), model_kwargs: Mapping | None = None, vectorize: bool | str | None = None):
+    def __init__(self, model: Callable, bn, model_args: Sequence = (), model_kwargs: Mapping | None = None, vectorize: bool | str | None = None,
+                 covariates: Sequence[str] = ()):
         if vectorize not in (None, True, False) + STRATEGIES:
             raise ValueError(f"vectorize must be None, True, False or one of {STRATEGIES}; got {vectorize!r}")
         self.model = model
         self.bn = bn
         self.model_args = tuple(model_args)
         self.model_kwargs = dict(model_kwargs or {})
-        self.site_shapes = {name: tuple(int(s) for s in info.shape) for name, info in bn.sites.items()}
+        self.covariates = covariate_values(model, self.model_args, self.model_kwargs, tuple(covariates), "simulation")
+        self.site_shapes = {name: tuple(int(s) for s in info.shape) for name, info in bn.sites.items() if name not in self.covariates}
         self.strategy = "loop" if vectorize is False else (vectorize if isinstance(vectorize, str) else None)
         self._strict = vectorize is True
         self._batch_ndim = None
@@ -492,7 +498,10 @@ class ModelSimulator:
             raise ValueError(f"number of simulations must be a positive int; got {n!r}")
         self._decide()
         with torch.no_grad():
-            return self._simulator(self.strategy)(n)
+            sims = self._simulator(self.strategy)(n)
+        for name, value in self.covariates.items():  # the same design for every simulation
+            sims[name] = value.detach().expand((n,) + tuple(value.shape))
+        return sims
 
     def simulate_in_chunks(self, n: int, chunk: int = 4096) -> Simulations:
         """:meth:`simulate` of ``n`` draws in chunks of at most ``chunk`` (bounded peak memory)."""
@@ -503,8 +512,10 @@ class ModelSimulator:
         """``log p(z, x)`` ``(n,)`` of values site -> ``(n, *site_shape)``, differentiable in the
         values (objectives backpropagate through it into guide samples).
 
-        Every latent and observed site must be given.
+        Every latent and observed site must be given (covariates are ignored: the model runs with
+        this simulator's arguments).
         """
+        values = {k: v for k, v in values.items() if k not in self.covariates}
         missing = [s for s in self.site_shapes if s not in values]
         if missing:
             raise ValueError(f"log_joint needs a value for every site; missing {missing[0]!r}")

@@ -14,6 +14,7 @@ LAYERS = [
     ["errors", "threads", "dag", "io", "models.circuit", "models.deconvolution", "models.hierarchical",
      "models.hmm", "models.linear_gaussian", "models"],
     ["graph"],
+    ["covariates"],
     ["trace.provenance", "trace.sparsity", "trace.probe", "trace.assemble", "trace"],
     ["inversion"],
     ["plates"],

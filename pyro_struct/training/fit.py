@@ -12,6 +12,7 @@ import pyro
 import pyro.poutine as poutine
 import torch
 
+from ..covariates import with_arguments
 from ..io import read_payload
 from ..objectives import REVERSE_OBJECTIVES, get_objective
 from ..simulation import ModelSimulator, Simulations
@@ -248,12 +249,14 @@ class DrawnArgumentsSource:
         if key is not None and key in self._simulators and not any(torch.is_tensor(v) for v in drawn.values()):
             return self._simulators[key]
         g = self.guide
-        kwargs = {**g.model_kwargs, **drawn}
+        covariates = tuple(getattr(g, "covariates", ()))
+        # a drawn positional argument (a covariate X) replaces it in place
+        args, kwargs = with_arguments(g.model, g.model_args, g.model_kwargs, drawn)
         with torch.no_grad(), poutine.block():
-            tr = poutine.trace(g.model).get_trace(*g.model_args, **kwargs)
-        # the simulator needs only each site's value shape at these arguments
-        sites = {name: types.SimpleNamespace(shape=tuple(tr.nodes[name]["value"].shape)) for name in g.bn.sites}
-        sim = ModelSimulator(g.model, types.SimpleNamespace(sites=sites), g.model_args, kwargs, vectorize=self.vectorize)
+            tr = poutine.trace(g.model).get_trace(*args, **kwargs)
+        # the simulator needs only each site's value shape at these arguments (covariates are arguments, not sites)
+        sites = {name: types.SimpleNamespace(shape=tuple(tr.nodes[name]["value"].shape)) for name in g.bn.sites if name not in covariates}
+        sim = ModelSimulator(g.model, types.SimpleNamespace(sites=sites), args, kwargs, vectorize=self.vectorize, covariates=covariates)
         if key is not None and not any(torch.is_tensor(v) for v in drawn.values()):
             self._simulators[key] = sim
         return sim
@@ -267,6 +270,17 @@ class DrawnArgumentsSource:
 
     def next_batch(self) -> Simulations:
         return self.simulate(self.batch_size)
+
+    def standardization(self, n: int, draws: int = 16) -> Simulations:
+        """``n`` simulations for the standardisation over ``draws`` draws of the arguments (a
+        covariate's statistics then describe the designs, not one design), or one draw when the
+        drawn shapes differ (data-set sizes: the plate layout pools members anyway)."""
+        if not getattr(self.guide, "covariates", ()):
+            return self.simulate(n)
+        parts = [self.simulate(max(2, n // draws)) for _ in range(draws)]
+        if len({tuple((k, tuple(v.shape[1:])) for k, v in p.items()) for p in parts}) == 1:
+            return Simulations.concat(parts)
+        return self.simulate(n)
 # ---- end simulate_with ----------------------------------------------------------------------
 
 
@@ -339,7 +353,9 @@ def fit(
             ``None`` but an error when there is no process group.
         simulate_with: model keyword arguments drawn afresh for every training batch (and for the
             standardisation): ``{"N": (10, 200)}`` draws uniform integers in the closed range, a
-            list a uniform choice, a callable ``rng -> value`` anything (e.g. a covariate tensor).
+            list a uniform choice, a callable ``rng -> value`` anything (e.g. a covariate tensor
+            ``{"X": lambda rng: torch.randn(50, 3, generator=rng)}``: a guide with ``covariates=["X"]``
+            is then conditioned on each batch's design).
             The guide then learns over those arguments (over data-set sizes with
             ``plates="auto"``). Data arguments of the model must be left unset so that it simulates.
 
@@ -383,9 +399,10 @@ def fit(
         drawn = None
         if simulate_with is not None:
             rng = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
-            drawn = DrawnArgumentsSource(guide, simulate_with, batch_size, rng, vectorize=simulator.vectorized)
+            # the strategy the guide's simulator decided is reused unchecked for every drawn value set
+            drawn = DrawnArgumentsSource(guide, simulate_with, batch_size, rng, vectorize=simulator.strategy)
             if not bool(guide.standardized):
-                guide.set_standardization(drawn.simulate(num_standardization))
+                guide.set_standardization(drawn.standardization(num_standardization))
         _standardize(guide, simulator, pool, num_standardization, dp)
         source = SimulationSource(simulator, batch_size) if share is None else PoolSource(_on(share, device), batch_size, validation_fraction)
         source = drawn or source
