@@ -251,13 +251,14 @@ class StructuredGuide(PyroModule):
 
     # ------------------------------------------------------------ Pyro hooks
     def _prototype(self, args, kwargs):
-        """One trace of the model with these arguments (blocked, no gradients)."""
+        """One trace of the model with these arguments (blocked, no gradients); covariates checked first."""
+        if self.covariates:
+            self._check_covariates(covariate_values(self.model, args, kwargs, self.covariates, "guide call"), "guide call")
         with torch.no_grad(), poutine.block():
             return poutine.trace(self.model).get_trace(*args, **kwargs)
 
     def _observed_from_call(self, trace, args=(), kwargs=None) -> dict[str, torch.Tensor]:
         values = covariate_values(self.model, args, kwargs or {}, self.covariates, "guide call")
-        self._check_covariates(values, "guide call")
         for b in self.observed_layout.blocks:
             if b.name in values:
                 continue

@@ -71,6 +71,7 @@ def _check_arguments(o: dict) -> None:
     _check_int("checkpoint_every", o["checkpoint_every"], 1)
     _check_int("seed", o["seed"], 0, allow_none=True)
     _check_int("num_threads", o["num_threads"], 1, allow_none=True)
+    _check_int("draws_per_batch", o["draws_per_batch"], 1)
     v = o["validation_fraction"]
     if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v < 1:
         raise ValueError(f"validation_fraction must be a number in [0, 1); got {v!r}")
@@ -230,13 +231,16 @@ class DrawnArgumentsSource:
         batch_size: simulations per step.
         rng: the generator the arguments are drawn with.
         vectorize: the vectorisation decision of the guide's own simulator (reused, not re-checked).
+        draws: draws of the arguments per batch (each an equal share of the batch).
     """
 
     validation = None
     steps_per_epoch = None
 
-    def __init__(self, guide, spec: Mapping[str, Any], batch_size: int, rng: torch.Generator, vectorize: bool | None = None):
+    def __init__(self, guide, spec: Mapping[str, Any], batch_size: int, rng: torch.Generator, vectorize: bool | str | None = None,
+                 draws: int = 1):
         self.guide, self.spec, self.batch_size, self.rng, self.vectorize = guide, dict(spec), int(batch_size), rng, vectorize
+        self.draws = int(draws)
         self._simulators: dict = {}
 
     def simulator_for(self, drawn: Mapping[str, Any]) -> ModelSimulator:
@@ -261,26 +265,47 @@ class DrawnArgumentsSource:
             self._simulators[key] = sim
         return sim
 
-    def simulate(self, n: int) -> Simulations:
-        """``n`` simulations at one draw of the arguments (``.simulator`` attached)."""
+    def _simulate_one(self, n: int) -> Simulations:
         sim = self.simulator_for(draw_arguments(self.spec, self.rng))
         sims = sim.simulate_in_chunks(n)
         sims.simulator = sim
         return sims
 
+    def simulate(self, n: int, draws: int | None = None) -> Simulations:
+        """``n`` simulations (``.simulator`` attached) over ``draws`` (default ``self.draws``) draws
+        of the arguments in equal shares, e.g. several designs of a covariate in one batch; one
+        draw when the drawn shapes differ (data-set sizes)."""
+        draws = min(int(draws or self.draws), n)
+        if draws == 1:
+            return self._simulate_one(n)
+        parts = [self._simulate_one(n // draws + (k < n % draws)) for k in range(draws)]
+        if len({tuple((k, tuple(v.shape[1:])) for k, v in p.items()) for p in parts}) > 1:
+            return self._simulate_one(n)
+        sims = Simulations.concat(parts)
+        sims.simulator = _MixedJoint([p.simulator for p in parts], [p.num for p in parts])
+        return sims
+
     def next_batch(self) -> Simulations:
         return self.simulate(self.batch_size)
 
-    def standardization(self, n: int, draws: int = 16) -> Simulations:
-        """``n`` simulations for the standardisation over ``draws`` draws of the arguments (a
-        covariate's statistics then describe the designs, not one design), or one draw when the
-        drawn shapes differ (data-set sizes: the plate layout pools members anyway)."""
-        if not getattr(self.guide, "covariates", ()):
-            return self.simulate(n)
-        parts = [self.simulate(max(2, n // draws)) for _ in range(draws)]
-        if len({tuple((k, tuple(v.shape[1:])) for k, v in p.items()) for p in parts}) == 1:
-            return Simulations.concat(parts)
-        return self.simulate(n)
+    def standardization(self, n: int) -> Simulations:
+        """``n`` simulations for the standardisation: over 16 draws of the arguments for a guide
+        with covariates (their statistics then describe the designs, not one design)."""
+        return self.simulate(n, 16 if getattr(self.guide, "covariates", ()) else 1)
+
+
+class _MixedJoint:
+    """``log p(z, x)`` of simulations made of consecutive shares, each scored by its own simulator."""
+
+    def __init__(self, simulators: list, sizes: list[int]):
+        self.simulators, self.sizes = simulators, sizes
+
+    def log_joint(self, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        out, start = [], 0
+        for sim, size in zip(self.simulators, self.sizes):
+            out.append(sim.log_joint({k: v[start : start + size] for k, v in values.items()}))
+            start += size
+        return torch.cat(out)
 # ---- end simulate_with ----------------------------------------------------------------------
 
 
@@ -305,6 +330,7 @@ def fit(
     num_threads: int | None = None,
     distributed: bool | None = None,
     simulate_with: Mapping[str, Any] | None = None,
+    draws_per_batch: int = 1,
 ) -> FitResult:
     """Train a guide on simulations ``(z, x) ~ p(z, x)`` of its model.
 
@@ -358,6 +384,9 @@ def fit(
             is then conditioned on each batch's design).
             The guide then learns over those arguments (over data-set sizes with
             ``plates="auto"``). Data arguments of the model must be left unset so that it simulates.
+        draws_per_batch: with ``simulate_with``, how many draws of the arguments each batch
+            mixes in equal shares (when their shapes agree): more designs per step for a guide
+            amortised over covariates.
 
     Returns:
         a :class:`~pyro_struct.training.loop.FitResult`: the loss per step over every fit of this
@@ -400,7 +429,7 @@ def fit(
         if simulate_with is not None:
             rng = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
             # the strategy the guide's simulator decided is reused unchecked for every drawn value set
-            drawn = DrawnArgumentsSource(guide, simulate_with, batch_size, rng, vectorize=simulator.strategy)
+            drawn = DrawnArgumentsSource(guide, simulate_with, batch_size, rng, vectorize=simulator.strategy, draws=draws_per_batch)
             if not bool(guide.standardized):
                 guide.set_standardization(drawn.standardization(num_standardization))
         _standardize(guide, simulator, pool, num_standardization, dp)

@@ -1,0 +1,116 @@
+"""Covariates as context (issue #11 item 4): named tensor model arguments condition the guide."""
+
+import pytest
+import pyro
+import pyro.distributions as dist
+import torch
+
+import pyro_struct as ps
+from pyro_struct.covariates import CovariateValue, with_arguments
+
+D, SIG = 2, 0.5
+
+
+def regression(X, y=None):
+    """Bayesian linear regression with known noise: w ~ N(0, I), y = X w + N(0, SIG^2)."""
+    w = pyro.sample("w", dist.Normal(torch.zeros(D), 1.0).to_event(1))
+    with pyro.plate("data", X.shape[0]):
+        return pyro.sample("y", dist.Normal(X @ w, SIG), obs=y)
+
+
+def exact_posterior(X, y):
+    """The closed-form Gaussian posterior of ``w`` given the design ``X`` and data ``y``."""
+    precision = torch.eye(D) + X.T @ X / SIG**2
+    cov = torch.linalg.inv(precision)
+    return dist.MultivariateNormal(cov @ X.T @ y / SIG**2, cov)
+
+
+def forward_kl(guide, X, y, n=4000):
+    """Monte-Carlo ``KL(p || q)`` of the guide against the exact posterior (p's density is exact)."""
+    p = exact_posterior(X, y)
+    z = p.sample((n,))
+    return float((p.log_prob(z) - guide.posterior(X=X, y=y).log_prob({"w": z})).mean())
+
+
+# ------------------------------------------------------------------------- structure
+def test_covariate_is_an_observed_non_random_node_with_traced_edges():
+    X = torch.randn(4, D)
+    guide = ps.StructuredGuide(regression, covariates=["X"], model_args=(X,), observed=["y"])
+    info = guide.bn.sites["X"]
+    assert info.covariate and info.observed and info.shape == (4, D)
+    assert guide.bn.graph.nodes["X[2,1]"]["covariate"]
+    # element-level edges: row i of X feeds y[i] only
+    edges = {e for e in guide.bn.graph.edges if e[0].startswith("X")}
+    assert edges == {(f"X[{i},{j}]", f"y[{i}]") for i in range(4) for j in range(D)}
+    # the inverse conditions w on the covariate: it is part of the flow's context
+    assert guide.context_dim == 4 * D + 4
+    assert set(guide.inverse.observed) >= {f"X[{i},{j}]" for i in range(4) for j in range(D)}
+
+
+def test_zero_entries_of_the_traced_design_do_not_hide_edges():
+    X = torch.zeros(3, D)
+    guide = ps.StructuredGuide(regression, covariates="X", model_args=(X,), observed=["y"])
+    assert {(f"w[{j}]", f"y[{i}]") for i in range(3) for j in range(D)} <= set(guide.bn.graph.edges)
+
+
+def test_covariate_value_distribution():
+    v = torch.tensor([[0.0, -2.0], [3.0, 1.0]])
+    d = CovariateValue(v)
+    s = d.sample((100,))
+    assert s.shape == (100, 2, 2)
+    assert (torch.sign(s[:, v != 0]) == torch.sign(v[v != 0])).all()  # signs kept, zeros jittered
+    assert (s[:, 0, 0] != 0).all()
+    assert torch.equal(CovariateValue(v, jitter=False).sample(), v)
+    assert torch.equal(d.log_prob(v), torch.zeros(2, 2))
+
+
+def test_with_arguments_replaces_a_positional_argument_by_name():
+    X0, X1 = torch.zeros(2, D), torch.ones(2, D)
+    args, kwargs = with_arguments(regression, (X0,), {}, {"X": X1})
+    assert args[0] is X1 and kwargs == {}
+
+
+# ----------------------------------------------------------------------------- errors
+def test_unknown_covariate_is_an_error_naming_it():
+    with pytest.raises(ValueError, match="'Z'.*does not take"):
+        ps.StructuredGuide(regression, covariates=["Z"], model_args=(torch.randn(3, D),), observed=["y"])
+
+
+def test_non_tensor_covariate_is_an_error():
+    with pytest.raises(TypeError, match="covariate 'X' must be a tensor"):
+        ps.StructuredGuide(regression, covariates=["X"], model_args=([[0.0, 1.0]],), observed=["y"])
+
+
+def test_missing_covariate_value_at_compile_is_an_error():
+    with pytest.raises(ValueError, match="covariate 'X' has no value"):
+        ps.StructuredGuide(regression, covariates=["X"], observed=["y"])
+
+
+def test_wrong_or_missing_covariate_at_posterior_names_it_and_the_shape():
+    guide = ps.StructuredGuide(regression, covariates=["X"], model_args=(torch.randn(3, D),), observed=["y"])
+    with pytest.raises(ValueError, match=r"covariate 'X' has shape \(4, 2\).*expects shape \(3, 2\)"):
+        guide.posterior(X=torch.randn(4, D), y=torch.randn(3))
+    with pytest.raises(ValueError, match=r"missing covariate 'X'.*\(3, 2\)"):
+        guide.posterior(y=torch.randn(3))
+    with pytest.raises(ValueError, match=r"guide call: covariate 'X' has shape \(3, 5\)"):
+        guide(torch.randn(3, 5), torch.randn(3))
+
+
+def test_plate_guide_reports_the_plate_dimension_in_the_expected_shape():
+    guide = ps.StructuredGuide(regression, covariates=["X"], model_args=(torch.randn(4, D),), observed=["y"], plates="auto")
+    assert guide.plate_note is None
+    assert "X[0,0]" in guide.plate_layout.member_observed_labels  # rows of X are member inputs
+    with pytest.raises(ValueError, match=r"covariate 'X' has shape \(6, 3\).*\('N', 2\)"):
+        guide.posterior(X=torch.randn(6, 3), y=torch.randn(6))
+    # any N is accepted
+    assert guide.posterior(X=torch.randn(9, D), y=torch.randn(9)).sample(3)["w"].shape == (3, D)
+
+
+# --------------------------------------------------------------------- conditioning
+def test_fixed_design_training_uses_the_traced_covariate():
+    X = torch.randn(3, D)
+    guide = ps.StructuredGuide(regression, covariates=["X"], model_args=(X,), observed=["y"])
+    sims = guide.simulator().simulate(5)
+    assert torch.equal(sims["X"], X.expand(5, 3, D))
+    # the covariate is not a random variable: its log density is not part of log p
+    assert torch.allclose(guide.simulator().log_joint(dict(sims)), sims.log_joint)
