@@ -114,3 +114,67 @@ def test_fixed_design_training_uses_the_traced_covariate():
     assert torch.equal(sims["X"], X.expand(5, 3, D))
     # the covariate is not a random variable: its log density is not part of log p
     assert torch.allclose(guide.simulator().log_joint(dict(sims)), sims.log_joint)
+
+
+# designs whose exact posteriors differ (KL(p_a || p_b) = 3.5 nats at y below): a guide that
+# ignores X answers both with one q, so its KL to one of them stays large
+XA = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+XB = torch.tensor([[0.0, -1.0], [1.0, 0.0], [-1.0, 1.0]])
+YAB = torch.tensor([1.5, -1.0, 0.5])
+
+
+def unit_noise_regression(X, y=None):
+    """``regression`` with noise sd 1 (posteriors that a short amortised training reaches)."""
+    w = pyro.sample("w", dist.Normal(torch.zeros(D), 1.0).to_event(1))
+    with pyro.plate("data", X.shape[0]):
+        return pyro.sample("y", dist.Normal(X @ w, 1.0), obs=y)
+
+
+def exact_unit(X, y):
+    cov = torch.linalg.inv(torch.eye(D) + X.T @ X)
+    return dist.MultivariateNormal(cov @ X.T @ y, cov)
+
+
+def kl_to_exact(guide, p, X, y, n=4000):
+    """Monte-Carlo ``KL(p || q(. | X, y))`` against an exact Gaussian ``p`` (its density is exact)."""
+    z = p.sample((n,))
+    return float((p.log_prob(z) - guide.posterior(X=X, y=y).log_prob({"w": z})).mean())
+
+
+def _check_two_designs(guide, Xa, Xb, y, own_tol, cross_min):
+    pa, pb = exact_unit(Xa, y), exact_unit(Xb, y)
+    assert float(torch.distributions.kl_divergence(pa, pb)) > cross_min
+    own = (kl_to_exact(guide, pa, Xa, y), kl_to_exact(guide, pb, Xb, y))
+    cross = (kl_to_exact(guide, pa, Xb, y), kl_to_exact(guide, pb, Xa, y))
+    assert max(own) < own_tol, (own, cross)
+    assert min(cross) > cross_min, (own, cross)
+
+
+def test_guide_trained_over_random_designs_gives_each_design_its_exact_posterior():
+    torch.manual_seed(0)
+    guide = ps.StructuredGuide(unit_noise_regression, covariates=["X"], model_args=(torch.randn(3, D),), observed=["y"])
+    guide.fit(num_steps=1000, batch_size=128, objective="fkl", progress=False, seed=0,
+              simulate_with={"X": lambda rng: torch.randn(3, D, generator=rng)})
+    _check_two_designs(guide, XA, XB, YAB, own_tol=0.5, cross_min=1.5)
+    # a guide call reads the design from its arguments: same conditioning as posterior(X=..., y=...)
+    torch.manual_seed(1)
+    call = torch.stack([guide(XB, YAB)["w"].detach() for _ in range(1000)])
+    direct = guide.posterior(X=XB, y=YAB).sample(4000)["w"]
+    assert torch.allclose(call.mean(0), direct.mean(0), atol=0.1)
+    assert not torch.allclose(call.mean(0), guide.posterior(X=XA, y=YAB).sample(4000)["w"].mean(0), atol=0.5)
+
+
+def test_plate_guide_trained_over_designs_of_any_size():
+    torch.manual_seed(0)
+    guide = ps.StructuredGuide(unit_noise_regression, covariates=["X"], model_args=(torch.randn(4, D),), observed=["y"],
+                               plates="auto")
+    assert guide.plate_note is None
+
+    def design(rng):  # N in [3, 12]: rows of X are plate members
+        return torch.randn(int(torch.randint(3, 13, (), generator=rng)), D, generator=rng)
+
+    guide.fit(num_steps=1000, batch_size=64, objective="fkl", progress=False, seed=0, simulate_with={"X": design})
+    _check_two_designs(guide, XA, XB, YAB, own_tol=0.5, cross_min=1.5)
+    Xa, Xb = torch.cat([XA, XA, -XB]), torch.cat([XB, -XB, XA])
+    y = torch.cat([YAB, -YAB, YAB])
+    _check_two_designs(guide, Xa, Xb, y, own_tol=0.3, cross_min=1.0)
