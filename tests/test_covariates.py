@@ -149,6 +149,10 @@ def test_guide_trained_over_random_designs_gives_each_design_its_exact_posterior
     direct = guide.posterior(X=XB, y=YAB).sample(4000)["w"]
     assert torch.allclose(call.mean(0), direct.mean(0), atol=0.1)
     assert not torch.allclose(call.mean(0), guide.posterior(X=XA, y=YAB).sample(4000)["w"].mean(0), atol=0.5)
+    # importance weights use the model at the posterior's design: log p(y | X) is exact in closed form
+    for X in (XA, XB):
+        evidence = dist.MultivariateNormal(torch.zeros(3), X @ X.T + torch.eye(3)).log_prob(YAB)
+        assert abs(float(guide.posterior(X=X, y=YAB).importance(4000).log_evidence) - float(evidence)) < 0.05
 
 
 def test_plate_guide_trained_over_designs_of_any_size():

@@ -54,7 +54,12 @@ def model_log_joint(guide, latents: Mapping[str, torch.Tensor], observations: Ma
         shape = tuple(guide.bn.sites[site].shape)
         x = torch.as_tensor(observations[site], dtype=ref.dtype, device=ref.device)
         values[site] = x.expand((n,) + batch_shape + shape).reshape((rows,) + shape)
-    return guide.simulator().log_joint(values).reshape((n,) + batch_shape)
+    # covariates: the model density at the posterior's design, not the traced one
+    design = {c: observations[c] for c in getattr(guide, "covariates", ())}
+    if design and batch_shape:
+        raise ValueError("importance and refine with covariates take one data set at a time (no batch of designs)")
+    simulator = guide.simulator(design) if design else guide.simulator()
+    return simulator.log_joint(values).reshape((n,) + batch_shape)
 
 
 # ------------------------------------------------------------------------------------ PSIS
