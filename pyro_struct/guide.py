@@ -21,7 +21,7 @@ from torch.distributions import constraints
 
 from .amortizer import FlatAmortizer, PlateAmortizer
 from .compile import FLOWS, STRUCTURES, compile_model
-from .covariates import covariate_values, with_arguments
+from .covariates import covariate_values
 from .errors import ModelStructureError
 from .io import GUIDE_FORMAT, atomic_save, check_compatible, read_payload
 from .simulation import ModelSimulator
@@ -439,15 +439,10 @@ class StructuredGuide(PyroModule):
     def simulator(self, covariates: Mapping[str, torch.Tensor] | None = None) -> ModelSimulator:
         """The :class:`~pyro_struct.simulation.ModelSimulator` used for training (created once), or
         with ``covariates`` (argument name -> value of the traced shape) one that runs the model
-        with those values instead (the model density at another design; created per call)."""
-        if covariates:
-            args, kwargs = with_arguments(self.model, self.model_args, self.model_kwargs, dict(covariates))
-            sim = ModelSimulator(self.model, self.bn, args, kwargs, covariates=self.covariates)
-            sim.strategy = self.simulator().strategy  # the same model: the batching decision carries over
-            return sim
+        with those values instead (the model density at another design or size; created per call)."""
         if self._simulator is None:
             self._simulator = ModelSimulator(self.model, self.bn, self.model_args, self.model_kwargs, covariates=self.covariates)
-        return self._simulator
+        return self._simulator.at_arguments(dict(covariates)) if covariates else self._simulator
 
     # ------------------------------------------------------------ save / load
     def state_payload(self) -> dict:

@@ -6,8 +6,9 @@ import contextlib
 import math
 import os
 import traceback
+import types
 import warnings
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import pyro
 import pyro.poutine as poutine
@@ -18,7 +19,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch.overrides import TorchFunctionMode
 
-from .covariates import covariate_values
+from .covariates import covariate_values, with_arguments
 from .errors import ModelStructureError
 
 __all__ = ["ModelSimulator", "Simulations", "STRATEGIES"]
@@ -492,6 +493,23 @@ class ModelSimulator:
             )
 
     # ----------------------------------------------------------------- public
+    _SAME = object()
+
+    def at_arguments(self, updates: Mapping[str, Any], vectorize: bool | str | None = _SAME) -> "ModelSimulator":
+        """A simulator of the same model run with the arguments ``updates`` replaced by name (a
+        drawn plate size, another design of a covariate), its site shapes read from one trace at
+        those arguments; ``vectorize`` defaults to this simulator's decided strategy (reused unchecked)."""
+        args, kwargs = with_arguments(self.model, self.model_args, self.model_kwargs, updates)
+        with torch.no_grad(), poutine.block():
+            tr = poutine.trace(self.model).get_trace(*args, **kwargs)
+        # the simulator needs only each site's value shape at these arguments (covariates are arguments, not sites)
+        sites = {name: types.SimpleNamespace(shape=tuple(tr.nodes[name]["value"].shape)) for name in self.site_shapes}
+        vectorize = self.strategy if vectorize is ModelSimulator._SAME else vectorize
+        sim = ModelSimulator(self.model, types.SimpleNamespace(sites=sites), args, kwargs, vectorize=vectorize,
+                             covariates=tuple(self.covariates))
+        sim._batch_factories = self._batch_factories
+        return sim
+
     def simulate(self, n: int) -> Simulations:
         """``n`` joint draws ``(z, x) ~ p``: site -> ``(n, *site_shape)`` plus ``.log_joint`` ``(n,)``."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:

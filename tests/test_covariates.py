@@ -169,3 +169,6 @@ def test_plate_guide_trained_over_designs_of_any_size():
     Xa, Xb = torch.cat([XA, XA, -XB]), torch.cat([XB, -XB, XA])
     y = torch.cat([YAB, -YAB, YAB])
     _check_two_designs(guide, Xa, Xb, y, own_tol=0.3, cross_min=1.0)
+    # importance weights at a size and design other than the traced ones: the closed-form evidence
+    evidence = dist.MultivariateNormal(torch.zeros(9), Xa @ Xa.T + torch.eye(9)).log_prob(y)
+    assert abs(float(guide.posterior(X=Xa, y=y).importance(4000).log_evidence) - float(evidence)) < 0.05

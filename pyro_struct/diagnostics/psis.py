@@ -27,6 +27,13 @@ def posterior_context(post):
     return post.context if hasattr(post, "context") else post._context
 
 
+def _site_shape(value: torch.Tensor, traced: tuple) -> tuple:
+    """The site shape of ``value`` ``(*lead, *shape)``: its last ``len(traced)`` dimensions (a plate
+    guide's members may number differently from the traced size)."""
+    k = len(traced)
+    return tuple(value.shape[value.dim() - k :]) if k else ()
+
+
 def model_log_joint(guide, latents: Mapping[str, torch.Tensor], observations: Mapping[str, torch.Tensor], batch_shape) -> torch.Tensor:
     """``log p(z, x)`` of the guide's model for posterior samples.
 
@@ -47,12 +54,12 @@ def model_log_joint(guide, latents: Mapping[str, torch.Tensor], observations: Ma
     rows = n * _numel(batch_shape)
     values = {}
     for site in guide.latent_sites:
-        shape = tuple(guide.bn.sites[site].shape)
+        shape = _site_shape(latents[site], guide.bn.sites[site].shape)
         values[site] = latents[site].reshape((rows,) + shape)
     ref = next(iter(latents.values()))
     for site in guide.observed_sites:
-        shape = tuple(guide.bn.sites[site].shape)
         x = torch.as_tensor(observations[site], dtype=ref.dtype, device=ref.device)
+        shape = _site_shape(x, guide.bn.sites[site].shape)
         values[site] = x.expand((n,) + batch_shape + shape).reshape((rows,) + shape)
     # covariates: the model density at the posterior's design, not the traced one
     design = {c: observations[c] for c in getattr(guide, "covariates", ())}

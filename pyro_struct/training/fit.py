@@ -5,14 +5,11 @@ from __future__ import annotations
 import inspect
 import numbers
 import os
-import types
 from typing import Any, Callable, Mapping, Protocol
 
 import pyro
-import pyro.poutine as poutine
 import torch
 
-from ..covariates import with_arguments
 from ..io import read_payload
 from ..objectives import REVERSE_OBJECTIVES, get_objective
 from ..simulation import ModelSimulator, Simulations
@@ -252,15 +249,7 @@ class DrawnArgumentsSource:
             key = None
         if key is not None and key in self._simulators and not any(torch.is_tensor(v) for v in drawn.values()):
             return self._simulators[key]
-        g = self.guide
-        covariates = tuple(getattr(g, "covariates", ()))
-        # a drawn positional argument (a covariate X) replaces it in place
-        args, kwargs = with_arguments(g.model, g.model_args, g.model_kwargs, drawn)
-        with torch.no_grad(), poutine.block():
-            tr = poutine.trace(g.model).get_trace(*args, **kwargs)
-        # the simulator needs only each site's value shape at these arguments (covariates are arguments, not sites)
-        sites = {name: types.SimpleNamespace(shape=tuple(tr.nodes[name]["value"].shape)) for name in g.bn.sites if name not in covariates}
-        sim = ModelSimulator(g.model, types.SimpleNamespace(sites=sites), args, kwargs, vectorize=self.vectorize, covariates=covariates)
+        sim = self.guide.simulator().at_arguments(drawn, vectorize=self.vectorize)
         if key is not None and not any(torch.is_tensor(v) for v in drawn.values()):
             self._simulators[key] = sim
         return sim
