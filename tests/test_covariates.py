@@ -172,3 +172,15 @@ def test_plate_guide_trained_over_designs_of_any_size():
     # importance weights at a size and design other than the traced ones: the closed-form evidence
     evidence = dist.MultivariateNormal(torch.zeros(9), Xa @ Xa.T + torch.eye(9)).log_prob(y)
     assert abs(float(guide.posterior(X=Xa, y=y).importance(4000).log_evidence) - float(evidence)) < 0.05
+
+
+def test_save_load_and_amortize_keep_the_covariates(tmp_path):
+    X = torch.randn(3, D)
+    guide = ps.StructuredGuide(regression, covariates=["X"], model_args=(X,), observed=["y"])
+    guide.save(tmp_path / "g.pt")
+    loaded = ps.StructuredGuide.load(tmp_path / "g.pt", regression, model_args=(X,))
+    assert loaded.covariates == ("X",) and loaded.bn.sites["X"].covariate
+    w, X2, y = torch.randn(5, D), torch.randn(3, D), torch.randn(3)
+    assert torch.allclose(guide.posterior(X=X2, y=y).log_prob({"w": w}), loaded.posterior(X=X2, y=y).log_prob({"w": w}))
+    model = ps.amortize(regression, covariates=["X"], model_args=(X,), observed=["y"])
+    assert model.guide.covariates == ("X",) and model.guide.context_dim == 3 * D + 3
