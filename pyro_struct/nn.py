@@ -38,6 +38,8 @@ __all__ = [
     "MaskedStructure",
     "ACTIVATIONS",
     "Activation",
+    "LevelEvaluator",
+    "LevelSchedule",
     "LipSwish",
     "MaskedLinear",
     "MaskedMLP",
@@ -469,6 +471,7 @@ class StrNN(MaskedMLP):
         self.hidden_sizes = [m.shape[0] for m in masks[:-1]]
         self.skip = MaskedLinear(self._skip_mask(A, skip), bias=False, zero_init=True) if skip else None
         self._row_plans: dict = {}
+        self._level_schedules: dict = {}
 
     def _skip_mask(self, A: torch.Tensor, skip) -> torch.Tensor:
         mask = A.repeat_interleave(self.num_params, dim=0)
@@ -535,6 +538,63 @@ class StrNN(MaskedMLP):
             self._row_plans[key] = plan
         return plan
 
+    def level_schedule(self, input_ready: torch.Tensor, row_level: torch.Tensor) -> LevelSchedule:
+        """The :class:`LevelSchedule` of level-by-level sampling (cached per argument values).
+
+        Args:
+            input_ready: ``(d_in,)`` long: the pass from which each input is final.
+            row_level: ``(d_out,)`` long: the pass that computes each output variable.
+
+        Raises:
+            ValueError: an output depends on an input that is not final at its pass.
+        """
+        # the masks are buffers: a load_state_dict copies into them, which bumps their version
+        masks_key = tuple((m.data_ptr(), m._version) for m in self.masks)
+        key = (tuple(input_ready.tolist()), tuple(row_level.tolist()), masks_key)
+        if key in self._level_schedules:
+            return self._level_schedules[key]
+        masks = [layer.mask.detach().cpu().long() for layer in self.layers]
+        num_levels, P = int(row_level.max()) + 1, self.num_params
+        ready = [input_ready.cpu().long()]
+        for M in masks:  # a unit is final from the latest ready pass of its inputs (0 without inputs)
+            ready.append((M * ready[-1]).amax(1) if M.shape[1] else torch.zeros(M.shape[0], dtype=torch.long))
+        out_level = row_level.cpu().long().repeat_interleave(P)
+        skip_ready = (self.skip.mask.cpu().long() * ready[0]).amax(1) if self.skip is not None else ready[-1]
+        if (torch.maximum(ready[-1], skip_ready) > out_level).any():
+            raise ValueError("level_schedule: an output depends on an input that is not final at its pass")
+        need, needs = torch.ones(len(out_level), dtype=torch.bool), []
+        for M in reversed(masks[1:]):  # hidden units with a path to an output
+            need = M.bool()[need].any(0)
+            needs.insert(0, need)
+        rows = torch.sort(row_level.cpu(), stable=True).indices
+        perms = [torch.sort(ready[0], stable=True).indices]
+        for r, nd in zip(ready[1:-1], needs):
+            idx = torch.nonzero(nd).flatten()
+            perms.append(idx[torch.sort(r[idx], stable=True).indices])
+        perms.append((rows[:, None] * P + torch.arange(P)).reshape(-1))
+        levels = [r[p] for r, p in zip(ready[:-1], perms[:-1])] + [out_level[perms[-1]]]
+        bounds = [[0] + torch.cumsum(torch.bincount(lv, minlength=num_levels + 1)[:num_levels], 0).tolist() for lv in levels]
+        schedule = LevelSchedule(perms, bounds)
+        self._level_schedules[key] = schedule
+        return schedule
+
+    def level_weights(self, schedule: LevelSchedule) -> list:
+        """The weights permuted by ``schedule``: ``[(W_0, b_0), ..., (W_out, b_out), (W_skip or None, None)]``."""
+        device = self.layers[0].weight.device
+        perms = [p.to(device) for p in schedule.perms]
+        out = []
+        for k, layer in enumerate(self.layers):
+            W = layer.masked_weight.index_select(0, perms[k + 1]).index_select(1, perms[k])
+            out.append((W, layer.bias.index_select(0, perms[k + 1])))
+        skip = self.skip.masked_weight.index_select(0, perms[-1]).index_select(1, perms[0]) if self.skip is not None else None
+        return out + [(skip, None)]
+
+    def level_evaluator(self, schedule: LevelSchedule, weights, x_small, batch) -> "LevelEvaluator":
+        """A :class:`LevelEvaluator` for ``prod(batch)`` points whose contexts ``x_small``
+        ``(*small, c)`` (``small`` broadcastable to ``batch``; ``None`` if ``c = 0``) are given
+        once each; ``weights`` from :meth:`level_weights`."""
+        return LevelEvaluator(self, weights, schedule, x_small, tuple(batch))
+
     def forward(self, input: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The conditioner outputs, for all output variables or only for ``rows``.
 
@@ -583,3 +643,96 @@ class MaskedStructure:
     def num_dense_parameters(self) -> int:
         """Trainable parameters of the same module without masks."""
         return parameter_counts(self)[1]
+
+
+# ------------------------------------------------------------------ level-by-level evaluation
+class LevelSchedule(NamedTuple):
+    """When each unit of a :class:`StrNN` is computed during level-by-level sampling.
+
+    Pass ``t`` (``0 ... T``) computes the output variables of level ``t``. An input is final
+    from its *ready* pass on (the context from 0, a level-``l`` latent from ``l + 1``), a hidden
+    unit from the largest ready pass of its inputs. Each layer's units are permuted so that the
+    units of ready pass ``t`` form one block whose inputs are a prefix of the layer below: every
+    unit is computed once, at its ready pass, from a dense slice of the permuted weights, and
+    all passes together cost about one full pass.
+
+    Attributes:
+        perms: ``[inputs, layer_0, ..., output]`` CPU long tensors: the units each layer keeps
+            (hidden units without a path to an output are dropped), in ready order; the outputs
+            are the rows by level, each row's ``num_params`` units together.
+        bounds: per entry of ``perms``, ``T + 2`` offsets: the units of ready pass ``t`` are
+            ``perm[bounds[t]:bounds[t + 1]]``.
+    """
+
+    perms: list
+    bounds: list
+
+
+class LevelEvaluator:
+    """One :class:`StrNN` run level by level on ``N = prod(batch)`` feature-major points.
+
+    Built by :meth:`StrNN.level_evaluator`. Units of ready pass 0 depend on the context only:
+    they, their contribution to every later unit and the biases are computed once per distinct
+    context (on ``x_small``) and broadcast to the points. :meth:`level` then computes pass
+    ``t``'s units into persistent buffers and returns its output rows.
+    """
+
+    def __init__(self, net: "StrNN", weights, schedule: LevelSchedule, x_small, batch: tuple):
+        self.net, self.weights, self.schedule, self.batch = net, weights, schedule, tuple(batch)
+        self.small = tuple(x_small.shape[:-1]) if x_small is not None else (1,) * len(batch)
+        self.n = math.prod(batch)
+        W0 = weights[0][0]
+        m = math.prod(self.small)
+        ctx = x_small.reshape(m, -1).T if x_small is not None else W0.new_zeros(0, 1)
+        h0, self.base, self.buffers = ctx, [], []
+        bounds, L = schedule.bounds, len(net.layers)
+        for k in range(L):
+            W, b = weights[k]
+            base = W[:, : bounds[k][1]] @ h0 + b.unsqueeze(1)
+            if k == L - 1 and weights[L][0] is not None:
+                base = base + weights[L][0][:, : bounds[0][1]] @ ctx  # the skip's context columns
+            self.base.append(base)
+            if k < L - 1:
+                n0 = bounds[k + 1][1]
+                h0 = net._activate(k, base[:n0], False, schedule.perms[k + 1][:n0].to(base.device), 0)[0]
+                self.buffers.append(W.new_empty(W.shape[0] - n0, self.n))
+
+    def _add_base(self, a: torch.Tensor, base: torch.Tensor) -> None:
+        a.view((a.shape[0],) + self.batch).add_(base.view((base.shape[0],) + self.small))
+
+    def level(self, t: int, z: torch.Tensor) -> torch.Tensor:
+        """The output units of level ``t`` ``(r * num_params, N)``.
+
+        Args:
+            t: the pass, ``0 ... T``; passes must run in order.
+            z: ``(d, N)`` latents in level order, final for levels below ``t``.
+        """
+        bounds, weights, L = self.schedule.bounds, self.weights, len(self.net.layers)
+        if t == 0:  # level-0 rows see the context only
+            s, e = bounds[L][0], bounds[L][1]
+            a = self.base[L - 1][s:e]
+            return a.view((e - s,) + self.small).expand((e - s,) + self.batch).reshape(e - s, self.n)
+        below = z
+        for k in range(L):
+            W = weights[k][0]
+            s, e = bounds[k + 1][t], bounds[k + 1][t + 1]
+            n0_below, p = bounds[k][1], bounds[k][t + 1]
+            if k == L - 1:
+                a = W[s:e, n0_below:p] @ below[: p - n0_below]
+                skip, c = weights[L][0], bounds[0][1]
+                if skip is not None:
+                    a.addmm_(skip[s:e, c : bounds[0][t + 1]], z[: bounds[0][t + 1] - c])
+                self._add_base(a, self.base[k][s:e])
+                return a
+            if e > s:
+                n0 = bounds[k + 1][1]
+                out = self.buffers[k][s - n0 : e - n0]
+                torch.mm(W[s:e, n0_below:p], below[: p - n0_below], out=out)
+                self._add_base(out, self.base[k][s:e])
+                if isinstance(self.net.activations[k], nn.ReLU):
+                    out.clamp_(min=0)
+                else:
+                    units = self.schedule.perms[k + 1][s:e].to(out.device)
+                    out.copy_(self.net._activate(k, out, False, units, 0)[0])
+            below = self.buffers[k]
+        raise AssertionError("unreachable")

@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -89,6 +90,8 @@ class StrAF(ConditionalFlow):
     #: memory (bytes) that the gathered weights of all sampling passes may keep for the backward
     #: pass before the passes are recomputed instead
     recompute_bytes: int = 2**30
+    #: points per chunk of sampling without gradients (the buffers of one pass then stay in cache)
+    chunk_points: int = 16384
 
     def __init__(
         self,
@@ -151,6 +154,70 @@ class StrAF(ConditionalFlow):
 
     def _forward(self, eps: torch.Tensor, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Base noise ``(*batch, d)`` -> ``z`` and ``log|det dz/deps|`` ``(*batch,)``; ``depth + 1`` passes per layer."""
+        if not torch.is_grad_enabled() and eps.device.type != "meta" and eps.dim() > 1:
+            return self._forward_levels(eps, x)
+        return self._forward_rows(eps, x)
+
+    def _level_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(order, input_ready)``: the latents in level order and the pass from which each input of
+        ``[z, x]`` is final (a level-``l`` latent from ``l + 1``, the context from 0)."""
+        level = torch.empty(self.dim, dtype=torch.long)
+        for k, rows in enumerate(self._levels):
+            level[rows] = k
+        ready = torch.cat([level + 1, torch.zeros(self.context_dim, dtype=torch.long)])
+        return torch.cat(self._levels), level, ready
+
+    def _forward_levels(self, eps: torch.Tensor, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sampling without gradients: every conditioner unit computed once, at the first pass its
+        inputs are final, and the context-only units once per distinct context (see
+        :class:`~pyro_struct.nn.LevelSchedule`); in chunks of about :attr:`chunk_points` points,
+        which keep each pass's buffers in cache."""
+        batch, d = eps.shape[:-1], self.dim
+        order, level, ready = self._level_inputs()
+        # a context expanded along a batch dimension (many samples of one observation) has stride 0 there
+        x_small = None
+        if x is not None:
+            x_small = x
+            for i, (size, stride) in enumerate(zip(x.shape[:-1], x.stride()[:-1])):
+                if size > 1 and stride == 0:
+                    x_small = x_small.narrow(i, 0, 1)
+        plans = []
+        for net in self.conditioners:
+            schedule = net.level_schedule(ready, level)
+            plans.append((net, schedule, net.level_weights(schedule)))
+        order = order.to(eps.device)
+        step = max(1, self.chunk_points // max(math.prod(batch[1:]), 1))
+        z, logdet = torch.empty_like(eps), eps.new_empty(batch)
+        for i in range(0, batch[0], step):
+            j = min(i + step, batch[0])
+            xs = None if x_small is None else (x_small if x_small.shape[0] == 1 else x_small[i:j])
+            z_t, logdet[i:j] = self._levels_chunk(eps[i:j], order, xs, plans)
+            # back to the latents' order (rows of the feature-major chunk) and to sample-major
+            z[i:j] = z_t.index_select(0, torch.argsort(order)).T.reshape(z[i:j].shape)
+        self.last_stats["forward"] = {"evaluations": self.num_passes, "passes_per_layer": self.depth + 1}
+        return z, logdet
+
+    def _levels_chunk(self, eps: torch.Tensor, order: torch.Tensor, x_small, plans) -> tuple[torch.Tensor, torch.Tensor]:
+        """One chunk of noise ``(*chunk, d)`` -> feature-major latents ``(d, N)`` in level order and log-dets ``(*chunk,)``."""
+        chunk, d = eps.shape[:-1], self.dim
+        u = eps.reshape(-1, d).T.index_select(0, order)  # feature-major (d, N), level order
+        logdet = u.new_zeros(u.shape[1])
+        bounds = [0] + torch.cumsum(torch.tensor([len(r) for r in self._levels]), 0).tolist()
+        for (net, schedule, weights), normalizer in zip(plans, self.normalizers):
+            evaluator = net.level_evaluator(schedule, weights, x_small, chunk)
+            z = torch.empty_like(u)
+            for t in range(self.depth + 1):
+                lo, hi = bounds[t], bounds[t + 1]
+                params = evaluator.level(t, z).view(hi - lo, net.num_params, -1).permute(0, 2, 1)
+                z_rows, log_grad = normalizer.to_latent(u[lo:hi], params)
+                z[lo:hi] = z_rows
+                logdet += log_grad.sum(0)
+            u = z
+        return u, logdet.reshape(chunk)
+
+    def _forward_rows(self, eps: torch.Tensor, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference sampler (and the one with gradients): pass ``k`` evaluates the units with a
+        path to the level-``k`` latents."""
         batch = eps.shape[:-1]
         d, c = self.dim, self.context_dim
         # feature-major (features, samples): each pass gathers a few features of every sample,
