@@ -579,15 +579,28 @@ class StrNN(MaskedMLP):
         return schedule
 
     def level_weights(self, schedule: LevelSchedule) -> list:
-        """The weights permuted by ``schedule``: ``[(W_0, b_0), ..., (W_out, b_out), (W_skip or None, None)]``."""
+        """The weights permuted by ``schedule``, cut into the blocks each pass multiplies.
+
+        Returns:
+            one entry per layer, then one for the skip: ``(W, b, blocks)`` with ``W`` and ``b``
+            permuted (``None`` for a missing skip; ``b`` ``None`` for the skip) and ``blocks[t]``
+            (``t >= 1``) the pair ``(W_t, source)``: pass ``t``'s rows restricted to the input
+            columns they use, and those columns of the layer below's buffer (a ``slice`` when they
+            lie close together, else an index tensor to gather), counted from its first unit of
+            ready pass 1.
+        """
         device = self.layers[0].weight.device
         perms = [p.to(device) for p in schedule.perms]
         out = []
         for k, layer in enumerate(self.layers):
             W = layer.masked_weight.index_select(0, perms[k + 1]).index_select(1, perms[k])
-            out.append((W, layer.bias.index_select(0, perms[k + 1])))
-        skip = self.skip.masked_weight.index_select(0, perms[-1]).index_select(1, perms[0]) if self.skip is not None else None
-        return out + [(skip, None)]
+            M = layer.mask.index_select(0, perms[k + 1]).index_select(1, perms[k])
+            out.append((W, layer.bias.index_select(0, perms[k + 1]), _level_blocks(W, M, schedule.bounds[k + 1], schedule.bounds[k])))
+        if self.skip is None:
+            return out + [(None, None, None)]
+        W = self.skip.masked_weight.index_select(0, perms[-1]).index_select(1, perms[0])
+        M = self.skip.mask.index_select(0, perms[-1]).index_select(1, perms[0])
+        return out + [(W, None, _level_blocks(W, M, schedule.bounds[-1], schedule.bounds[0]))]
 
     def level_evaluator(self, schedule: LevelSchedule, weights, x_small, batch) -> "LevelEvaluator":
         """A :class:`LevelEvaluator` for ``prod(batch)`` points whose contexts ``x_small``
@@ -668,6 +681,29 @@ class LevelSchedule(NamedTuple):
     bounds: list
 
 
+def _level_blocks(W: torch.Tensor, M: torch.Tensor, rows: list, cols: list) -> list:
+    """Per pass ``t >= 1``: ``(W_t, source)``, the block of rows ``rows[t]:rows[t + 1]`` on the columns
+    from ``cols[1]`` (the first non-context unit) that its mask uses, read as a slice of the buffer
+    when their span is less than about twice their number (one pass over memory instead of a
+    gather's copy), else gathered. ``None`` for a pass without rows."""
+    blocks = [None]
+    for t in range(1, len(rows) - 1):
+        s, e, n0, p = rows[t], rows[t + 1], cols[1], cols[t + 1]
+        if e == s:
+            blocks.append(None)
+            continue
+        used = torch.nonzero(M[s:e, n0:p].any(0).cpu()).flatten()
+        if len(used) == 0:
+            source = slice(0, 0)
+        elif int(used[-1] - used[0]) + 1 <= 2.5 * len(used):
+            source = slice(int(used[0]), int(used[-1]) + 1)
+        else:
+            source = used.to(W.device)
+        cols_t = torch.arange(source.start, source.stop) if isinstance(source, slice) else used
+        blocks.append((W[s:e, n0:p].index_select(1, cols_t.to(W.device)), source))
+    return blocks
+
+
 class LevelEvaluator:
     """One :class:`StrNN` run level by level on ``N = prod(batch)`` feature-major points.
 
@@ -687,7 +723,7 @@ class LevelEvaluator:
         h0, self.base, self.buffers = ctx, [], []
         bounds, L = schedule.bounds, len(net.layers)
         for k in range(L):
-            W, b = weights[k]
+            W, b, _ = weights[k]
             base = W[:, : bounds[k][1]] @ h0 + b.unsqueeze(1)
             if k == L - 1 and weights[L][0] is not None:
                 base = base + weights[L][0][:, : bounds[0][1]] @ ctx  # the skip's context columns
@@ -699,6 +735,12 @@ class LevelEvaluator:
 
     def _add_base(self, a: torch.Tensor, base: torch.Tensor) -> None:
         a.view((a.shape[0],) + self.batch).add_(base.view((base.shape[0],) + self.small))
+
+    @staticmethod
+    def _product(block, below: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        W, source = block
+        x = below[source] if isinstance(source, slice) else below.index_select(0, source)
+        return torch.mm(W, x, out=out) if out is not None else W @ x
 
     def level(self, t: int, z: torch.Tensor) -> torch.Tensor:
         """The output units of level ``t`` ``(r * num_params, N)``.
@@ -714,20 +756,18 @@ class LevelEvaluator:
             return a.view((e - s,) + self.small).expand((e - s,) + self.batch).reshape(e - s, self.n)
         below = z
         for k in range(L):
-            W = weights[k][0]
             s, e = bounds[k + 1][t], bounds[k + 1][t + 1]
-            n0_below, p = bounds[k][1], bounds[k][t + 1]
+            block = weights[k][2][t]
             if k == L - 1:
-                a = W[s:e, n0_below:p] @ below[: p - n0_below]
-                skip, c = weights[L][0], bounds[0][1]
-                if skip is not None:
-                    a.addmm_(skip[s:e, c : bounds[0][t + 1]], z[: bounds[0][t + 1] - c])
+                a = self._product(block, below)
+                if weights[L][0] is not None:
+                    W, source = weights[L][2][t]
+                    a.addmm_(W, z[source] if isinstance(source, slice) else z.index_select(0, source))
                 self._add_base(a, self.base[k][s:e])
                 return a
-            if e > s:
+            if block is not None:
                 n0 = bounds[k + 1][1]
-                out = self.buffers[k][s - n0 : e - n0]
-                torch.mm(W[s:e, n0_below:p], below[: p - n0_below], out=out)
+                out = self._product(block, below, self.buffers[k][s - n0 : e - n0])
                 self._add_base(out, self.base[k][s:e])
                 if isinstance(self.net.activations[k], nn.ReLU):
                     out.clamp_(min=0)
