@@ -602,11 +602,12 @@ class StrNN(MaskedMLP):
         M = self.skip.mask.index_select(0, perms[-1]).index_select(1, perms[0])
         return out + [(W, None, _level_blocks(W, M, schedule.bounds[-1], schedule.bounds[0]))]
 
-    def level_evaluator(self, schedule: LevelSchedule, weights, x_small, batch) -> "LevelEvaluator":
+    def level_evaluator(self, schedule: LevelSchedule, weights, x_small, batch, buffers=None) -> "LevelEvaluator":
         """A :class:`LevelEvaluator` for ``prod(batch)`` points whose contexts ``x_small``
         ``(*small, c)`` (``small`` broadcastable to ``batch``; ``None`` if ``c = 0``) are given
-        once each; ``weights`` from :meth:`level_weights`."""
-        return LevelEvaluator(self, weights, schedule, x_small, tuple(batch))
+        once each; ``weights`` from :meth:`level_weights`; ``buffers``: the hidden buffers of an
+        evaluator of as many points, to reuse (its :attr:`LevelEvaluator.buffers`)."""
+        return LevelEvaluator(self, weights, schedule, x_small, tuple(batch), buffers)
 
     def forward(self, input: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The conditioner outputs, for all output variables or only for ``rows``.
@@ -713,7 +714,7 @@ class LevelEvaluator:
     ``t``'s units into persistent buffers and returns its output rows.
     """
 
-    def __init__(self, net: "StrNN", weights, schedule: LevelSchedule, x_small, batch: tuple):
+    def __init__(self, net: "StrNN", weights, schedule: LevelSchedule, x_small, batch: tuple, buffers=None):
         self.net, self.weights, self.schedule, self.batch = net, weights, schedule, tuple(batch)
         self.small = tuple(x_small.shape[:-1]) if x_small is not None else (1,) * len(batch)
         self.n = math.prod(batch)
@@ -731,7 +732,10 @@ class LevelEvaluator:
             if k < L - 1:
                 n0 = bounds[k + 1][1]
                 h0 = net._activate(k, base[:n0], False, schedule.perms[k + 1][:n0].to(base.device), 0)[0]
-                self.buffers.append(W.new_empty(W.shape[0] - n0, self.n))
+                if buffers is None:
+                    self.buffers.append(W.new_empty(W.shape[0] - n0, self.n))
+        if buffers is not None:
+            self.buffers = buffers
 
     def _add_base(self, a: torch.Tensor, base: torch.Tensor) -> None:
         a.view((a.shape[0],) + self.batch).add_(base.view((base.shape[0],) + self.small))

@@ -186,35 +186,42 @@ class StrAF(ConditionalFlow):
             schedule = net.level_schedule(ready, level)
             plans.append((net, schedule, net.level_weights(schedule)))
         order = order.to(eps.device)
+        inverse_order = torch.argsort(order)
         step = max(1, self.chunk_points // max(math.prod(batch[1:]), 1))
         z, logdet = torch.empty_like(eps), eps.new_empty(batch)
+        # buffers reused by every chunk of a size: fresh large tensors per chunk would cost page faults
+        workspaces: dict = {}
         for i in range(0, batch[0], step):
             j = min(i + step, batch[0])
             xs = None if x_small is None else (x_small if x_small.shape[0] == 1 else x_small[i:j])
-            z_t, logdet[i:j] = self._levels_chunk(eps[i:j], order, xs, plans)
-            # back to the latents' order (rows of the feature-major chunk) and to sample-major
-            z[i:j] = z_t.index_select(0, torch.argsort(order)).T.reshape(z[i:j].shape)
+            n = math.prod(z[i:j].shape[:-1])
+            work = workspaces.setdefault(n, {"rows": [eps.new_empty(d, n) for _ in range(3)]})
+            z_t, logdet[i:j] = self._levels_chunk(eps[i:j], order, xs, plans, work)
+            # back to the latents' order (rows of the feature-major chunk), then sample-major
+            z[i:j].view(n, d).copy_(torch.index_select(z_t, 0, inverse_order, out=work["rows"][0]).T)
         self.last_stats["forward"] = {"evaluations": self.num_passes, "passes_per_layer": self.depth + 1}
         return z, logdet
 
-    def _levels_chunk(self, eps: torch.Tensor, order: torch.Tensor, x_small, plans) -> tuple[torch.Tensor, torch.Tensor]:
-        """One chunk of noise ``(*chunk, d)`` -> feature-major latents ``(d, N)`` in level order and log-dets ``(*chunk,)``."""
+    def _levels_chunk(self, eps: torch.Tensor, order: torch.Tensor, x_small, plans, work: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """One chunk of noise ``(*chunk, d)`` -> feature-major latents ``(d, N)`` in level order and
+        log-dets ``(*chunk,)``; ``work`` holds the buffers of this chunk size (filled on first use)."""
         chunk, d = eps.shape[:-1], self.dim
+        spare, u, z = work["rows"]
         # feature-major (d, N) in level order: a transposing copy, then whole rows gathered (a gather
         # straight from the transposed view is several times slower)
-        u = eps.new_empty(d, math.prod(chunk)).copy_(eps.reshape(-1, d).T).index_select(0, order)
+        torch.index_select(spare.copy_(eps.reshape(-1, d).T), 0, order, out=u)
         logdet = u.new_zeros(u.shape[1])
         bounds = [0] + torch.cumsum(torch.tensor([len(r) for r in self._levels]), 0).tolist()
-        for (net, schedule, weights), normalizer in zip(plans, self.normalizers):
-            evaluator = net.level_evaluator(schedule, weights, x_small, chunk)
-            z = torch.empty_like(u)
+        for k, ((net, schedule, weights), normalizer) in enumerate(zip(plans, self.normalizers)):
+            evaluator = net.level_evaluator(schedule, weights, x_small, chunk, work.get(k))
+            work[k] = evaluator.buffers
             for t in range(self.depth + 1):
                 lo, hi = bounds[t], bounds[t + 1]
                 params = evaluator.level(t, z).view(hi - lo, net.num_params, -1).permute(0, 2, 1)
                 z_rows, log_grad = normalizer.to_latent(u[lo:hi], params)
                 z[lo:hi] = z_rows
                 logdet += log_grad.sum(0)
-            u = z
+            u, z = z, u
         return u, logdet.reshape(chunk)
 
     def _forward_rows(self, eps: torch.Tensor, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
