@@ -709,74 +709,67 @@ class LevelEvaluator:
     """One :class:`StrNN` run level by level on ``N = prod(batch)`` feature-major points.
 
     Built by :meth:`StrNN.level_evaluator`. Units of ready pass 0 depend on the context only:
-    they, their contribution to every later unit and the biases are computed once per distinct
-    context (on ``x_small``) and broadcast to the points. :meth:`level` then computes pass
-    ``t``'s units into persistent buffers and returns its output rows.
+    they, their contribution to every later unit and the biases (the *base*) are computed once
+    per distinct context (on ``x_small``), and every layer's buffer starts as the base broadcast
+    to the points. :meth:`level` then accumulates pass ``t``'s blocks into the buffers in place.
+
+    Attributes:
+        buffers: per layer ``(units - ready-0 units, N)`` (hidden) and ``(outputs, N)``: reuse
+            them for the next evaluator of as many points.
     """
 
     def __init__(self, net: "StrNN", weights, schedule: LevelSchedule, x_small, batch: tuple, buffers=None):
         self.net, self.weights, self.schedule, self.batch = net, weights, schedule, tuple(batch)
-        self.small = tuple(x_small.shape[:-1]) if x_small is not None else (1,) * len(batch)
-        self.n = math.prod(batch)
+        small = tuple(x_small.shape[:-1]) if x_small is not None else (1,) * len(batch)
+        n, m = math.prod(batch), math.prod(small)
         W0 = weights[0][0]
-        m = math.prod(self.small)
         ctx = x_small.reshape(m, -1).T if x_small is not None else W0.new_zeros(0, 1)
-        h0, self.base, self.buffers = ctx, [], []
-        bounds, L = schedule.bounds, len(net.layers)
+        h0, bounds, L = ctx, schedule.bounds, len(net.layers)
+        self.buffers = buffers if buffers is not None else []
         for k in range(L):
             W, b, _ = weights[k]
             base = W[:, : bounds[k][1]] @ h0 + b.unsqueeze(1)
             if k == L - 1 and weights[L][0] is not None:
                 base = base + weights[L][0][:, : bounds[0][1]] @ ctx  # the skip's context columns
-            self.base.append(base)
+            n0 = bounds[k + 1][1] if k < L - 1 else 0
+            if buffers is None:
+                self.buffers.append(W.new_empty(W.shape[0] - n0, n))
+            buf = self.buffers[k]
+            buf.view((buf.shape[0],) + self.batch).copy_(base[n0:].view((base.shape[0] - n0,) + small))
             if k < L - 1:
-                n0 = bounds[k + 1][1]
                 h0 = net._activate(k, base[:n0], False, schedule.perms[k + 1][:n0].to(base.device), 0)[0]
-                if buffers is None:
-                    self.buffers.append(W.new_empty(W.shape[0] - n0, self.n))
-        if buffers is not None:
-            self.buffers = buffers
-
-    def _add_base(self, a: torch.Tensor, base: torch.Tensor) -> None:
-        a.view((a.shape[0],) + self.batch).add_(base.view((base.shape[0],) + self.small))
 
     @staticmethod
-    def _product(block, below: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def _accumulate(block, below: torch.Tensor, out: torch.Tensor) -> None:
         W, source = block
         x = below[source] if isinstance(source, slice) else below.index_select(0, source)
-        return torch.mm(W, x, out=out) if out is not None else W @ x
+        out.addmm_(W, x)
 
     def level(self, t: int, z: torch.Tensor) -> torch.Tensor:
-        """The output units of level ``t`` ``(r * num_params, N)``.
+        """The output units of level ``t`` ``(r * num_params, N)`` (a view of the output buffer).
 
         Args:
-            t: the pass, ``0 ... T``; passes must run in order.
+            t: the pass, ``0 ... T``; passes must run in order, each once.
             z: ``(d, N)`` latents in level order, final for levels below ``t``.
         """
         bounds, weights, L = self.schedule.bounds, self.weights, len(self.net.layers)
-        if t == 0:  # level-0 rows see the context only
-            s, e = bounds[L][0], bounds[L][1]
-            a = self.base[L - 1][s:e]
-            return a.view((e - s,) + self.small).expand((e - s,) + self.batch).reshape(e - s, self.n)
+        out = self.buffers[L - 1][bounds[L][t] : bounds[L][t + 1]]
+        if t == 0:  # level-0 rows see the context only: their base
+            return out
         below = z
-        for k in range(L):
-            s, e = bounds[k + 1][t], bounds[k + 1][t + 1]
+        for k in range(L - 1):
+            s, e, n0 = bounds[k + 1][t], bounds[k + 1][t + 1], bounds[k + 1][1]
             block = weights[k][2][t]
-            if k == L - 1:
-                a = self._product(block, below)
-                if weights[L][0] is not None:
-                    W, source = weights[L][2][t]
-                    a.addmm_(W, z[source] if isinstance(source, slice) else z.index_select(0, source))
-                self._add_base(a, self.base[k][s:e])
-                return a
             if block is not None:
-                n0 = bounds[k + 1][1]
-                out = self._product(block, below, self.buffers[k][s - n0 : e - n0])
-                self._add_base(out, self.base[k][s:e])
+                h = self.buffers[k][s - n0 : e - n0]
+                self._accumulate(block, below, h)
                 if isinstance(self.net.activations[k], nn.ReLU):
-                    out.clamp_(min=0)
+                    h.clamp_(min=0)
                 else:
-                    units = self.schedule.perms[k + 1][s:e].to(out.device)
-                    out.copy_(self.net._activate(k, out, False, units, 0)[0])
+                    units = self.schedule.perms[k + 1][s:e].to(h.device)
+                    h.copy_(self.net._activate(k, h, False, units, 0)[0])
             below = self.buffers[k]
-        raise AssertionError("unreachable")
+        self._accumulate(weights[L - 1][2][t], below, out)
+        if weights[L][0] is not None:
+            self._accumulate(weights[L][2][t], z, out)
+        return out

@@ -217,10 +217,13 @@ class StrAF(ConditionalFlow):
             work[k] = evaluator.buffers
             for t in range(self.depth + 1):
                 lo, hi = bounds[t], bounds[t + 1]
-                params = evaluator.level(t, z).view(hi - lo, net.num_params, -1).permute(0, 2, 1)
-                z_rows, log_grad = normalizer.to_latent(u[lo:hi], params)
-                z[lo:hi] = z_rows
-                logdet += log_grad.sum(0)
+                params = evaluator.level(t, z).view(hi - lo, net.num_params, -1)
+                if isinstance(normalizer, AffineNormalizer):
+                    log_grad = normalizer.to_latent_into(u[lo:hi], params, z[lo:hi])
+                else:
+                    z_rows, log_grad = normalizer.to_latent(u[lo:hi], params.permute(0, 2, 1))
+                    z[lo:hi] = z_rows
+                logdet += log_grad[0] if hi - lo == 1 else log_grad.sum(0)
             u, z = z, u
         return u, logdet.reshape(chunk)
 
