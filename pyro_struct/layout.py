@@ -137,8 +137,10 @@ class LatentLayout(nn.Module):
 
     def from_flow(self, y: torch.Tensor) -> torch.Tensor:
         """The flow's ``y`` ``(*batch, d)`` -> trace-order ``u`` ``(*batch, d)``."""
-        u = torch.addcmul(self.loc, self.scale, y)
-        return u.reshape(-1, u.shape[-1]).index_select(-1, self.inv_perm).view(u.shape)
+        # gather first, then scale in place: one new tensor (a fresh large one costs its page faults)
+        u = y.reshape(-1, y.shape[-1]).index_select(-1, self.inv_perm).view(y.shape)
+        loc, scale = self.loc[self.inv_perm], self.scale[self.inv_perm]
+        return torch.addcmul(loc, scale, u) if u.requires_grad else torch.addcmul(loc, scale, u, out=u)
 
     def log_scale(self) -> torch.Tensor:
         """``sum log scale``: the standardisation's log-Jacobian ``log|du/dy|``."""
