@@ -83,7 +83,7 @@ def time_network(name: str, network: LinearGaussianNetwork, num_obs: int, num_sa
         sample_min, sample_med, _ = _best(lambda: guide.posterior(**obs).sample(num_samples), repeats)
         post = guide.posterior(**obs)
         values = post.sample(num_samples)
-        guide_density = _best(lambda: post.log_prob(values), repeats)[0]
+        guide_density = _best(lambda: post.log_prob(values), 1)[0]
         ctx = post.context
         eps = torch.randn((num_samples,) + tuple(ctx.shape[:-1]) + (flow.dim,))
         x = ctx.expand(eps.shape[:-1] + ctx.shape[-1:])

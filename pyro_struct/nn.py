@@ -609,6 +609,39 @@ class StrNN(MaskedMLP):
         evaluator of as many points, to reuse (its :attr:`LevelEvaluator.buffers`)."""
         return LevelEvaluator(self, weights, schedule, x_small, tuple(batch), buffers)
 
+    def level_pass(self, state: "LevelEvaluator", t: int, z: torch.Tensor) -> torch.Tensor:
+        """Sampling pass ``t`` of level-by-level evaluation: the output units of level ``t``.
+
+        Args:
+            state: the :class:`LevelEvaluator` of these points (its buffers are updated in place).
+            t: the pass, ``0 ... T``; passes must run in order, each once.
+            z: ``(d, N)`` latents in level order, final for levels below ``t``.
+
+        Returns:
+            ``(r * num_params, N)``, a view of the output buffer.
+        """
+        bounds, weights, L = state.schedule.bounds, state.weights, len(self.layers)
+        out = state.buffers[L - 1][bounds[L][t] : bounds[L][t + 1]]
+        if t == 0:  # level-0 rows see the context only: their base
+            return out
+        below = z
+        for k in range(L - 1):
+            s, e, n0 = bounds[k + 1][t], bounds[k + 1][t + 1], bounds[k + 1][1]
+            block = weights[k][2][t]
+            if block is not None:
+                h = state.buffers[k][s - n0 : e - n0]
+                _accumulate(block, below, h)
+                if isinstance(self.activations[k], nn.ReLU):
+                    h.clamp_(min=0)
+                else:
+                    units = state.schedule.perms[k + 1][s:e].to(h.device)
+                    h.copy_(self._activate(k, h, False, units, 0)[0])
+            below = state.buffers[k]
+        _accumulate(weights[L - 1][2][t], below, out)
+        if weights[L][0] is not None:
+            _accumulate(weights[L][2][t], z, out)
+        return out
+
     def forward(self, input: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The conditioner outputs, for all output variables or only for ``rows``.
 
@@ -682,6 +715,12 @@ class LevelSchedule(NamedTuple):
     bounds: list
 
 
+def _accumulate(block, below: torch.Tensor, out: torch.Tensor) -> None:
+    """``out += W_t @ below[source]`` for a block ``(W_t, source)`` of :func:`_level_blocks`."""
+    W, source = block
+    out.addmm_(W, below[source] if isinstance(source, slice) else below.index_select(0, source))
+
+
 def _level_blocks(W: torch.Tensor, M: torch.Tensor, rows: list, cols: list) -> list:
     """Per pass ``t >= 1``: ``(W_t, source)``, the block of rows ``rows[t]:rows[t + 1]`` on the columns
     from ``cols[1]`` (the first non-context unit) that its mask uses, read as a slice of the buffer
@@ -711,7 +750,8 @@ class LevelEvaluator:
     Built by :meth:`StrNN.level_evaluator`. Units of ready pass 0 depend on the context only:
     they, their contribution to every later unit and the biases (the *base*) are computed once
     per distinct context (on ``x_small``), and every layer's buffer starts as the base broadcast
-    to the points. :meth:`level` then accumulates pass ``t``'s blocks into the buffers in place.
+    to the points. :meth:`StrNN.level_pass` then accumulates pass ``t``'s blocks into the buffers
+    in place.
 
     Attributes:
         buffers: per layer ``(units - ready-0 units, N)`` (hidden) and ``(outputs, N)``: reuse
@@ -738,38 +778,3 @@ class LevelEvaluator:
             buf.view((buf.shape[0],) + self.batch).copy_(base[n0:].view((base.shape[0] - n0,) + small))
             if k < L - 1:
                 h0 = net._activate(k, base[:n0], False, schedule.perms[k + 1][:n0].to(base.device), 0)[0]
-
-    @staticmethod
-    def _accumulate(block, below: torch.Tensor, out: torch.Tensor) -> None:
-        W, source = block
-        x = below[source] if isinstance(source, slice) else below.index_select(0, source)
-        out.addmm_(W, x)
-
-    def level(self, t: int, z: torch.Tensor) -> torch.Tensor:
-        """The output units of level ``t`` ``(r * num_params, N)`` (a view of the output buffer).
-
-        Args:
-            t: the pass, ``0 ... T``; passes must run in order, each once.
-            z: ``(d, N)`` latents in level order, final for levels below ``t``.
-        """
-        bounds, weights, L = self.schedule.bounds, self.weights, len(self.net.layers)
-        out = self.buffers[L - 1][bounds[L][t] : bounds[L][t + 1]]
-        if t == 0:  # level-0 rows see the context only: their base
-            return out
-        below = z
-        for k in range(L - 1):
-            s, e, n0 = bounds[k + 1][t], bounds[k + 1][t + 1], bounds[k + 1][1]
-            block = weights[k][2][t]
-            if block is not None:
-                h = self.buffers[k][s - n0 : e - n0]
-                self._accumulate(block, below, h)
-                if isinstance(self.net.activations[k], nn.ReLU):
-                    h.clamp_(min=0)
-                else:
-                    units = self.schedule.perms[k + 1][s:e].to(h.device)
-                    h.copy_(self.net._activate(k, h, False, units, 0)[0])
-            below = self.buffers[k]
-        self._accumulate(weights[L - 1][2][t], below, out)
-        if weights[L][0] is not None:
-            self._accumulate(weights[L][2][t], z, out)
-        return out

@@ -217,7 +217,7 @@ class StrAF(ConditionalFlow):
             work[k] = evaluator.buffers
             for t in range(self.depth + 1):
                 lo, hi = bounds[t], bounds[t + 1]
-                params = evaluator.level(t, z).view(hi - lo, net.num_params, -1)
+                params = net.level_pass(evaluator, t, z).view(hi - lo, net.num_params, -1)
                 if isinstance(normalizer, AffineNormalizer):
                     log_grad = normalizer.to_latent_into(u[lo:hi], params, z[lo:hi])
                 else:
