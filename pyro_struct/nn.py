@@ -13,7 +13,10 @@ of the structured CNF. Its hooks give each family what it needs:
   and the CNF its exact divergence;
 - ``tangent``: carry a forward-mode Jacobian-vector product (the CNF's Hutchinson estimator);
 - ``plan``: evaluate only the units with a path to some outputs, in a feature-major layout
-  (StrAF's level-by-level sampling).
+  (StrAF's level-by-level sampling with gradients).
+
+Without gradients StrAF samples through :meth:`StrNN.level_schedule` / :meth:`StrNN.level_pass`
+instead: every unit computed once, at the first pass its inputs are final (:class:`LevelSchedule`).
 
 Example:
     >>> A = torch.tensor([[0, 0, 1], [1, 0, 1], [1, 1, 1]], dtype=torch.bool)  # (out=3, in=3)

@@ -7,9 +7,12 @@ Each layer maps a latent ``z`` to noise ``u`` elementwise, ``u_i = tau(z_i; thet
 ``theta_i = h_i(z, x)`` comes from a StrNN whose outputs see exactly the parents of ``z_i`` in
 the adjacency. Density evaluation (``inverse``) is one conditioner pass per layer; sampling
 (``forward``) fills the latents in level by level: pass ``k`` computes the latents whose longest
-path from a root has ``k`` edges (their parents are exact by then), evaluating only the
-conditioner units with a path to them, so ``depth + 1`` passes suffice, not ``d``, and together
-they cost about one full pass.
+path from a root has ``k`` edges (their parents are exact by then), so ``depth + 1`` passes
+suffice, not ``d``. Without gradients (posterior sampling) every conditioner unit is computed once,
+at the first pass its inputs are final, and the units that see only the context once per
+distinct context (:class:`~pyro_struct.nn.LevelSchedule`): the passes together cost about one
+density pass whatever the depth (``benchmarks/results/sampling.md``). With gradients each pass
+evaluates the units with a path to its latents (:meth:`StrAF._forward_rows`).
 
 Example:
     >>> A = torch.tensor([[0, 0, 1], [1, 0, 0]], dtype=torch.bool)  # z0 <- x0, z1 <- z0
