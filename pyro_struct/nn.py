@@ -556,13 +556,13 @@ class StrNN(MaskedMLP):
         key = (tuple(input_ready.tolist()), tuple(row_level.tolist()), masks_key)
         if key in self._level_schedules:
             return self._level_schedules[key]
-        masks = [layer.mask.detach().cpu().long() for layer in self.layers]
+        masks = [layer.mask.detach().cpu() for layer in self.layers]
         num_levels, P = int(row_level.max()) + 1, self.num_params
         ready = [input_ready.cpu().long()]
-        for M in masks:  # a unit is final from the latest ready pass of its inputs (0 without inputs)
-            ready.append((M * ready[-1]).amax(1) if M.shape[1] else torch.zeros(M.shape[0], dtype=torch.long))
+        for M in masks:  # a unit is final from the latest ready pass of its inputs
+            ready.append(_latest(M, ready[-1]))
         out_level = row_level.cpu().long().repeat_interleave(P)
-        skip_ready = (self.skip.mask.cpu().long() * ready[0]).amax(1) if self.skip is not None else ready[-1]
+        skip_ready = _latest(self.skip.mask.cpu(), ready[0]) if self.skip is not None else ready[-1]
         if (torch.maximum(ready[-1], skip_ready) > out_level).any():
             raise ValueError("level_schedule: an output depends on an input that is not final at its pass")
         need, needs = torch.ones(len(out_level), dtype=torch.bool), []
@@ -577,7 +577,10 @@ class StrNN(MaskedMLP):
         perms.append((rows[:, None] * P + torch.arange(P)).reshape(-1))
         levels = [r[p] for r, p in zip(ready[:-1], perms[:-1])] + [out_level[perms[-1]]]
         bounds = [[0] + torch.cumsum(torch.bincount(lv, minlength=num_levels + 1)[:num_levels], 0).tolist() for lv in levels]
-        schedule = LevelSchedule(perms, bounds)
+        sources = [_level_sources(M[perms[k + 1]][:, perms[k]], bounds[k + 1], bounds[k]) for k, M in enumerate(masks)]
+        skip = self.skip.mask.cpu()[perms[-1]][:, perms[0]] if self.skip is not None else None
+        sources.append(_level_sources(skip, bounds[-1], bounds[0]) if skip is not None else None)
+        schedule = LevelSchedule(perms, bounds, sources)
         self._level_schedules[key] = schedule
         return schedule
 
@@ -597,13 +600,12 @@ class StrNN(MaskedMLP):
         out = []
         for k, layer in enumerate(self.layers):
             W = layer.masked_weight.index_select(0, perms[k + 1]).index_select(1, perms[k])
-            M = layer.mask.index_select(0, perms[k + 1]).index_select(1, perms[k])
-            out.append((W, layer.bias.index_select(0, perms[k + 1]), _level_blocks(W, M, schedule.bounds[k + 1], schedule.bounds[k])))
+            blocks = _level_blocks(W, schedule.sources[k], schedule.bounds[k + 1], schedule.bounds[k])
+            out.append((W, layer.bias.index_select(0, perms[k + 1]), blocks))
         if self.skip is None:
             return out + [(None, None, None)]
         W = self.skip.masked_weight.index_select(0, perms[-1]).index_select(1, perms[0])
-        M = self.skip.mask.index_select(0, perms[-1]).index_select(1, perms[0])
-        return out + [(W, None, _level_blocks(W, M, schedule.bounds[-1], schedule.bounds[0]))]
+        return out + [(W, None, _level_blocks(W, schedule.sources[-1], schedule.bounds[-1], schedule.bounds[0]))]
 
     def level_evaluator(self, schedule: LevelSchedule, weights, x_small, batch, buffers=None) -> "LevelEvaluator":
         """A :class:`LevelEvaluator` for ``prod(batch)`` points whose contexts ``x_small``
@@ -712,10 +714,13 @@ class LevelSchedule(NamedTuple):
             are the rows by level, each row's ``num_params`` units together.
         bounds: per entry of ``perms``, ``T + 2`` offsets: the units of ready pass ``t`` are
             ``perm[bounds[t]:bounds[t + 1]]``.
+        sources: per layer, then the skip (``None`` without one): per pass ``t >= 1`` the input
+            columns that pass's block uses (see :func:`_level_sources`), or ``None``.
     """
 
     perms: list
     bounds: list
+    sources: list
 
 
 def _accumulate(block, below: torch.Tensor, out: torch.Tensor) -> None:
@@ -724,26 +729,50 @@ def _accumulate(block, below: torch.Tensor, out: torch.Tensor) -> None:
     out.addmm_(W, below[source] if isinstance(source, slice) else below.index_select(0, source))
 
 
-def _level_blocks(W: torch.Tensor, M: torch.Tensor, rows: list, cols: list) -> list:
-    """Per pass ``t >= 1``: ``(W_t, source)``, the block of rows ``rows[t]:rows[t + 1]`` on the columns
-    from ``cols[1]`` (the first non-context unit) that its mask uses, read as a slice of the buffer
-    when their span is less than about twice their number (one pass over memory instead of a
-    gather's copy), else gathered. ``None`` for a pass without rows."""
-    blocks = [None]
+def _latest(M: torch.Tensor, ready: torch.Tensor, rows_per_step: int = 1024) -> torch.Tensor:
+    """Per row of the ``(out, in)`` bool mask ``M``, the largest ``ready`` of its inputs (0 without
+    inputs), a few rows at a time to bound the memory on wide layers."""
+    out = [torch.where(R, ready, 0).amax(1) if R.shape[1] else torch.zeros(R.shape[0], dtype=torch.long)
+           for R in M.split(rows_per_step)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def _level_sources(M: torch.Tensor, rows: list, cols: list) -> list:
+    """Per pass ``t >= 1``, the columns (from ``cols[1]``, the first non-context unit) that the
+    permuted mask ``M``'s block of rows ``rows[t]:rows[t + 1]`` uses: a ``slice`` when their span is
+    at most 2.5 times their number (the product then reads the buffer in place), else an index
+    tensor (the rows are gathered first); ``None`` for a pass without rows."""
+    sources = [None]
     for t in range(1, len(rows) - 1):
         s, e, n0, p = rows[t], rows[t + 1], cols[1], cols[t + 1]
         if e == s:
+            sources.append(None)
+            continue
+        used = torch.nonzero(M[s:e, n0:p].any(0)).flatten()
+        if len(used) == 0:
+            sources.append(slice(0, 0))
+        elif int(used[-1] - used[0]) + 1 <= 2.5 * len(used):
+            sources.append(slice(int(used[0]), int(used[-1]) + 1))
+        else:
+            sources.append(used)
+    return sources
+
+
+def _level_blocks(W: torch.Tensor, sources: list, rows: list, cols: list) -> list:
+    """Per pass ``t >= 1``: ``(W_t, source)``, the permuted weight ``W``'s block of that pass's rows
+    on the columns of ``sources[t]`` (counted from ``cols[1]``); ``None`` for a pass without rows."""
+    blocks = [None]
+    for t in range(1, len(rows) - 1):
+        source = sources[t]
+        if source is None:
             blocks.append(None)
             continue
-        used = torch.nonzero(M[s:e, n0:p].any(0).cpu()).flatten()
-        if len(used) == 0:
-            source = slice(0, 0)
-        elif int(used[-1] - used[0]) + 1 <= 2.5 * len(used):
-            source = slice(int(used[0]), int(used[-1]) + 1)
+        s, e, n0, p = rows[t], rows[t + 1], cols[1], cols[t + 1]
+        if isinstance(source, slice):
+            blocks.append((W[s:e, n0 + source.start : n0 + source.stop], source))
         else:
-            source = used.to(W.device)
-        cols_t = torch.arange(source.start, source.stop) if isinstance(source, slice) else used
-        blocks.append((W[s:e, n0:p].index_select(1, cols_t.to(W.device)), source))
+            source = source.to(W.device)
+            blocks.append((W[s:e, n0:p].index_select(1, source), source))
     return blocks
 
 

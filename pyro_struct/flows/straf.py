@@ -161,9 +161,10 @@ class StrAF(ConditionalFlow):
             return self._forward_levels(eps, x)
         return self._forward_rows(eps, x)
 
-    def _level_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(order, input_ready)``: the latents in level order and the pass from which each input of
-        ``[z, x]`` is final (a level-``l`` latent from ``l + 1``, the context from 0)."""
+    def _level_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(order, level, input_ready)``: the latents in level order ``(d,)``, each latent's level
+        ``(d,)`` and the pass from which each input of ``[z, x]`` is final ``(d + c,)`` (a level-``l``
+        latent from ``l + 1``, the context from 0)."""
         level = torch.empty(self.dim, dtype=torch.long)
         for k, rows in enumerate(self._levels):
             level[rows] = k
