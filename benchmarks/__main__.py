@@ -16,6 +16,7 @@ BENCHMARKS = {
     "masks": "greedy vs baseline mask paths and factorisation time",
     "flows": "faithful vs dense adjacency for each flow family",
     "amortization": "amortised posterior vs NUTS and per-observation SVI",
+    "sampling": "1,000 x 1,000 posterior samples of the default guide vs one density pass, up to depth 63",
     "distributed": "data-parallel training: simulations/s and time to a target KL for 1..K processes",
     "gpu_check": "GPU checks of every flow (sample, score, fit, save/load across devices); exits 0 without CUDA",
     "diagnostics": "trust: SBC coverage, Pareto-k, log-evidence error and refine, against sbi's SBC",

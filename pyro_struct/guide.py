@@ -32,7 +32,8 @@ __all__ = ["StructuredGuide", "Posterior", "AmortizedModel", "amortize", "summar
 
 _instance_counter = itertools.count()
 #: elements (samples x batch x latent coordinates) one sampling pass may hold; larger requests are chunked
-MAX_SAMPLE_ELEMENTS = 1 << 24
+#: (2^26: 1,000 x 1,000 samples of 64 latents in one pass; each chunk costs a copy of the samples)
+MAX_SAMPLE_ELEMENTS = 1 << 26
 
 
 class _ConditionedFlowDistribution(TorchDistribution):

@@ -13,7 +13,10 @@ of the structured CNF. Its hooks give each family what it needs:
   and the CNF its exact divergence;
 - ``tangent``: carry a forward-mode Jacobian-vector product (the CNF's Hutchinson estimator);
 - ``plan``: evaluate only the units with a path to some outputs, in a feature-major layout
-  (StrAF's level-by-level sampling).
+  (StrAF's level-by-level sampling with gradients).
+
+Without gradients StrAF samples through :meth:`StrNN.level_schedule` / :meth:`StrNN.level_pass`
+instead: every unit computed once, at the first pass its inputs are final (:class:`LevelSchedule`).
 
 Example:
     >>> A = torch.tensor([[0, 0, 1], [1, 0, 1], [1, 1, 1]], dtype=torch.bool)  # (out=3, in=3)
@@ -38,6 +41,8 @@ __all__ = [
     "MaskedStructure",
     "ACTIVATIONS",
     "Activation",
+    "LevelEvaluator",
+    "LevelSchedule",
     "LipSwish",
     "MaskedLinear",
     "MaskedMLP",
@@ -469,6 +474,7 @@ class StrNN(MaskedMLP):
         self.hidden_sizes = [m.shape[0] for m in masks[:-1]]
         self.skip = MaskedLinear(self._skip_mask(A, skip), bias=False, zero_init=True) if skip else None
         self._row_plans: dict = {}
+        self._level_schedules: dict = {}
 
     def _skip_mask(self, A: torch.Tensor, skip) -> torch.Tensor:
         mask = A.repeat_interleave(self.num_params, dim=0)
@@ -535,6 +541,112 @@ class StrNN(MaskedMLP):
             self._row_plans[key] = plan
         return plan
 
+    def level_schedule(self, input_ready: torch.Tensor, row_level: torch.Tensor) -> LevelSchedule:
+        """The :class:`LevelSchedule` of level-by-level sampling (cached per argument values).
+
+        Args:
+            input_ready: ``(d_in,)`` long: the pass from which each input is final.
+            row_level: ``(d_out,)`` long: the pass that computes each output variable.
+
+        Raises:
+            ValueError: an output depends on an input that is not final at its pass.
+        """
+        # the masks are buffers: a load_state_dict copies into them, which bumps their version
+        masks_key = tuple((m.data_ptr(), m._version) for m in self.masks)
+        key = (tuple(input_ready.tolist()), tuple(row_level.tolist()), masks_key)
+        if key in self._level_schedules:
+            return self._level_schedules[key]
+        masks = [layer.mask.detach().cpu() for layer in self.layers]
+        num_levels, P = int(row_level.max()) + 1, self.num_params
+        ready = [input_ready.cpu().long()]
+        for M in masks:  # a unit is final from the latest ready pass of its inputs
+            ready.append(_latest(M, ready[-1]))
+        out_level = row_level.cpu().long().repeat_interleave(P)
+        skip_ready = _latest(self.skip.mask.cpu(), ready[0]) if self.skip is not None else ready[-1]
+        if (torch.maximum(ready[-1], skip_ready) > out_level).any():
+            raise ValueError("level_schedule: an output depends on an input that is not final at its pass")
+        need, needs = torch.ones(len(out_level), dtype=torch.bool), []
+        for M in reversed(masks[1:]):  # hidden units with a path to an output
+            need = M.bool()[need].any(0)
+            needs.insert(0, need)
+        rows = torch.sort(row_level.cpu(), stable=True).indices
+        perms = [torch.sort(ready[0], stable=True).indices]
+        for r, nd in zip(ready[1:-1], needs):
+            idx = torch.nonzero(nd).flatten()
+            perms.append(idx[torch.sort(r[idx], stable=True).indices])
+        perms.append((rows[:, None] * P + torch.arange(P)).reshape(-1))
+        levels = [r[p] for r, p in zip(ready[:-1], perms[:-1])] + [out_level[perms[-1]]]
+        bounds = [[0] + torch.cumsum(torch.bincount(lv, minlength=num_levels + 1)[:num_levels], 0).tolist() for lv in levels]
+        sources = [_level_sources(M[perms[k + 1]][:, perms[k]], bounds[k + 1], bounds[k]) for k, M in enumerate(masks)]
+        skip = self.skip.mask.cpu()[perms[-1]][:, perms[0]] if self.skip is not None else None
+        sources.append(_level_sources(skip, bounds[-1], bounds[0]) if skip is not None else None)
+        schedule = LevelSchedule(perms, bounds, sources)
+        self._level_schedules[key] = schedule
+        return schedule
+
+    def level_weights(self, schedule: LevelSchedule) -> list:
+        """The weights permuted by ``schedule``, cut into the blocks each pass multiplies.
+
+        Returns:
+            one entry per layer, then one for the skip: ``(W, b, blocks)`` with ``W`` and ``b``
+            permuted (``None`` for a missing skip; ``b`` ``None`` for the skip) and ``blocks[t]``
+            (``t >= 1``) the pair ``(W_t, source)``: pass ``t``'s rows restricted to the input
+            columns they use, and those columns of the layer below's buffer (a ``slice`` when they
+            lie close together, else an index tensor to gather), counted from its first unit of
+            ready pass 1.
+        """
+        device = self.layers[0].weight.device
+        perms = [p.to(device) for p in schedule.perms]
+        out = []
+        for k, layer in enumerate(self.layers):
+            W = layer.masked_weight.index_select(0, perms[k + 1]).index_select(1, perms[k])
+            blocks = _level_blocks(W, schedule.sources[k], schedule.bounds[k + 1], schedule.bounds[k])
+            out.append((W, layer.bias.index_select(0, perms[k + 1]), blocks))
+        if self.skip is None:
+            return out + [(None, None, None)]
+        W = self.skip.masked_weight.index_select(0, perms[-1]).index_select(1, perms[0])
+        return out + [(W, None, _level_blocks(W, schedule.sources[-1], schedule.bounds[-1], schedule.bounds[0]))]
+
+    def level_evaluator(self, schedule: LevelSchedule, weights, x_small, batch, buffers=None) -> "LevelEvaluator":
+        """A :class:`LevelEvaluator` for ``prod(batch)`` points whose contexts ``x_small``
+        ``(*small, c)`` (``small`` broadcastable to ``batch``; ``None`` if ``c = 0``) are given
+        once each; ``weights`` from :meth:`level_weights`; ``buffers``: the hidden buffers of an
+        evaluator of as many points, to reuse (its :attr:`LevelEvaluator.buffers`)."""
+        return LevelEvaluator(self, weights, schedule, x_small, tuple(batch), buffers)
+
+    def level_pass(self, state: "LevelEvaluator", t: int, z: torch.Tensor) -> torch.Tensor:
+        """Sampling pass ``t`` of level-by-level evaluation: the output units of level ``t``.
+
+        Args:
+            state: the :class:`LevelEvaluator` of these points (its buffers are updated in place).
+            t: the pass, ``0 ... T``; passes must run in order, each once.
+            z: ``(d, N)`` latents in level order, final for levels below ``t``.
+
+        Returns:
+            ``(r * num_params, N)``, a view of the output buffer.
+        """
+        bounds, weights, L = state.schedule.bounds, state.weights, len(self.layers)
+        out = state.buffers[L - 1][bounds[L][t] : bounds[L][t + 1]]
+        if t == 0:  # level-0 rows see the context only: their base
+            return out
+        below = z
+        for k in range(L - 1):
+            s, e, n0 = bounds[k + 1][t], bounds[k + 1][t + 1], bounds[k + 1][1]
+            block = weights[k][2][t]
+            if block is not None:
+                h = state.buffers[k][s - n0 : e - n0]
+                _accumulate(block, below, h)
+                if isinstance(self.activations[k], nn.ReLU):
+                    h.clamp_(min=0)
+                else:
+                    units = state.schedule.perms[k + 1][s:e].to(h.device)
+                    h.copy_(self._activate(k, h, False, units, 0)[0])
+            below = state.buffers[k]
+        _accumulate(weights[L - 1][2][t], below, out)
+        if weights[L][0] is not None:
+            _accumulate(weights[L][2][t], z, out)
+        return out
+
     def forward(self, input: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The conditioner outputs, for all output variables or only for ``rows``.
 
@@ -583,3 +695,118 @@ class MaskedStructure:
     def num_dense_parameters(self) -> int:
         """Trainable parameters of the same module without masks."""
         return parameter_counts(self)[1]
+
+
+# ------------------------------------------------------------------ level-by-level evaluation
+class LevelSchedule(NamedTuple):
+    """When each unit of a :class:`StrNN` is computed during level-by-level sampling.
+
+    Pass ``t`` (``0 ... T``) computes the output variables of level ``t``. An input is final
+    from its *ready* pass on (the context from 0, a level-``l`` latent from ``l + 1``), a hidden
+    unit from the largest ready pass of its inputs. Each layer's units are permuted so that the
+    units of ready pass ``t`` form one block whose inputs are a prefix of the layer below: every
+    unit is computed once, at its ready pass, from a dense slice of the permuted weights, and
+    all passes together cost about one full pass.
+
+    Attributes:
+        perms: ``[inputs, layer_0, ..., output]`` CPU long tensors: the units each layer keeps
+            (hidden units without a path to an output are dropped), in ready order; the outputs
+            are the rows by level, each row's ``num_params`` units together.
+        bounds: per entry of ``perms``, ``T + 2`` offsets: the units of ready pass ``t`` are
+            ``perm[bounds[t]:bounds[t + 1]]``.
+        sources: per layer, then the skip (``None`` without one): per pass ``t >= 1`` the input
+            columns that pass's block uses (see :func:`_level_sources`), or ``None``.
+    """
+
+    perms: list
+    bounds: list
+    sources: list
+
+
+def _accumulate(block, below: torch.Tensor, out: torch.Tensor) -> None:
+    """``out += W_t @ below[source]`` for a block ``(W_t, source)`` of :func:`_level_blocks`."""
+    W, source = block
+    out.addmm_(W, below[source] if isinstance(source, slice) else below.index_select(0, source))
+
+
+def _latest(M: torch.Tensor, ready: torch.Tensor, rows_per_step: int = 1024) -> torch.Tensor:
+    """Per row of the ``(out, in)`` bool mask ``M``, the largest ``ready`` of its inputs (0 without
+    inputs), a few rows at a time to bound the memory on wide layers."""
+    out = [torch.where(R, ready, 0).amax(1) if R.shape[1] else torch.zeros(R.shape[0], dtype=torch.long)
+           for R in M.split(rows_per_step)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def _level_sources(M: torch.Tensor, rows: list, cols: list) -> list:
+    """Per pass ``t >= 1``, the columns (from ``cols[1]``, the first non-context unit) that the
+    permuted mask ``M``'s block of rows ``rows[t]:rows[t + 1]`` uses: a ``slice`` when their span is
+    at most 2.5 times their number (the product then reads the buffer in place), else an index
+    tensor (the rows are gathered first); ``None`` for a pass without rows."""
+    sources = [None]
+    for t in range(1, len(rows) - 1):
+        s, e, n0, p = rows[t], rows[t + 1], cols[1], cols[t + 1]
+        if e == s:
+            sources.append(None)
+            continue
+        used = torch.nonzero(M[s:e, n0:p].any(0)).flatten()
+        if len(used) == 0:
+            sources.append(slice(0, 0))
+        elif int(used[-1] - used[0]) + 1 <= 2.5 * len(used):
+            sources.append(slice(int(used[0]), int(used[-1]) + 1))
+        else:
+            sources.append(used)
+    return sources
+
+
+def _level_blocks(W: torch.Tensor, sources: list, rows: list, cols: list) -> list:
+    """Per pass ``t >= 1``: ``(W_t, source)``, the permuted weight ``W``'s block of that pass's rows
+    on the columns of ``sources[t]`` (counted from ``cols[1]``); ``None`` for a pass without rows."""
+    blocks = [None]
+    for t in range(1, len(rows) - 1):
+        source = sources[t]
+        if source is None:
+            blocks.append(None)
+            continue
+        s, e, n0, p = rows[t], rows[t + 1], cols[1], cols[t + 1]
+        if isinstance(source, slice):
+            blocks.append((W[s:e, n0 + source.start : n0 + source.stop], source))
+        else:
+            source = source.to(W.device)
+            blocks.append((W[s:e, n0:p].index_select(1, source), source))
+    return blocks
+
+
+class LevelEvaluator:
+    """One :class:`StrNN` run level by level on ``N = prod(batch)`` feature-major points.
+
+    Built by :meth:`StrNN.level_evaluator`. Units of ready pass 0 depend on the context only:
+    they, their contribution to every later unit and the biases (the *base*) are computed once
+    per distinct context (on ``x_small``), and every layer's buffer starts as the base broadcast
+    to the points. :meth:`StrNN.level_pass` then accumulates pass ``t``'s blocks into the buffers
+    in place.
+
+    Attributes:
+        buffers: per layer ``(units - ready-0 units, N)`` (hidden) and ``(outputs, N)``: reuse
+            them for the next evaluator of as many points.
+    """
+
+    def __init__(self, net: "StrNN", weights, schedule: LevelSchedule, x_small, batch: tuple, buffers=None):
+        self.net, self.weights, self.schedule, self.batch = net, weights, schedule, tuple(batch)
+        small = tuple(x_small.shape[:-1]) if x_small is not None else (1,) * len(batch)
+        n, m = math.prod(batch), math.prod(small)
+        W0 = weights[0][0]
+        ctx = x_small.reshape(m, -1).T if x_small is not None else W0.new_zeros(0, 1)
+        h0, bounds, L = ctx, schedule.bounds, len(net.layers)
+        self.buffers = buffers if buffers is not None else []
+        for k in range(L):
+            W, b, _ = weights[k]
+            base = W[:, : bounds[k][1]] @ h0 + b.unsqueeze(1)
+            if k == L - 1 and weights[L][0] is not None:
+                base = base + weights[L][0][:, : bounds[0][1]] @ ctx  # the skip's context columns
+            n0 = bounds[k + 1][1] if k < L - 1 else 0
+            if buffers is None:
+                self.buffers.append(W.new_empty(W.shape[0] - n0, n))
+            buf = self.buffers[k]
+            buf.view((buf.shape[0],) + self.batch).copy_(base[n0:].view((base.shape[0] - n0,) + small))
+            if k < L - 1:
+                h0 = net._activate(k, base[:n0], False, schedule.perms[k + 1][:n0].to(base.device), 0)[0]

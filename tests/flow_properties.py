@@ -19,6 +19,7 @@ __all__ = [
     "check_logdet",
     "check_log_prob_consistency",
     "check_round_trip",
+    "check_sampling_without_gradients",
     "check_gradients",
     "check_all",
     "check_interface",
@@ -128,25 +129,57 @@ def check_gradients(flow: ConditionalFlow, seed: int = 0) -> None:
     assert any(g is not None and g.abs().sum() > 0 for g in grads), "all gradients are zero"
 
 
+def check_sampling_without_gradients(flow: ConditionalFlow, atol: float = 1e-9, seed: int = 0) -> None:
+    """Sampling without gradients (a family may use a faster sampler there) equals sampling with
+    them, for samples of shared contexts (a context expanded along the sample dimension), of one
+    context each, and across chunk boundaries; its log density equals a density pass over its samples."""
+    n, b = 5, 3
+    x = _context(flow, batch=(b,), seed=seed)
+    eps = _noise(flow, batch=(n, b), seed=seed)
+    chunk = getattr(flow, "chunk_points", None)
+    for x_full in (None if x is None else x.expand(n, b, -1), None if x is None else x.expand(n, b, -1).clone()):
+        z_ref, ld_ref = flow.forward(eps, x_full)
+        for points in ([chunk] if chunk is None else [chunk, 2 * b, b + 1]):  # several chunks, a short last one
+            if chunk is not None:
+                flow.chunk_points = points
+            try:
+                with torch.no_grad():
+                    z, ld = flow.forward(eps, x_full)
+                    lp = flow.log_prob(z, x_full)
+            finally:
+                if chunk is not None:
+                    flow.chunk_points = chunk
+            assert torch.allclose(z, z_ref.detach(), atol=atol), f"no-grad sample error {(z - z_ref).abs().max().item()}"
+            assert torch.allclose(ld, ld_ref.detach(), atol=atol), f"no-grad log-det error {(ld - ld_ref).abs().max().item()}"
+            lq = flow.base_log_prob(eps) - ld
+            assert torch.allclose(lp, lq, atol=max(atol, 1e-6)), f"max |log_prob - sampling density| = {(lp - lq).abs().max().item()}"
+        if x is None:
+            break
+
+
 def check_all(flow: ConditionalFlow, logdet_atol: float = 1e-5, roundtrip_atol: float = 1e-6, jac_atol: float = 1e-10) -> None:
     """Run every property check on ``flow`` (expects float64 parameters)."""
     check_jacobian_structure(flow, atol=jac_atol)
     check_logdet(flow, atol=logdet_atol)
     check_log_prob_consistency(flow, atol=max(roundtrip_atol, 1e-6))
     check_round_trip(flow, atol=roundtrip_atol)
+    check_sampling_without_gradients(flow, atol=roundtrip_atol)
     check_gradients(flow)
 
 
 def _count_network_evaluations(flow: ConditionalFlow) -> list[int]:
-    """Wrap every masked network's ``run`` on this instance; the returned one-element list counts the calls."""
+    """Wrap every masked network's ``run`` (and a StrNN's ``level_pass``, one pass of sampling without
+    gradients) on this instance; the returned one-element list counts the calls."""
     calls = [0]
     for m in flow.modules():
         if isinstance(m, MaskedMLP):
-            def counted(*args, _run=m.run, **kwargs):
-                calls[0] += 1
-                return _run(*args, **kwargs)
+            for name in ("run", "level_pass"):
+                if hasattr(m, name):
+                    def counted(*args, _fn=getattr(m, name), **kwargs):
+                        calls[0] += 1
+                        return _fn(*args, **kwargs)
 
-            m.run = counted
+                    setattr(m, name, counted)
     return calls
 
 

@@ -115,3 +115,14 @@ def test_scaling_times_steps_in_a_memory_capped_child(monkeypatch):
     monkeypatch.setattr(scaling, "_step_time", lambda *args: torch.empty(2 * 10**9).sum())
     with pytest.raises(RuntimeError, match="out of memory under a"):
         scaling._step_time_in_child(None, "skl", 8, 3, 1, 1.0, max(4.0, 3 * used_gib))
+
+
+def test_sampling_benchmark_row_checks_the_sampler_on_a_tiny_network():
+    from benchmarks.sampling import chain_network, time_network
+
+    net = chain_network(num_latent=12, chain=8, num_obs=5, seed=1)
+    assert len(net.latent_sites) == 12 and len(net.observed_sites) == 5
+    row = time_network("tiny", net, num_obs=6, num_samples=7, repeats=1, seed=0)
+    assert row["latents"] == 12 and row["depth"] >= 1
+    assert row["max |z - z_ref|"] < 1e-4 and row["max |log q - log_prob(z)|"] < 1e-3
+    assert row["sample (s)"] > 0 and row["flow density (s)"] > 0

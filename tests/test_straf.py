@@ -55,11 +55,19 @@ def _reference_depth(A):
 
 
 class _PassCounter:
-    """Counts conditioner calls through forward hooks."""
+    """Counts conditioner evaluations: forward calls (through hooks) and level passes (sampling
+    without gradients, :meth:`StrNN.level_pass`)."""
 
     def __init__(self, flow):
         self.calls = 0
         self.handles = [net.register_forward_hook(self._hook) for net in flow.conditioners]
+        self.nets = list(flow.conditioners)
+        for net in self.nets:
+            def counted(*args, _pass=net.level_pass):
+                self.calls += 1
+                return _pass(*args)
+
+            net.level_pass = counted
 
     def _hook(self, *args):
         self.calls += 1
@@ -67,6 +75,8 @@ class _PassCounter:
     def remove(self):
         for h in self.handles:
             h.remove()
+        for net in self.nets:
+            del net.level_pass
 
 
 # small normaliser settings keep the tests fast; the UMNN's random parameters are kept moderate
@@ -147,9 +157,12 @@ def test_sampling_uses_depth_plus_one_passes(name, A, num_layers):
     assert flow.depth == depth and flow.num_passes == num_layers * (depth + 1)
     counter = _PassCounter(flow)
     x = torch.randn(3, 2, dtype=torch.float64)
-    flow.sample(x, n=4)
-    assert flow.last_stats["forward"] == {"evaluations": (depth + 1) * num_layers, "passes_per_layer": depth + 1}
-    assert counter.calls == (depth + 1) * num_layers
+    for grad in (True, False):  # the sampler with gradients and the level sampler
+        counter.calls = 0
+        with torch.set_grad_enabled(grad):
+            flow.sample(x, n=4)
+        assert flow.last_stats["forward"] == {"evaluations": (depth + 1) * num_layers, "passes_per_layer": depth + 1}
+        assert counter.calls == (depth + 1) * num_layers
     counter.calls = 0
     z = torch.randn(4, 3, A.shape[0], dtype=torch.float64)
     flow.log_prob(z, x)
@@ -362,3 +375,75 @@ def test_sampling_with_recomputed_passes_gives_the_same_values_and_gradients(mon
     assert torch.allclose(plain[0], recomputed[0]) and torch.allclose(plain[1], recomputed[1])
     for a, b in zip(plain[2], recomputed[2]):
         assert torch.allclose(a, b)
+
+
+# ------------------------------------------------------------ the level sampler (no gradients)
+@settings(max_examples=12, deadline=None)
+@given(
+    d=st.integers(1, 12),
+    context_dim=st.integers(0, 3),
+    p=st.sampled_from([0.1, 0.3, 0.7]),
+    seed=st.integers(0, 10_000),
+    normalizer=st.sampled_from(["affine", "spline", "umnn"]),
+    hidden=st.sampled_from([(), (6,), (10, 10), (16, 8, 12)]),
+    activation=st.sampled_from(["relu", "tanh", "lipswish"]),
+    skip=st.booleans(),
+    chunk=st.sampled_from([1, 7, 16384]),
+)
+def test_level_sampler_equals_the_reference_sampler(d, context_dim, p, seed, normalizer, hidden, activation, skip, chunk):
+    A = random_dag_adjacency(d, context_dim, p=p, seed=seed)
+    flow = StrAF(A, context_dim=context_dim, num_layers=2, hidden_sizes=hidden, normalizer=normalizer, skip=skip,
+                 activation=activation, **NORMALIZER_OPTIONS[normalizer]).double()
+    _randomize(flow, seed=seed, scale=RANDOM_SCALE[normalizer])
+    flow.chunk_points = chunk
+    g = torch.Generator().manual_seed(seed)
+    eps = torch.randn(4, 3, d, generator=g, dtype=torch.float64)
+    x = torch.randn(3, context_dim, generator=g, dtype=torch.float64).expand(4, 3, -1) if context_dim else None
+    with torch.no_grad():
+        z_ref, ld_ref = flow._forward_rows(eps, x)
+        z, ld = flow.forward(eps, x)
+        lp = flow.log_prob(z, x)
+    assert torch.allclose(z, z_ref, atol=1e-9) and torch.allclose(ld, ld_ref, atol=1e-9)
+    assert torch.allclose(lp, flow.base_log_prob(eps) - ld, atol=1e-6)
+
+
+def test_level_schedule_computes_every_unit_once_from_final_inputs():
+    A = random_dag_adjacency(15, 4, p=0.3, seed=3)
+    flow = StrAF(A, context_dim=4, hidden_sizes=(24, 24))
+    order, level, ready = flow._level_inputs()
+    net = flow.conditioners[0]
+    schedule = net.level_schedule(ready, level)
+    masks = [layer.mask for layer in net.layers]
+    unit_ready = [ready]
+    for k, (perm, bounds) in enumerate(zip(schedule.perms, schedule.bounds)):
+        assert len(set(perm.tolist())) == len(perm), "a unit is scheduled twice"
+        assert bounds[0] == 0 and bounds == sorted(bounds) and bounds[-1] <= len(perm)
+        if k == 0:
+            continue
+        pass_of = torch.full((masks[k - 1].shape[0],), -1)
+        for t in range(len(bounds) - 1):
+            pass_of[perm[bounds[t] : bounds[t + 1]]] = t
+        prev = unit_ready[-1]
+        for u in perm.tolist():  # every input of a unit is final at the unit's pass
+            inputs = torch.nonzero(masks[k - 1][u]).flatten()
+            assert (prev[inputs] <= pass_of[u]).all() and (prev[inputs] >= 0).all()
+        unit_ready.append(pass_of)
+    out_rows = schedule.perms[-1].view(-1, net.num_params)[:, 0] // net.num_params
+    assert sorted(out_rows.tolist()) == list(range(flow.dim)), "every output row is computed"
+    assert torch.equal(torch.cat(flow._levels), out_rows), "outputs in level order"
+
+
+def test_guide_samples_score_as_their_sampling_density():
+    import pyro
+
+    from pyro_struct import StructuredGuide
+    from pyro_struct.models import LinearGaussianNetwork
+
+    lg = LinearGaussianNetwork.random(8, seed=1)
+    pyro.set_rng_seed(0)
+    guide = StructuredGuide(lg.model, observed=lg.observed_sites, hidden_sizes=(16, 16))
+    _randomize(guide.flow, seed=0, scale=0.3)
+    obs = lg.sample_observations(3, torch.Generator().manual_seed(2))
+    post = guide.posterior(**obs)
+    values, log_q = post.sample_and_log_prob(50)  # the level sampler (no gradients)
+    assert torch.allclose(post.log_prob(values), log_q, atol=1e-4)

@@ -163,7 +163,8 @@ class ConditionalFlow(MaskedStructure, nn.Module, ABC):
 
     def base_log_prob(self, eps: torch.Tensor) -> torch.Tensor:
         """Standard normal log density of ``eps`` ``(*batch, d)`` summed over the last dim: ``(*batch,)``."""
-        return -0.5 * (eps * eps).sum(-1) - 0.5 * self.dim * math.log(2 * math.pi)
+        # the norm reduces without materialising eps * eps (a pass over memory saved on 10^6 samples)
+        return -0.5 * torch.linalg.vector_norm(eps, dim=-1).square() - 0.5 * self.dim * math.log(2 * math.pi)
 
     def _reference(self) -> torch.Tensor:
         """A tensor carrying the flow's dtype and device."""

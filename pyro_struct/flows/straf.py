@@ -7,9 +7,12 @@ Each layer maps a latent ``z`` to noise ``u`` elementwise, ``u_i = tau(z_i; thet
 ``theta_i = h_i(z, x)`` comes from a StrNN whose outputs see exactly the parents of ``z_i`` in
 the adjacency. Density evaluation (``inverse``) is one conditioner pass per layer; sampling
 (``forward``) fills the latents in level by level: pass ``k`` computes the latents whose longest
-path from a root has ``k`` edges (their parents are exact by then), evaluating only the
-conditioner units with a path to them, so ``depth + 1`` passes suffice, not ``d``, and together
-they cost about one full pass.
+path from a root has ``k`` edges (their parents are exact by then), so ``depth + 1`` passes
+suffice, not ``d``. Without gradients (posterior sampling) every conditioner unit is computed once,
+at the first pass its inputs are final, and the units that see only the context once per
+distinct context (:class:`~pyro_struct.nn.LevelSchedule`): the passes together cost about one
+density pass whatever the depth (``benchmarks/results/sampling.md``). With gradients each pass
+evaluates the units with a path to its latents (:meth:`StrAF._forward_rows`).
 
 Example:
     >>> A = torch.tensor([[0, 0, 1], [1, 0, 0]], dtype=torch.bool)  # z0 <- x0, z1 <- z0
@@ -21,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -89,6 +93,8 @@ class StrAF(ConditionalFlow):
     #: memory (bytes) that the gathered weights of all sampling passes may keep for the backward
     #: pass before the passes are recomputed instead
     recompute_bytes: int = 2**30
+    #: points per chunk of sampling without gradients (the buffers of one pass then stay in cache)
+    chunk_points: int = 16384
 
     def __init__(
         self,
@@ -151,6 +157,83 @@ class StrAF(ConditionalFlow):
 
     def _forward(self, eps: torch.Tensor, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Base noise ``(*batch, d)`` -> ``z`` and ``log|det dz/deps|`` ``(*batch,)``; ``depth + 1`` passes per layer."""
+        if not torch.is_grad_enabled() and eps.device.type != "meta" and eps.dim() > 1:
+            return self._forward_levels(eps, x)
+        return self._forward_rows(eps, x)
+
+    def _level_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(order, level, input_ready)``: the latents in level order ``(d,)``, each latent's level
+        ``(d,)`` and the pass from which each input of ``[z, x]`` is final ``(d + c,)`` (a level-``l``
+        latent from ``l + 1``, the context from 0)."""
+        level = torch.empty(self.dim, dtype=torch.long)
+        for k, rows in enumerate(self._levels):
+            level[rows] = k
+        ready = torch.cat([level + 1, torch.zeros(self.context_dim, dtype=torch.long)])
+        return torch.cat(self._levels), level, ready
+
+    def _forward_levels(self, eps: torch.Tensor, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sampling without gradients: every conditioner unit computed once, at the first pass its
+        inputs are final, and the context-only units once per distinct context (see
+        :class:`~pyro_struct.nn.LevelSchedule`); in chunks of about :attr:`chunk_points` points,
+        which keep each pass's buffers in cache."""
+        batch, d = eps.shape[:-1], self.dim
+        order, level, ready = self._level_inputs()
+        # a context expanded along a batch dimension (many samples of one observation) has stride 0 there
+        x_small = None
+        if x is not None:
+            x_small = x
+            for i, (size, stride) in enumerate(zip(x.shape[:-1], x.stride()[:-1])):
+                if size > 1 and stride == 0:
+                    x_small = x_small.narrow(i, 0, 1)
+        plans = []
+        for net in self.conditioners:
+            schedule = net.level_schedule(ready, level)
+            plans.append((net, schedule, net.level_weights(schedule)))
+        order = order.to(eps.device)
+        inverse_order = torch.argsort(order)
+        step = max(1, self.chunk_points // max(math.prod(batch[1:]), 1))
+        z, logdet = torch.empty_like(eps), eps.new_empty(batch)
+        # buffers reused by every chunk of a size: fresh large tensors per chunk would cost page faults
+        workspaces: dict = {}
+        for i in range(0, batch[0], step):
+            j = min(i + step, batch[0])
+            xs = None if x_small is None else (x_small if x_small.shape[0] == 1 else x_small[i:j])
+            n = math.prod(z[i:j].shape[:-1])
+            work = workspaces.setdefault(n, {"rows": [eps.new_empty(d, n) for _ in range(3)]})
+            z_t, logdet[i:j] = self._levels_chunk(eps[i:j], order, xs, plans, work)
+            # back to the latents' order (rows of the feature-major chunk), then sample-major
+            z[i:j].view(n, d).copy_(torch.index_select(z_t, 0, inverse_order, out=work["rows"][0]).T)
+        self.last_stats["forward"] = {"evaluations": self.num_passes, "passes_per_layer": self.depth + 1}
+        return z, logdet
+
+    def _levels_chunk(self, eps: torch.Tensor, order: torch.Tensor, x_small, plans, work: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """One chunk of noise ``(*chunk, d)`` -> feature-major latents ``(d, N)`` in level order and
+        log-dets ``(*chunk,)``; ``work`` holds the buffers of this chunk size (filled on first use)."""
+        chunk, d = eps.shape[:-1], self.dim
+        spare, u, z = work["rows"]
+        # feature-major (d, N) in level order: a transposing copy, then whole rows gathered (a gather
+        # straight from the transposed view is several times slower)
+        torch.index_select(spare.copy_(eps.reshape(-1, d).T), 0, order, out=u)
+        logdet = u.new_zeros(u.shape[1])
+        bounds = [0] + torch.cumsum(torch.tensor([len(r) for r in self._levels]), 0).tolist()
+        for k, ((net, schedule, weights), normalizer) in enumerate(zip(plans, self.normalizers)):
+            evaluator = net.level_evaluator(schedule, weights, x_small, chunk, work.get(k))
+            work[k] = evaluator.buffers
+            for t in range(self.depth + 1):
+                lo, hi = bounds[t], bounds[t + 1]
+                params = net.level_pass(evaluator, t, z).view(hi - lo, net.num_params, -1)
+                if isinstance(normalizer, AffineNormalizer):
+                    log_grad = normalizer.to_latent_into(u[lo:hi], params, z[lo:hi])
+                else:
+                    z_rows, log_grad = normalizer.to_latent(u[lo:hi], params.permute(0, 2, 1))
+                    z[lo:hi] = z_rows
+                logdet += log_grad[0] if hi - lo == 1 else log_grad.sum(0)
+            u, z = z, u
+        return u, logdet.reshape(chunk)
+
+    def _forward_rows(self, eps: torch.Tensor, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference sampler (and the one with gradients): pass ``k`` evaluates the units with a
+        path to the level-``k`` latents."""
         batch = eps.shape[:-1]
         d, c = self.dim, self.context_dim
         # feature-major (features, samples): each pass gathers a few features of every sample,

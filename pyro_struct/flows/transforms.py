@@ -60,6 +60,20 @@ class AffineNormalizer(nn.Module):
         shift, scale = self._shift_scale(params)
         return shift + scale * u, torch.log(scale)
 
+    def to_latent_into(self, u: torch.Tensor, params: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """:meth:`to_latent` on feature-major parameters, writing ``z`` into ``out``; returns ``log|dz/du|``.
+
+        The level-by-level sampler's form, with a few in-place operations on ``(r, N)`` rows.
+
+        Args:
+            u: ``(r, N)`` noise.
+            params: ``(r, 2, N)``: shifts, raw scales.
+            out: ``(r, N)``, receives ``z``.
+        """
+        scale = F.softplus(params[:, 1] + self._offset).add_(self.min_scale)
+        torch.addcmul(params[:, 0], scale, u, out=out)
+        return scale.log_()
+
     def extra_repr(self) -> str:
         return f"min_scale={self.min_scale}"
 
