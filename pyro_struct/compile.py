@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
@@ -14,6 +15,7 @@ from .inversion import INVERSE_KINDS, INVERSION_MODES, InverseStructure, inverse
 from .layout import LatentLayout, ObservedLayout, PlateLayout
 from .plates import PlateCouplingError, PlateInverse, plate_inverse
 from .trace import find_observed_candidates, trace_model
+from .trace.template import trace_plate_template
 
 __all__ = ["FLOWS", "STRUCTURES", "PLATE_MODES", "PLATE_FLOW_OPTIONS", "CompiledModel", "CompiledPlate", "compile_model",
            "compile_plate", "flow_class", "build_flow"]
@@ -84,11 +86,16 @@ class CompiledPlate:
         template: the one-member :class:`~pyro_struct.plates.PlateInverse`.
         layout: the :class:`~pyro_struct.layout.PlateLayout` (site values <-> globals and members, any ``N``).
         flow: the :class:`~pyro_struct.flows.plated.PlatedStrAF`.
+        trace_note: how the network was traced: with the plate shrunk to a few members (checked
+            against the full size), or every member and why (``None`` when the plate is small).
+        site_shapes: site -> value shape at the traced arguments (the full plate size).
     """
 
     template: PlateInverse
     layout: PlateLayout
     flow: torch.nn.Module
+    trace_note: str | None = None
+    site_shapes: dict | None = None
 
 
 def _plate_refusal(bn: BayesNet, inverse: InverseStructure, flow: str | None) -> tuple[str | None, str | None]:
@@ -128,8 +135,12 @@ def _plate_adjacencies(template: PlateInverse, layout: PlateLayout):
     return Ag, P, Am
 
 
-def compile_plate(bn: BayesNet, inverse: InverseStructure, flow: str | None, **flow_options) -> tuple[CompiledPlate | None, str | None]:
+def compile_plate(bn: BayesNet, inverse: InverseStructure, flow: str | None, traced_size: int | None = None,
+                  **flow_options) -> tuple[CompiledPlate | None, str | None]:
     """The shared-weight plate flow of ``inverse``, or ``None`` and the reason it does not apply.
+
+    ``traced_size``: the plate's size at the model's arguments when ``bn`` is a template traced
+    with fewer members (:func:`~pyro_struct.trace.template.trace_plate_template`).
 
     Returns:
         ``(CompiledPlate, None)``; ``(None, reason)`` (the reason names the plate) when the model
@@ -147,6 +158,8 @@ def compile_plate(bn: BayesNet, inverse: InverseStructure, flow: str | None, **f
         return None, f"plate {plate!r}: {e}"
     if template.size < 2:
         return None, f"plate {plate!r} was traced with one member; trace it with at least 2 to check that members are exchangeable"
+    if traced_size is not None:
+        template = dataclasses.replace(template, size=int(traced_size))
     layout = PlateLayout(bn, template)
     Ag, P, Am = _plate_adjacencies(template, layout)
     try:
@@ -229,18 +242,38 @@ def compile_model(
     trace_options = {"granularity": granularity}
     if num_probes is not None:
         trace_options["num_probes"] = num_probes
-    bn = trace_model(model, *args, observed=None if observed is None else list(observed), **trace_options, **dict(model_kwargs or {}))
+    kwargs = dict(model_kwargs or {})
+    observed = None if observed is None else list(observed)
+    options = dict(flow=flow, structure=structure, observed=observed, structure_seed=structure_seed,
+                   inversion_mode=inversion_mode, num_probes=num_probes, flow_options=dict(flow_options), plates=plates)
+    small, trace_note = (None, None)
+    if plates == "auto" and flow == "straf":
+        # a large plate is traced with a few members and checked against the full size (compile time constant in N)
+        small, trace_note = trace_plate_template(model, args, kwargs, observed=observed, **trace_options)
+    if small is not None:
+        bn = small.bn
+        inverse = inverse_structure(bn, kind=structure, seed=structure_seed, mode=inversion_mode)
+        plate, note = compile_plate(bn, inverse, flow, traced_size=small.size, **flow_options)
+        if plate is not None:
+            plate.trace_note = (f"traced with plate {small.plate!r} shrunk to {small.members} of its {small.size} members "
+                                "(checked against every member at one prior draw)")
+            plate.site_shapes = dict(small.shapes)
+            return CompiledModel(bn, inverse, plate.flow, LatentLayout(bn, inverse.order), ObservedLayout(bn, inverse.observed),
+                                 options, plate, None)
+        trace_note = f"the inverse of the {small.members}-member template was refused ({note})"
+    bn = trace_model(model, *args, observed=observed, **trace_options, **kwargs)
     if not bn.latent_sites:
         raise ModelStructureError("the model has no latent sample site: there is nothing to infer")
     if observed is None and not bn.observed_sites:
-        _refuse_unobserved(model, args, dict(model_kwargs or {}))
+        _refuse_unobserved(model, args, kwargs)
     inverse = inverse_structure(bn, kind=structure, seed=structure_seed, mode=inversion_mode)
     latent_layout = LatentLayout(bn, inverse.order)
     observed_layout = ObservedLayout(bn, inverse.observed)
-    options = dict(flow=flow, structure=structure, observed=observed, structure_seed=structure_seed,
-                   inversion_mode=inversion_mode, num_probes=num_probes, flow_options=dict(flow_options), plates=plates)
+    # (where the template's inverse was refused, the full network's may not be: its min-fill order differs)
     plate, note = (None, None) if plates is None else compile_plate(bn, inverse, flow, **flow_options)
     if plate is not None:
+        if trace_note is not None:
+            plate.trace_note = f"traced every member of the plate: {trace_note}"
         return CompiledModel(bn, inverse, plate.flow, latent_layout, observed_layout, options, plate, None)
     flat_options = {k: v for k, v in flow_options.items() if k not in PLATE_FLOW_OPTIONS}
     built = None if flow is None else build_flow(flow, inverse, **flat_options)

@@ -6,6 +6,7 @@ import functools
 import itertools
 import math
 import os
+import types
 import warnings
 from contextlib import ExitStack
 from typing import Any, Callable, Mapping, Sequence
@@ -153,6 +154,10 @@ class StructuredGuide(PyroModule):
         # ---- plates (issue #11): the flat and the plate path behind one amortizer interface
         self.plate_note = compiled.plate_note
         self.plate_layout = None if compiled.plate is None else compiled.plate.layout
+        # site -> value shape at the traced arguments (a plate template's bn has fewer members)
+        full = None if compiled.plate is None else compiled.plate.site_shapes
+        self.site_shapes = dict(full) if full else {name: tuple(info.shape) for name, info in self.bn.sites.items()}
+        self.plate_trace_note = None if compiled.plate is None else compiled.plate.trace_note
         if compiled.plate is None:
             self._amortizer = FlatAmortizer(self.flow, self.latent_layout, self.observed_layout)
         else:
@@ -406,7 +411,8 @@ class StructuredGuide(PyroModule):
     def simulator(self) -> ModelSimulator:
         """The :class:`~pyro_struct.simulation.ModelSimulator` used for training (created once)."""
         if self._simulator is None:
-            self._simulator = ModelSimulator(self.model, self.bn, self.model_args, self.model_kwargs)
+            sites = types.SimpleNamespace(sites={k: types.SimpleNamespace(shape=v) for k, v in self.site_shapes.items()})
+            self._simulator = ModelSimulator(self.model, sites, self.model_args, self.model_kwargs)
         return self._simulator
 
     # ------------------------------------------------------------ save / load

@@ -14,7 +14,7 @@ LAYERS = [
     ["errors", "threads", "dag", "io", "models.circuit", "models.deconvolution", "models.hierarchical",
      "models.hmm", "models.linear_gaussian", "models"],
     ["graph"],
-    ["trace.provenance", "trace.sparsity", "trace.probe", "trace.assemble", "trace"],
+    ["trace.provenance", "trace.sparsity", "trace.probe", "trace.assemble", "trace", "trace.template"],
     ["inversion"],
     ["plates"],
     ["masks"],

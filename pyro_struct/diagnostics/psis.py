@@ -47,11 +47,11 @@ def model_log_joint(guide, latents: Mapping[str, torch.Tensor], observations: Ma
     rows = n * _numel(batch_shape)
     values = {}
     for site in guide.latent_sites:
-        shape = tuple(guide.bn.sites[site].shape)
+        shape = tuple(guide.site_shapes[site])
         values[site] = latents[site].reshape((rows,) + shape)
     ref = next(iter(latents.values()))
     for site in guide.observed_sites:
-        shape = tuple(guide.bn.sites[site].shape)
+        shape = tuple(guide.site_shapes[site])
         x = torch.as_tensor(observations[site], dtype=ref.dtype, device=ref.device)
         values[site] = x.expand((n,) + batch_shape + shape).reshape((rows,) + shape)
     return guide.simulator().log_joint(values).reshape((n,) + batch_shape)

@@ -1,0 +1,136 @@
+"""Plate templates traced with a few members: the same inverse as tracing every member, and every shortcut that cannot apply is detected."""
+
+import random
+import warnings
+
+import pyro
+import pyro.distributions as dist
+import torch
+
+from pyro_struct import StructuredGuide, faithful_inverse, trace_model
+from pyro_struct.plates import PlateCouplingError, expand_plate_inverse, plate_inverse
+from pyro_struct.trace.template import TEMPLATE_MEMBERS, trace_plate_template
+
+
+def broadcast_plated_model(seed: int):
+    """Globals, then a data plate whose sites broadcast against the plate (no tensor of size N is built)."""
+    rng = random.Random(seed)
+    n_glob, n_loc, n_obs = rng.randint(1, 3), rng.randint(1, 3), rng.randint(1, 2)
+    gpar = [[p for p in range(k) if rng.random() < 0.5] for k in range(n_glob)]
+    lpar = [([p for p in range(n_glob) if rng.random() < 0.6], [p for p in range(j) if rng.random() < 0.5]) for j in range(n_loc)]
+    opar = [([p for p in range(n_glob) if rng.random() < 0.3], sorted({rng.randrange(n_loc)} | {p for p in range(n_loc) if rng.random() < 0.4}))
+            for _ in range(n_obs)]
+
+    def model(N=3):
+        g = []
+        for k in range(n_glob):
+            g.append(pyro.sample(f"g{k}", dist.Normal(sum((g[p] for p in gpar[k]), torch.tensor(0.0)), 1.0)))
+        with pyro.plate("data", N):
+            loc = []
+            for j, (gp, lp) in enumerate(lpar):
+                mean = sum((g[p] for p in gp), torch.tensor(0.0)) + sum((0.5 * loc[p] for p in lp), torch.tensor(0.0))
+                loc.append(pyro.sample(f"l{j}", dist.Normal(mean, 1.0)))
+            for m, (gp, lp) in enumerate(opar):
+                mean = sum((g[p] for p in gp), torch.tensor(0.0)) + sum((loc[p] for p in lp), torch.tensor(0.0))
+                pyro.sample(f"x{m}", dist.Normal(mean, 1.0))
+
+    return model, [f"x{m}" for m in range(n_obs)]
+
+
+def parents(inv):
+    return {v: sorted(inv.parents(v)) for v in inv.order}
+
+
+def test_the_small_template_expands_to_the_inverse_of_every_member():
+    n, compared = 12, 0
+    for seed in range(30):
+        model, observed = broadcast_plated_model(seed)
+        small, why = trace_plate_template(model, (), {"N": n}, observed=observed)
+        assert why is None and small.size == n and small.members == TEMPLATE_MEMBERS, (seed, why)
+        assert small.bn.sites["x0"].shape == (TEMPLATE_MEMBERS,) and small.shapes["x0"] == (n,)
+        full = faithful_inverse(trace_model(model, n, observed=observed))
+        try:
+            template = plate_inverse(faithful_inverse(small.bn), "data")
+        except PlateCouplingError:
+            # (the min-fill order can differ with the size; compile_model then traces every member)
+            continue
+        compared += 1
+        expanded = {v: sorted(p) for v, p in expand_plate_inverse(template, n).items()}
+        assert expanded == parents(full), seed
+    assert compared >= 15
+
+
+def hierarchical(N=50, x=None):
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", N):
+        z = pyro.sample("z", dist.Normal(mu, 0.5))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+
+def test_a_plate_guide_of_a_large_plate_is_compiled_from_the_template():
+    guide = StructuredGuide(hierarchical, observed=["x"], plates="auto", model_kwargs={"N": 5000}, hidden_sizes=(8,))
+    assert "shrunk to 4 of its 5000 members" in guide.plate_trace_note
+    assert len(guide.bn) == 1 + 2 * TEMPLATE_MEMBERS and guide.site_shapes["z"] == (5000,)
+    assert guide.plate_layout.traced_size == 5000
+    sims = guide.simulator().simulate(3)
+    assert sims["z"].shape == (3, 5000)
+    post = guide.posterior(x=torch.zeros(5000))
+    assert post.sample(2)["z"].shape == (2, 5000)
+
+
+def lagged(N=100):
+    """Member 50 also depends on member 49: invisible with four members, a coupling at full size."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", N):
+        z = pyro.sample("z", dist.Normal(mu, 1.0))
+        w = torch.zeros(z.shape[-1])
+        if w.shape[0] > 50:
+            w[50] = 1.0
+        pyro.sample("x", dist.Normal(z + w * z.roll(1, -1), 1.0))
+
+
+def one_member_differs(N=100):
+    """Member 50's observation also depends on the second coordinate of its latent."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", N):
+        z = pyro.sample("z", dist.Normal(mu, 1.0).expand([2]).to_event(1))
+        w = torch.zeros(z.shape[-2])
+        if w.shape[0] > 50:
+            w[50] = 1.0
+        pyro.sample("x", dist.Normal(z[..., 0] + w * z[..., 1], 1.0))
+
+
+def full_size_data(x=torch.zeros(100)):
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("z", dist.Normal(mu, 1.0))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+
+def test_members_unlike_the_template_are_detected_at_full_size():
+    small, why = trace_plate_template(lagged, (), {}, observed=["x"])
+    assert small is None and "couples members" in why
+    small, why = trace_plate_template(one_member_differs, (), {}, observed=["x"])
+    assert small is None and "template lacks" in why
+
+
+def test_a_coupled_plate_still_falls_back_to_the_per_coordinate_guide():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        guide = StructuredGuide(lagged, observed=["x"], plates="auto", hidden_sizes=(8,))
+    assert guide.plate_layout is None and "data" in guide.plate_note
+    assert any("data" in str(w.message) for w in caught)
+
+
+def test_a_model_that_cannot_shrink_is_traced_in_full():
+    small, why = trace_plate_template(full_size_data, (), {})
+    assert small is None and "does not follow the plate's size" in why
+    guide = StructuredGuide(full_size_data, plates="auto", hidden_sizes=(8,))
+    assert guide.plate_layout is not None and guide.plate_trace_note.startswith("traced every member")
+    assert len(guide.bn) == 201
+
+
+def test_small_plates_and_models_without_plates_are_traced_as_before():
+    assert trace_plate_template(hierarchical, (), {"N": TEMPLATE_MEMBERS}, observed=["x"]) == (None, None)
+    guide = StructuredGuide(hierarchical, observed=["x"], plates="auto", model_kwargs={"N": 3}, hidden_sizes=(8,))
+    assert guide.plate_trace_note is None and guide.site_shapes["z"] == (3,)
