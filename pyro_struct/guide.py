@@ -203,9 +203,8 @@ class StructuredGuide(PyroModule):
         if self._structure_view is None:
             from .inspect import CompiledStructure
 
-            # the plate flow has no per-coordinate adjacency: the view shows H (its expansion at the traced size)
-            flow = self.flow if self.plate_layout is None else None
-            self._structure_view = CompiledStructure(bn=self.bn, inverse=self.inverse, flow=flow, guide=self)
+            # (a plate flow has no per-coordinate adjacency: the view shows its template's H, and its masks)
+            self._structure_view = CompiledStructure(bn=self.bn, inverse=self.inverse, flow=self.flow, guide=self)
             # why a plate did not get the shared-weight flow (None when it did, or without plates)
             self._structure_view.plate_note = self.plate_note
         return self._structure_view

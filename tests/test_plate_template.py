@@ -134,3 +134,15 @@ def test_small_plates_and_models_without_plates_are_traced_as_before():
     assert trace_plate_template(hierarchical, (), {"N": TEMPLATE_MEMBERS}, observed=["x"]) == (None, None)
     guide = StructuredGuide(hierarchical, observed=["x"], plates="auto", model_kwargs={"N": 3}, hidden_sizes=(8,))
     assert guide.plate_trace_note is None and guide.site_shapes["z"] == (3,)
+
+
+def test_the_structure_of_a_plate_guide_shows_the_plate_flow():
+    guide = StructuredGuide(hierarchical, observed=["x"], plates="auto", model_kwargs={"N": 1000}, hidden_sizes=(8,))
+    s = guide.structure
+    assert s.masks.keys() == guide.flow.masks.keys() and any(k.startswith("member_flow") for k in s.masks)
+    # the member flow sees its own latent, the global mu and its own observation
+    assert s.masks["member_flow.conditioners.0.layers.0"].shape[1] == 3
+    assert s.num_effective_parameters == guide.flow.num_effective_parameters() > 0
+    text = str(s)
+    assert "PlatedStrAF" in text and "plate:      'data', traced size 1000" in text and "4-member template" in text
+    assert s.num_passes == guide.flow.num_passes
