@@ -104,7 +104,11 @@ def _plate_refusal(bn: BayesNet, inverse: InverseStructure, flow: str | None) ->
     if not names:
         return None, None
     if len(names) > 1:
-        return names[0], f"the model has the plates {names}; the shared-weight plate flow handles one non-nested plate"
+        nested = sorted({tuple(sorted(p[0] for p in s.plates)) for s in bn.sites.values() if len(s.plates) > 1})
+        if nested:
+            return names[0], (f"plates {list(nested[0])} are nested (site(s) in both); nested plates are not supported by "
+                              "the shared-weight plate flow yet (one plate level only)")
+        return names[0], f"the model has the plates {names}; the shared-weight plate flow handles one plate"
     plate = names[0]
     if flow != "straf":
         return plate, f"shared-weight plate conditioners exist for flow='straf' only (got flow={flow!r})"
@@ -225,7 +229,11 @@ def compile_model(
         plates: ``None`` (default: one flow coordinate per plate member) or ``"auto"``: a model
             with one data plate whose inverse has a one-member template gets the shared-weight
             :class:`~pyro_struct.flows.plated.PlatedStrAF` (``flow="straf"``), which answers data
-            sets of any size; otherwise ``plate_note`` says why not and the per-coordinate flow is built.
+            sets of any size; otherwise ``plate_note`` says why not and the per-coordinate flow is built
+            (StrAF only: GRF/CNF, nested and several plates fall back). A plate of more than
+            :data:`~pyro_struct.trace.template.TEMPLATE_MEMBERS` members is traced with that many
+            and checked against the full size (:func:`~pyro_struct.trace.template.trace_plate_template`);
+            ``bn`` and ``inverse`` are then the template's and ``plate.site_shapes`` the full shapes.
         **flow_options: passed to the flow class (and ``pool_dim``, ``pool_hidden`` to the plate flow).
 
     Returns:

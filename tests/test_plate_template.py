@@ -146,3 +146,22 @@ def test_the_structure_of_a_plate_guide_shows_the_plate_flow():
     text = str(s)
     assert "PlatedStrAF" in text and "plate:      'data', traced size 1000" in text and "4-member template" in text
     assert s.num_passes == guide.flow.num_passes
+
+
+def nested(G=3, M=4, x=None):
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    with pyro.plate("groups", G, dim=-2):
+        theta = pyro.sample("theta", dist.Normal(mu, 0.5))
+        with pyro.plate("obs", M, dim=-1):
+            pyro.sample("x", dist.Normal(theta, 1.0), obs=x)
+
+
+def test_nested_plates_fall_back_with_a_warning_naming_both_plates():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        guide = StructuredGuide(nested, observed=["x"], plates="auto", model_kwargs={"G": 5, "M": 6}, hidden_sizes=(8,))
+    messages = [str(w.message) for w in caught if "nested" in str(w.message)]
+    assert len(messages) == 1 and "'groups'" in messages[0] and "'obs'" in messages[0]
+    assert guide.plate_layout is None and guide.latent_dim == 6
+    samples = guide.posterior(x=torch.zeros(5, 6)).sample(3)
+    assert samples["theta"].shape == (3, 5, 1)
