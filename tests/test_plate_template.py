@@ -101,10 +101,19 @@ def one_member_differs(N=100):
 
 
 def full_size_data(x=torch.zeros(100)):
+    """The usual idiom: the data argument sets the plate's size and is observed."""
     mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
     with pyro.plate("data", x.shape[0]):
         z = pyro.sample("z", dist.Normal(mu, 1.0))
         pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+
+def full_size_tensor(N=100):
+    """A tensor of the plate's full size built by the model itself: it cannot run with fewer members."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", N):
+        z = pyro.sample("z", dist.Normal(mu + torch.zeros(N), 1.0))
+        pyro.sample("x", dist.Normal(z, 1.0))
 
 
 def test_members_unlike_the_template_are_detected_at_full_size():
@@ -123,11 +132,19 @@ def test_a_coupled_plate_still_falls_back_to_the_per_coordinate_guide():
 
 
 def test_a_model_that_cannot_shrink_is_traced_in_full():
-    small, why = trace_plate_template(full_size_data, (), {})
-    assert small is None and "does not follow the plate's size" in why
-    guide = StructuredGuide(full_size_data, plates="auto", hidden_sizes=(8,))
+    small, why = trace_plate_template(full_size_tensor, (), {}, observed=["x"])
+    assert small is None and "cannot run with plate 'data' shrunk" in why
+    guide = StructuredGuide(full_size_tensor, observed=["x"], plates="auto", hidden_sizes=(8,))
     assert guide.plate_layout is not None and guide.plate_trace_note.startswith("traced every member")
     assert len(guide.bn) == 201
+
+
+def test_observations_of_every_member_are_cut_to_the_template():
+    small, why = trace_plate_template(full_size_data, (), {})
+    assert why is None and small.bn.sites["x"].shape == (TEMPLATE_MEMBERS,) and small.shapes["x"] == (100,)
+    guide = StructuredGuide(full_size_data, plates="auto", hidden_sizes=(8,))
+    assert "shrunk to 4 of its 100 members" in guide.plate_trace_note
+    assert guide.posterior(x=torch.ones(7)).sample(2)["z"].shape == (2, 7)
 
 
 def test_small_plates_and_models_without_plates_are_traced_as_before():

@@ -79,16 +79,27 @@ class PlateTemplateTrace:
 
 class shrink_plate(Messenger):
     """Run a model with plate ``name`` holding only its first ``members`` members (its subsample
-    indices become ``arange(members)``); the plate keeps its full size for scaling."""
+    indices become ``arange(members)``); the plate keeps its full size for scaling. Observations
+    of the plate's full size (``obs=x`` with ``x`` of every member) keep their first ``members``."""
 
     def __init__(self, name: str, members: int):
         super().__init__()
         self.name, self.members = name, int(members)
 
     def _pyro_sample(self, msg):
-        if site_is_subsample(msg) and msg["name"] == self.name and msg["value"] is None:
-            msg["value"] = torch.arange(self.members)
-            msg["done"] = True
+        if site_is_subsample(msg):
+            if msg["name"] == self.name and msg["value"] is None:
+                msg["value"] = torch.arange(self.members)
+                msg["done"] = True
+            return
+        value = msg["value"]
+        if not (msg["is_observed"] and torch.is_tensor(value)):
+            return
+        for f in msg["cond_indep_stack"]:
+            if f.name == self.name and f.dim is not None:
+                pos = value.dim() - msg["fn"].event_dim + f.dim
+                if 0 <= pos < value.dim() and value.shape[pos] == f.full_size != self.members:
+                    msg["value"] = value.narrow(pos, 0, self.members)
 
 
 def _shrunk(model: Callable, plate: str, members: int) -> Callable:
