@@ -1,6 +1,5 @@
 """Plate templates traced with a few members: the same inverse as tracing every member, and every shortcut that cannot apply is detected."""
 
-import random
 import warnings
 
 import pyro
@@ -11,40 +10,13 @@ from pyro_struct import StructuredGuide, faithful_inverse, trace_model
 from pyro_struct.plates import PlateCouplingError, expand_plate_inverse, plate_inverse
 from pyro_struct.trace.template import TEMPLATE_MEMBERS, trace_plate_template
 
-
-def broadcast_plated_model(seed: int):
-    """Globals, then a data plate whose sites broadcast against the plate (no tensor of size N is built)."""
-    rng = random.Random(seed)
-    n_glob, n_loc, n_obs = rng.randint(1, 3), rng.randint(1, 3), rng.randint(1, 2)
-    gpar = [[p for p in range(k) if rng.random() < 0.5] for k in range(n_glob)]
-    lpar = [([p for p in range(n_glob) if rng.random() < 0.6], [p for p in range(j) if rng.random() < 0.5]) for j in range(n_loc)]
-    opar = [([p for p in range(n_glob) if rng.random() < 0.3], sorted({rng.randrange(n_loc)} | {p for p in range(n_loc) if rng.random() < 0.4}))
-            for _ in range(n_obs)]
-
-    def model(N=3):
-        g = []
-        for k in range(n_glob):
-            g.append(pyro.sample(f"g{k}", dist.Normal(sum((g[p] for p in gpar[k]), torch.tensor(0.0)), 1.0)))
-        with pyro.plate("data", N):
-            loc = []
-            for j, (gp, lp) in enumerate(lpar):
-                mean = sum((g[p] for p in gp), torch.tensor(0.0)) + sum((0.5 * loc[p] for p in lp), torch.tensor(0.0))
-                loc.append(pyro.sample(f"l{j}", dist.Normal(mean, 1.0)))
-            for m, (gp, lp) in enumerate(opar):
-                mean = sum((g[p] for p in gp), torch.tensor(0.0)) + sum((loc[p] for p in lp), torch.tensor(0.0))
-                pyro.sample(f"x{m}", dist.Normal(mean, 1.0))
-
-    return model, [f"x{m}" for m in range(n_obs)]
-
-
-def parents(inv):
-    return {v: sorted(inv.parents(v)) for v in inv.order}
+from .test_plates import parents, random_plated_model
 
 
 def test_the_small_template_expands_to_the_inverse_of_every_member():
     n, compared = 12, 0
     for seed in range(30):
-        model, observed = broadcast_plated_model(seed)
+        model, observed = random_plated_model(seed, broadcast=True)
         small, why = trace_plate_template(model, (), {"N": n}, observed=observed)
         assert why is None and small.size == n and small.members == TEMPLATE_MEMBERS, (seed, why)
         assert small.bn.sites["x0"].shape == (TEMPLATE_MEMBERS,) and small.shapes["x0"] == (n,)
