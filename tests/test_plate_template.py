@@ -154,3 +154,16 @@ def test_nested_plates_fall_back_with_a_warning_naming_both_plates():
     assert guide.plate_layout is None and guide.latent_dim == 6
     samples = guide.posterior(x=torch.zeros(5, 6)).sample(3)
     assert samples["theta"].shape == (3, 5, 1)
+
+
+def test_a_template_guide_trains_saves_and_loads(tmp_path):
+    pyro.set_rng_seed(0)
+    guide = StructuredGuide(hierarchical, observed=["x"], plates="auto", model_kwargs={"N": 300}, hidden_sizes=(8,))
+    guide.fit(num_steps=3, batch_size=8, progress=False, simulate_with={"N": (10, 20)})
+    guide.save(tmp_path / "g.pt")
+    loaded = StructuredGuide.load(tmp_path / "g.pt", hierarchical, model_kwargs={"N": 300})
+    assert loaded.plate_trace_note == guide.plate_trace_note
+    x = torch.randn(40)
+    values = guide.posterior(x=x).sample(3)
+    with torch.no_grad():
+        assert torch.allclose(guide.posterior(x=x).log_prob(values), loaded.posterior(x=x).log_prob(values), atol=1e-5)
