@@ -143,7 +143,7 @@ def main(argv=None) -> int:
         f"One plate guide (StrAF, hidden (32, 32), affine) trained {args.steps} steps at batch {args.batch} over "
         f"N ~ U{{10..200}} in {train_s:.0f} s, then evaluated at each N (the same guide answers every N; "
         "the per-N compile only shows what compiling at that N costs: above 4 members the model is traced with "
-        "the plate shrunk to 4 members ('traced members') and checked against every member at one prior draw, "
+        "the plate shrunk to 4 members ('traced members') and checked against every member at the tracer's prior draws, "
         "so compile time does not grow with N beyond one full-size model run and a few reverse passes). "
         "The parameter count does not depend on N. ms/step is wall-clock, cpu ms/step this process's CPU time "
         "(less disturbed by the other processes on the machine); median of the timed steps after one warm-up step. "

@@ -264,7 +264,7 @@ def compile_model(
         plate, note = compile_plate(bn, inverse, flow, traced_size=small.size, **flow_options)
         if plate is not None:
             plate.trace_note = (f"traced with plate {small.plate!r} shrunk to {small.members} of its {small.size} members "
-                                "(checked against every member at one prior draw)")
+                                "(checked against every member at the tracer's prior draws)")
             plate.site_shapes = dict(small.shapes)
             return CompiledModel(bn, inverse, plate.flow, LatentLayout(bn, inverse.order), ObservedLayout(bn, inverse.observed),
                                  options, plate, None)

@@ -4,13 +4,13 @@ Tracing a plate of ``N`` members costs ``O(N^1.5)`` gradient work and ``O(N)`` P
 node. Members of a Pyro plate are usually exchangeable, so the network of a few members tells
 everything: :func:`trace_plate_template` runs the tracer with the plate's subsample indices set
 to ``arange(members)`` (a messenger, the model is unchanged) and then checks, at the full size
-and at one prior draw, that the full network has no dependency that the few-member network,
+and at the tracer's prior draws, that the full network has no dependency that the few-member network,
 repeated per member, lacks:
 
 - the same sample sites in the same order, with the same shapes up to the plate's dimension,
   the same plates and the same site-level parents (data flow, control flow, non-differentiable paths);
-- for each child site, two reverse passes per within-member coordinate (cotangent one on every
-  member, then a random weight per member): a member's gradient with respect to another member's
+- for each child site and each of the tracer's ``num_probes`` prior draws (at full size), two reverse
+  passes per within-member coordinate (cotangent one on every member, then a random weight per member): a member's gradient with respect to another member's
   parent shows up as ``g_random != r_member * g_ones``; any non-zero gradient must be an edge of
   the template (a dependency the template has but a member lacks only makes the guide's
   structure a little less sparse, never unfaithful).
@@ -46,7 +46,7 @@ from pyro.poutine.util import site_is_subsample
 
 from ..errors import ModelStructureError
 from ..graph import BayesNet
-from .probe import Probe, elementwise_log_prob, run_probe, strip_wrappers
+from .probe import Probe, check_same_structure, elementwise_log_prob, run_probe, run_structure, strip_wrappers
 from .provenance import positions
 from .sparsity import _batched_grads
 
@@ -201,11 +201,12 @@ def _offset(info, index: tuple) -> int:
     return off
 
 
-def _child_violation(first: Probe, d: int, plate: str, patterns: dict, gen: torch.Generator) -> str | None:
-    """Two reverse passes per within-member coordinate of child ``d`` at full size (see the module docstring)."""
-    r = first.records[d]
+def _child_violation(first: Probe, run: Probe, d: int, plate: str, patterns: dict, gen: torch.Generator) -> str | None:
+    """Two reverse passes per within-member coordinate of child ``d`` in the full-size ``run`` (its
+    site-level parents from the provenance run ``first``; see the module docstring)."""
+    r = run.records[d]
     names = [x.name for x in first.records]
-    parents = [u for u in positions(r.prov) if u != d and first.records[u].value.requires_grad]
+    parents = [u for u in positions(first.records[d].prov) if u != d and run.records[u].value.requires_grad]
     if not parents:
         return None
     with torch.enable_grad():
@@ -226,12 +227,12 @@ def _child_violation(first: Probe, d: int, plate: str, patterns: dict, gen: torc
     else:  # back from (member, rest) to the site's own layout
         other = tuple(s for i, s in enumerate(r.shape) if i != pos_d)
         cot = cot.reshape((2 * rest, n) + other).movedim(1, 1 + pos_d)
-    inputs = [first.records[u].value for u in parents]
+    inputs = [run.records[u].value for u in parents]
     grads = _batched_grads([lp_view], inputs, [cot], True)
     for u, g in zip(parents, grads):
         if g is None:
             continue
-        pu = first.records[u]
+        pu = run.records[u]
         pos_u = _plate_pos(pu.shape, pu.plates, pu.fn.event_dim)
         g = g.detach()
         g1 = torch.stack([_member_view(g[b], pos_u) for b in range(rest)])  # (rest_d, N_u, rest_u)
@@ -288,8 +289,13 @@ def trace_plate_template(
         patterns, why2 = (None, why) if why else _template_patterns(bn, plate, members)
         why = why or why2
         gen = torch.Generator().manual_seed(seed)
-        for d in range(len(first.records)):
-            why = why or _child_violation(first, d, plate, patterns, gen)
+        # the tracer's draws at full size (the first plain, the others spread into the tails)
+        for p in range(trace_options.get("num_probes", 3) if not why else 0):
+            run = first if p == 0 else run_structure(model, args, kwargs, p - 1, seed + p, grad=True)
+            if p:
+                check_same_structure(first, run, f"probe {p}")
+            for d in range(len(first.records)):
+                why = why or _child_violation(first, run, d, plate, patterns, gen)
     finally:
         pyro.util.set_rng_state(rng_state)
         if gc_was_enabled:
