@@ -14,6 +14,7 @@ from .graph import BayesNet
 from .inversion import INVERSE_KINDS, INVERSION_MODES, InverseStructure, inverse_structure
 from .layout import LatentLayout, ObservedLayout, PlateLayout
 from .plates import PlateCouplingError, PlateInverse, plate_inverse
+from .threads import torch_threads
 from .trace import find_observed_candidates, trace_model
 from .trace.template import trace_plate_template
 
@@ -257,7 +258,8 @@ def compile_model(
     small, trace_note = (None, None)
     if plates == "auto" and flow == "straf":
         # a large plate is traced with a few members and checked against the full size (compile time constant in N)
-        small, trace_note = trace_plate_template(model, args, kwargs, observed=observed, **trace_options)
+        with torch_threads():  # (small tensors: extra threads only wait on each other, as in training)
+            small, trace_note = trace_plate_template(model, args, kwargs, observed=observed, **trace_options)
     if small is not None:
         bn = small.bn
         inverse = inverse_structure(bn, kind=structure, seed=structure_seed, mode=inversion_mode)
