@@ -167,3 +167,19 @@ def test_a_template_guide_trains_saves_and_loads(tmp_path):
     values = guide.posterior(x=x).sample(3)
     with torch.no_grad():
         assert torch.allclose(guide.posterior(x=x).log_prob(values), loaded.posterior(x=x).log_prob(values), atol=1e-5)
+
+
+def test_the_pyro_guide_call_of_a_template_guide_answers_other_sizes():
+    import pyro.poutine as poutine
+    from pyro.infer import SVI, Trace_ELBO
+
+    guide = StructuredGuide(hierarchical, observed=["x"], plates="auto", model_kwargs={"N": 500}, hidden_sizes=(8,))
+    x = torch.randn(30)
+    tr = poutine.trace(guide).get_trace(30, x)
+    assert tr.nodes["z"]["value"].shape == (30,)
+    tr.compute_log_prob()
+    total = sum(site["log_prob_sum"] for site in tr.nodes.values() if site["type"] == "sample")
+    values = {k: tr.nodes[k]["value"] for k in ("mu", "z")}
+    assert torch.allclose(total, guide.posterior(x=x).log_prob(values), atol=1e-4)
+    svi = SVI(hierarchical, guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
+    assert torch.isfinite(torch.tensor(svi.step(30, x)))
