@@ -260,6 +260,8 @@ def compile_model(
         # a large plate is traced with a few members and checked against the full size (compile time constant in N)
         with torch_threads():  # (small tensors: extra threads only wait on each other, as in training)
             small, trace_note = trace_plate_template(model, args, kwargs, observed=observed, **trace_options)
+    if small is not None and (not small.bn.latent_sites or (observed is None and not small.bn.observed_sites)):
+        small = None  # the full trace below says what is missing
     if small is not None:
         bn = small.bn
         inverse = inverse_structure(bn, kind=structure, seed=structure_seed, mode=inversion_mode)

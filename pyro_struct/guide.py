@@ -184,13 +184,17 @@ class StructuredGuide(PyroModule):
 
     @property
     def latent_dim(self) -> int:
-        """Number of unconstrained latent coordinates ``d``."""
-        return self.latent_layout.dim
+        """Number of unconstrained latent coordinates ``d`` (a plate guide's at its traced size)."""
+        L = self.plate_layout
+        return self.latent_layout.dim if L is None else L.num_globals + L.traced_size * L.member_dim
 
     @property
     def context_dim(self) -> int:
-        """Number of observed coordinates (the flow's context size)."""
-        return self.observed_layout.dim
+        """Number of observed coordinates (the flow's context size; a plate guide's at its traced size)."""
+        L = self.plate_layout
+        if L is None:
+            return self.observed_layout.dim
+        return len(L.global_observed_labels) + L.traced_size * len(L.member_observed_labels)
 
     @property
     def latent_sites(self) -> list[str]:

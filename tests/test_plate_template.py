@@ -4,9 +4,11 @@ import warnings
 
 import pyro
 import pyro.distributions as dist
+import pytest
 import torch
 
 from pyro_struct import StructuredGuide, faithful_inverse, trace_model
+from pyro_struct.errors import ModelStructureError
 from pyro_struct.plates import PlateCouplingError, expand_plate_inverse, plate_inverse
 from pyro_struct.trace.template import TEMPLATE_MEMBERS, trace_plate_template
 
@@ -183,3 +185,10 @@ def test_the_pyro_guide_call_of_a_template_guide_answers_other_sizes():
     assert torch.allclose(total, guide.posterior(x=x).log_prob(values), atol=1e-4)
     svi = SVI(hierarchical, guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
     assert torch.isfinite(torch.tensor(svi.step(30, x)))
+
+
+def test_a_template_guide_reports_the_traced_sizes_and_the_usual_errors():
+    guide = StructuredGuide(hierarchical, observed=["x"], plates="auto", model_kwargs={"N": 300}, hidden_sizes=(8,))
+    assert guide.latent_dim == 301 and guide.context_dim == 300
+    with pytest.raises(ModelStructureError, match="observed="):
+        StructuredGuide(hierarchical, plates="auto", model_kwargs={"N": 300})  # x=None: nothing observed
