@@ -20,7 +20,11 @@ timed in a forked process with its address space capped at ``--memory-gib``: a s
 more memory is recorded in the row's note instead of ending the run.
 
 Usage: ``python -m benchmarks scaling [--hmm 10 100 1000] [--plate 10 100 1000 5000 10000]
-[--objectives skl fkl] [--flow straf] [--steps 20] [--out scaling]``
+[--objectives skl fkl] [--flow straf] [--steps 20] [--plates-auto] [--out scaling]``
+
+``--plates-auto`` adds a row per plate size for ``StructuredGuide(..., plates="auto")`` (the
+shared-weight plate flow compiled from a few-member template): only its whole compile
+(``guide_s``) and its steps are timed.
 """
 
 from __future__ import annotations
@@ -99,27 +103,43 @@ def _step_time(guide, objective: str, batch: int, steps: int, warmup: int, max_s
     return total / steps, steps
 
 
-def scaling_row(model_name: str, size: int, args) -> dict:
-    """Compile and step timings of one model size (see the module docstring)."""
-    model, observed = traced_model(model_name, size)
-    bn, trace_s = _timed(lambda: ps.trace_model(model, observed=observed))
-    inv, invert_s = _timed(lambda: ps.inverse_structure(bn, kind="faithful"))
-    _, masks_s = _timed(lambda: build_flow(args.flow, inv, **args.flow_options))
+def _plate_guide_row(model_name: str, size: int, model, observed, args) -> tuple[dict, object]:
+    """The ``plates="auto"`` row's compile part: only the whole guide is timed (its stages run on a plate template)."""
     torch.manual_seed(args.seed)
-    guide, guide_s = _timed(lambda: ps.StructuredGuide(model, flow=args.flow, structure="faithful", observed=observed, **args.flow_options))
-    row = {
-        "model": model_name,
-        "size": size,
-        "nodes": len(bn),
-        "latent": len(bn.latent_nodes),
-        "H_edges": inv.num_edges,
-        "depth": inv.depth,
-        "trace_s": trace_s,
-        "invert_s": invert_s,
-        "masks_s": masks_s,
-        "guide_s": guide_s,
-        "params": int(guide.structure.num_effective_parameters),
-    }
+    guide, guide_s = _timed(lambda: ps.StructuredGuide(model, flow=args.flow, observed=observed, plates="auto", **args.flow_options))
+    if guide.plate_layout is None:
+        raise RuntimeError(f"plates='auto' fell back to the per-coordinate guide: {guide.plate_note}")
+    row = {"model": f"{model_name} (plates='auto')", "size": size, "nodes": 2 * size + 2, "latent": size + 2,
+           "H_edges": guide.inverse.num_edges, "depth": guide.inverse.depth, "trace_s": None, "invert_s": None,
+           "masks_s": None, "guide_s": guide_s, "params": int(guide.structure.num_effective_parameters),
+           "note": f"H_edges/depth of the {len(guide.bn)}-node template"}
+    return row, guide
+
+
+def scaling_row(model_name: str, size: int, args, plates: str | None = None) -> dict:
+    """Compile and step timings of one model size (see the module docstring); ``plates="auto"``: the shared-weight plate guide."""
+    model, observed = traced_model(model_name, size)
+    if plates == "auto":
+        row, guide = _plate_guide_row(model_name, size, model, observed, args)
+    else:
+        bn, trace_s = _timed(lambda: ps.trace_model(model, observed=observed))
+        inv, invert_s = _timed(lambda: ps.inverse_structure(bn, kind="faithful"))
+        _, masks_s = _timed(lambda: build_flow(args.flow, inv, **args.flow_options))
+        torch.manual_seed(args.seed)
+        guide, guide_s = _timed(lambda: ps.StructuredGuide(model, flow=args.flow, structure="faithful", observed=observed, **args.flow_options))
+        row = {
+            "model": model_name,
+            "size": size,
+            "nodes": len(bn),
+            "latent": len(bn.latent_nodes),
+            "H_edges": inv.num_edges,
+            "depth": inv.depth,
+            "trace_s": trace_s,
+            "invert_s": invert_s,
+            "masks_s": masks_s,
+            "guide_s": guide_s,
+            "params": int(guide.structure.num_effective_parameters),
+        }
     # the first fit simulates the standardisation statistics: a one-off cost, timed on its own
     _, row["standardize_s"] = _timed(lambda: guide.fit(num_steps=0, objective=args.objectives[0], batch_size=args.batch_size, progress=False))
     for objective in args.objectives:
@@ -151,6 +171,7 @@ def main(argv=None) -> int:
         "--memory-gib", type=float, default=16.0,
         help="address-space cap of the process that times the steps (a step over it is recorded as out of memory)",
     )
+    p.add_argument("--plates-auto", action="store_true", help="also a plates='auto' (shared-weight plate guide) row per plate size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="scaling")
@@ -160,9 +181,10 @@ def main(argv=None) -> int:
     rows = []
     columns = ["model", "size", "nodes", "latent", "H_edges", "depth", "trace_s", "invert_s", "masks_s", "guide_s", "params", "standardize_s"]
     columns += [f"ms_per_step_{o}" for o in args.objectives] + ["note"]
-    jobs = [("hmm", t) for t in args.hmm] + [("hierarchical", n) for n in args.plate]
-    for name, size in jobs:
-        rows.append(scaling_row(name, size, args))
+    jobs = [("hmm", t, None) for t in args.hmm] + [("hierarchical", n, None) for n in args.plate]
+    jobs += [("hierarchical", n, "auto") for n in args.plate] if args.plates_auto else []
+    for name, size, plates in jobs:
+        rows.append(scaling_row(name, size, args, plates))
         print(rows[-1], flush=True)
         write_results(
             args.out,

@@ -88,11 +88,13 @@ class FlatAmortizer:
 
 class PlateContext(NamedTuple):
     """A plate flow's context: global observations ``(*batch, cg)`` (or ``None``), member
-    observations ``(*batch, N, ko)`` (standardised) and ``N``."""
+    observations ``(*batch, N, ko)`` (standardised), ``N`` and the globals' pooled context
+    (computed once per conditioning: the sampling and the density of one step share it)."""
 
     global_context: torch.Tensor | None
     member_obs: torch.Tensor
     num_members: int
+    pooled: torch.Tensor | None = None
 
 
 class PlateAmortizer:
@@ -113,13 +115,14 @@ class PlateAmortizer:
     def condition(self, observations: Mapping[str, Any], where: str, check_finite: bool):
         """A :class:`PlateContext` and ``batch``; ``N`` is read from the observations' plate dimension."""
         g_ctx, m_obs, batch, n = self.layout.observe(observations, where, check_finite)
-        return PlateContext(g_ctx, m_obs, n), batch
+        pooled = None if self.flow.global_flow is None else self.flow.global_context(g_ctx, m_obs)
+        return PlateContext(g_ctx, m_obs, n, pooled), batch
 
     def _sample(self, context: PlateContext, n: int, batch_shape: torch.Size, common_noise: bool):
         batch_shape, L = torch.Size(batch_shape), self.layout
         eps_g = _noise(L.global_loc, n, batch_shape, (L.num_globals,), common_noise)
         eps_m = _noise(L.global_loc, n, batch_shape, (context.num_members, L.member_dim), common_noise)
-        y_g, y_m, logdet = self.flow(eps_g, eps_m, context.global_context, context.member_obs)
+        y_g, y_m, logdet = self.flow(eps_g, eps_m, context.global_context, context.member_obs, context.pooled)
         log_q_u = self.flow.base_log_prob(eps_g, eps_m) - logdet - L.log_scale(context.num_members)
         values, flat, ladj = L.unpack(y_g, y_m)
         return values, flat, log_q_u, ladj
@@ -145,7 +148,7 @@ class PlateAmortizer:
               _add_jacobian: bool = False) -> torch.Tensor:
         """``log q(z | x)`` ``(*batch,)`` of constrained latents with ``N`` members, Jacobians included."""
         y_g, y_m, ladj = self.layout.pack(latents, batch_shape, context.num_members)
-        log_q_u = self.flow.log_prob(y_g, y_m, context.global_context, context.member_obs) - self.layout.log_scale(context.num_members)
+        log_q_u = self.flow.log_prob(y_g, y_m, context.global_context, context.member_obs, context.pooled) - self.layout.log_scale(context.num_members)
         return log_q_u if _add_jacobian else log_q_u - ladj
 
     def latent_batch_shapes(self, values: Mapping[str, Any], context: PlateContext, where: str = "log_prob") -> list[torch.Size]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
@@ -14,7 +15,9 @@ from .graph import BayesNet
 from .inversion import INVERSE_KINDS, INVERSION_MODES, InverseStructure, inverse_structure
 from .layout import LatentLayout, ObservedLayout, PlateLayout
 from .plates import PlateCouplingError, PlateInverse, plate_inverse
+from .threads import torch_threads
 from .trace import find_observed_candidates, trace_model
+from .trace.template import trace_plate_template
 
 __all__ = ["FLOWS", "STRUCTURES", "PLATE_MODES", "PLATE_FLOW_OPTIONS", "CompiledModel", "CompiledPlate", "compile_model",
            "compile_plate", "flow_class", "build_flow"]
@@ -85,11 +88,16 @@ class CompiledPlate:
         template: the one-member :class:`~pyro_struct.plates.PlateInverse`.
         layout: the :class:`~pyro_struct.layout.PlateLayout` (site values <-> globals and members, any ``N``).
         flow: the :class:`~pyro_struct.flows.plated.PlatedStrAF`.
+        trace_note: how the network was traced: with the plate shrunk to a few members (checked
+            against the full size), or every member and why (``None`` when the plate is small).
+        site_shapes: site -> value shape at the traced arguments (the full plate size).
     """
 
     template: PlateInverse
     layout: PlateLayout
     flow: torch.nn.Module
+    trace_note: str | None = None
+    site_shapes: dict | None = None
 
 
 def _plate_refusal(bn: BayesNet, inverse: InverseStructure, flow: str | None) -> tuple[str | None, str | None]:
@@ -98,7 +106,11 @@ def _plate_refusal(bn: BayesNet, inverse: InverseStructure, flow: str | None) ->
     if not names:
         return None, None
     if len(names) > 1:
-        return names[0], f"the model has the plates {names}; the shared-weight plate flow handles one non-nested plate"
+        nested = sorted({tuple(sorted(p[0] for p in s.plates)) for s in bn.sites.values() if len(s.plates) > 1})
+        if nested:
+            return names[0], (f"plates {list(nested[0])} are nested (site(s) in both); nested plates are not supported by "
+                              "the shared-weight plate flow yet (one plate level only)")
+        return names[0], f"the model has the plates {names}; the shared-weight plate flow handles one plate"
     plate = names[0]
     if flow != "straf":
         return plate, f"shared-weight plate conditioners exist for flow='straf' only (got flow={flow!r})"
@@ -129,8 +141,12 @@ def _plate_adjacencies(template: PlateInverse, layout: PlateLayout):
     return Ag, P, Am
 
 
-def compile_plate(bn: BayesNet, inverse: InverseStructure, flow: str | None, **flow_options) -> tuple[CompiledPlate | None, str | None]:
+def compile_plate(bn: BayesNet, inverse: InverseStructure, flow: str | None, traced_size: int | None = None,
+                  **flow_options) -> tuple[CompiledPlate | None, str | None]:
     """The shared-weight plate flow of ``inverse``, or ``None`` and the reason it does not apply.
+
+    ``traced_size``: the plate's size at the model's arguments when ``bn`` is a template traced
+    with fewer members (:func:`~pyro_struct.trace.template.trace_plate_template`).
 
     Returns:
         ``(CompiledPlate, None)``; ``(None, reason)`` (the reason names the plate) when the model
@@ -148,6 +164,8 @@ def compile_plate(bn: BayesNet, inverse: InverseStructure, flow: str | None, **f
         return None, f"plate {plate!r}: {e}"
     if template.size < 2:
         return None, f"plate {plate!r} was traced with one member; trace it with at least 2 to check that members are exchangeable"
+    if traced_size is not None:
+        template = dataclasses.replace(template, size=int(traced_size))
     layout = PlateLayout(bn, template)
     Ag, P, Am = _plate_adjacencies(template, layout)
     try:
@@ -214,7 +232,12 @@ def compile_model(
         plates: ``None`` (default: one flow coordinate per plate member) or ``"auto"``: a model
             with one data plate whose inverse has a one-member template gets the shared-weight
             :class:`~pyro_struct.flows.plated.PlatedStrAF` (``flow="straf"``), which answers data
-            sets of any size; otherwise ``plate_note`` says why not and the per-coordinate flow is built.
+            sets of any size; otherwise ``plate_note`` says why not and the per-coordinate flow is built
+            (StrAF only: GRF/CNF, nested and several plates fall back). A plate of more than
+            :data:`~pyro_struct.trace.template.TEMPLATE_MEMBERS` members is traced with that many
+            and checked against the full size (:func:`~pyro_struct.trace.template.trace_plate_template`);
+            ``bn`` and ``inverse`` are then the template's and ``plate.site_shapes`` the full shapes.
+            (A model with covariates is traced at full size: its design is cut by no messenger.)
         covariates: names of tensor model arguments traced as observed, non-random sites of
             the same name (:mod:`pyro_struct.covariates`): conditioning inputs of the flow.
         **flow_options: passed to the flow class (and ``pool_dim``, ``pool_hidden`` to the plate flow).
@@ -233,24 +256,47 @@ def compile_model(
     trace_options = {"granularity": granularity}
     if num_probes is not None:
         trace_options["num_probes"] = num_probes
+    kwargs = dict(model_kwargs or {})
     covariates = check_covariates(model, covariates)
-    traced = covariate_model(model, covariates, args, dict(model_kwargs or {})) if covariates else model
+    traced = covariate_model(model, covariates, args, kwargs) if covariates else model
+    observed = None if observed is None else list(observed)
     if observed is not None and covariates:
-        observed = list(observed) + [c for c in covariates if c not in observed]
-    bn = trace_model(traced, *args, observed=None if observed is None else list(observed), **trace_options, **dict(model_kwargs or {}))
+        observed = observed + [c for c in covariates if c not in observed]
+    options = dict(flow=flow, structure=structure, observed=observed, structure_seed=structure_seed,
+                   inversion_mode=inversion_mode, num_probes=num_probes, flow_options=dict(flow_options), plates=plates,
+                   covariates=list(covariates))
+    small, trace_note = (None, None)
+    if plates == "auto" and flow == "straf" and not covariates:
+        # a large plate is traced with a few members and checked against the full size (compile time constant in N)
+        with torch_threads():  # (small tensors: extra threads only wait on each other, as in training)
+            small, trace_note = trace_plate_template(model, args, kwargs, observed=observed, **trace_options)
+    if small is not None and (not small.bn.latent_sites or (observed is None and not small.bn.observed_sites)):
+        small = None  # the full trace below says what is missing
+    if small is not None:
+        bn = small.bn
+        inverse = inverse_structure(bn, kind=structure, seed=structure_seed, mode=inversion_mode)
+        plate, note = compile_plate(bn, inverse, flow, traced_size=small.size, **flow_options)
+        if plate is not None:
+            plate.trace_note = (f"traced with plate {small.plate!r} shrunk to {small.members} of its {small.size} members "
+                                "(checked against every member at the tracer's prior draws)")
+            plate.site_shapes = dict(small.shapes)
+            return CompiledModel(bn, inverse, plate.flow, LatentLayout(bn, inverse.order), ObservedLayout(bn, inverse.observed),
+                                 options, plate, None)
+        trace_note = f"the inverse of the {small.members}-member template was refused ({note})"
+    bn = trace_model(traced, *args, observed=observed, **trace_options, **kwargs)
     mark_covariates(bn, covariates)
     if not bn.latent_sites:
         raise ModelStructureError("the model has no latent sample site: there is nothing to infer")
     if observed is None and not bn.observed_sites:
-        _refuse_unobserved(model, args, dict(model_kwargs or {}))
+        _refuse_unobserved(model, args, kwargs)
     inverse = inverse_structure(bn, kind=structure, seed=structure_seed, mode=inversion_mode)
     latent_layout = LatentLayout(bn, inverse.order)
     observed_layout = ObservedLayout(bn, inverse.observed)
-    options = dict(flow=flow, structure=structure, observed=observed, structure_seed=structure_seed,
-                   inversion_mode=inversion_mode, num_probes=num_probes, flow_options=dict(flow_options), plates=plates,
-                   covariates=list(covariates))
+    # (where the template's inverse was refused, the full network's may not be: its min-fill order differs)
     plate, note = (None, None) if plates is None else compile_plate(bn, inverse, flow, **flow_options)
     if plate is not None:
+        if trace_note is not None:
+            plate.trace_note = f"traced every member of the plate: {trace_note}"
         return CompiledModel(bn, inverse, plate.flow, latent_layout, observed_layout, options, plate, None)
     flat_options = {k: v for k, v in flow_options.items() if k not in PLATE_FLOW_OPTIONS}
     built = None if flow is None else build_flow(flow, inverse, **flat_options)

@@ -6,6 +6,7 @@ import functools
 import itertools
 import math
 import os
+import types
 import warnings
 from contextlib import ExitStack
 from typing import Any, Callable, Mapping, Sequence
@@ -106,7 +107,12 @@ class StructuredGuide(PyroModule):
             template gets the shared-weight plate flow (``flow="straf"``), whose parameters do not
             depend on the plate's size and whose :meth:`posterior` answers observations with any
             number of members; where that does not apply, a one-time warning names the plate and
-            ``guide.plate_note`` says why (the per-coordinate flow is built instead).
+            ``guide.plate_note`` says why (the per-coordinate flow is built instead). Per flow
+            family: StrAF only; ``flow="grf"``/``"cnf"``, nested plates and several plates fall
+            back with that warning. A plate of more than 4 members is traced with 4 (its
+            subsample indices shrunk) and checked against every member, so compiling does not
+            grow with the plate's size (``guide.plate_trace_note`` says how it was traced;
+            ``guide.bn``/``guide.inverse`` are then the template's, ``guide.site_shapes`` the full shapes).
         covariates: names of tensor model arguments (``["X"]``, keyword or positional) that
             condition the flow like observations (:mod:`pyro_struct.covariates`): pass their values
             to :meth:`posterior` by name (``posterior(y=..., X=...)``); a guide call reads them from
@@ -163,6 +169,10 @@ class StructuredGuide(PyroModule):
         # ---- plates (issue #11): the flat and the plate path behind one amortizer interface
         self.plate_note = compiled.plate_note
         self.plate_layout = None if compiled.plate is None else compiled.plate.layout
+        # site -> value shape at the traced arguments (a plate template's bn has fewer members)
+        full = None if compiled.plate is None else compiled.plate.site_shapes
+        self.site_shapes = dict(full) if full else {name: tuple(info.shape) for name, info in self.bn.sites.items()}
+        self.plate_trace_note = None if compiled.plate is None else compiled.plate.trace_note
         if compiled.plate is None:
             self._amortizer = FlatAmortizer(self.flow, self.latent_layout, self.observed_layout)
         else:
@@ -184,13 +194,17 @@ class StructuredGuide(PyroModule):
 
     @property
     def latent_dim(self) -> int:
-        """Number of unconstrained latent coordinates ``d``."""
-        return self.latent_layout.dim
+        """Number of unconstrained latent coordinates ``d`` (a plate guide's at its traced size)."""
+        L = self.plate_layout
+        return self.latent_layout.dim if L is None else L.num_globals + L.traced_size * L.member_dim
 
     @property
     def context_dim(self) -> int:
-        """Number of observed coordinates (the flow's context size)."""
-        return self.observed_layout.dim
+        """Number of observed coordinates (the flow's context size; a plate guide's at its traced size)."""
+        L = self.plate_layout
+        if L is None:
+            return self.observed_layout.dim
+        return len(L.global_observed_labels) + L.traced_size * len(L.member_observed_labels)
 
     @property
     def latent_sites(self) -> list[str]:
@@ -208,9 +222,8 @@ class StructuredGuide(PyroModule):
         if self._structure_view is None:
             from .inspect import CompiledStructure
 
-            # the plate flow has no per-coordinate adjacency: the view shows H (its expansion at the traced size)
-            flow = self.flow if self.plate_layout is None else None
-            self._structure_view = CompiledStructure(bn=self.bn, inverse=self.inverse, flow=flow, guide=self)
+            # (a plate flow has no per-coordinate adjacency: the view shows its template's H, and its masks)
+            self._structure_view = CompiledStructure(bn=self.bn, inverse=self.inverse, flow=self.flow, guide=self)
             # why a plate did not get the shared-weight flow (None when it did, or without plates)
             self._structure_view.plate_note = self.plate_note
         return self._structure_view
@@ -442,7 +455,8 @@ class StructuredGuide(PyroModule):
         with ``covariates`` (argument name -> value of the traced shape) one that runs the model
         with those values instead (the model density at another design or size; created per call)."""
         if self._simulator is None:
-            self._simulator = ModelSimulator(self.model, self.bn, self.model_args, self.model_kwargs, covariates=self.covariates)
+            sites = types.SimpleNamespace(sites={k: types.SimpleNamespace(shape=v) for k, v in self.site_shapes.items()})
+            self._simulator = ModelSimulator(self.model, sites, self.model_args, self.model_kwargs, covariates=self.covariates)
         return self._simulator.at_arguments(dict(covariates)) if covariates else self._simulator
 
     # ------------------------------------------------------------ save / load

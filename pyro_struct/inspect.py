@@ -139,7 +139,8 @@ class CompiledStructure:
         self.guide = guide
         self.row_labels: list[str] = list(getattr(inverse, "row_labels", None) or inverse.order)
         self.col_labels: list[str] = list(getattr(inverse, "col_labels", None) or (list(inverse.order) + list(inverse.observed)))
-        if flow is not None:
+        # a plate flow (PlatedStrAF) has no per-coordinate adjacency: its template's H is shown
+        if flow is not None and hasattr(flow, "adjacency"):
             A = torch.as_tensor(flow.adjacency).detach().to("cpu").bool().clone()
         else:
             A = torch.as_tensor(inverse.adjacency()).detach().to("cpu").bool().clone()
@@ -187,7 +188,7 @@ class CompiledStructure:
         The flow's :attr:`~pyro_struct.flows.ConditionalFlow.num_passes` (``None`` for a CNF that
         has not sampled yet); without a flow, ``depth + 1`` (the passes of a one-layer StrAF).
         """
-        if isinstance(self.flow, ConditionalFlow):
+        if isinstance(self.flow, ConditionalFlow) or hasattr(self.flow, "num_passes"):
             return self.flow.num_passes
         return self.depth + 1
 
@@ -259,6 +260,24 @@ class CompiledStructure:
             name += f", {layers} layer{'s' if layers != 1 else ''}"
         return name
 
+    def _plate_lines(self) -> list[str]:
+        """What a shared-weight plate guide shares (empty for other guides)."""
+        layout = getattr(self.guide, "plate_layout", None)
+        if layout is None or self.flow is None:
+            return []
+        members = sum(1 for n in self.bn.nodes if self.bn.sites[self._site_of(n)].plate_position(layout.plate) is not None)
+        per = max(len(layout.member_labels) + len(layout.member_observed_labels), 1)
+        lines = [
+            f"  plate:      {layout.plate!r}, traced size {layout.traced_size}, any size answered: "
+            f"{layout.num_globals} global coordinate(s) pool the members (DeepSet), {layout.member_dim} per member "
+            f"share one flow; parameters do not depend on the size",
+            f"              G, H and the adjacency above are those of a {members // per}-member template",
+        ]
+        note = getattr(self.guide, "plate_trace_note", None)
+        if note:
+            lines.append(f"              {note}")
+        return lines
+
     def adjacency_text(self, max_columns: int = _MAX_TEXT_COLUMNS) -> str | None:
         """The adjacency as text (``x`` allowed, ``.`` not; ``|`` between latents and observed).
 
@@ -324,6 +343,7 @@ class CompiledStructure:
                 f"  parameters: {eff:,} effective of {dense:,} dense ({share:.1f}%) "
                 f"in {len(self._masked_layers())} masked layers"
             )
+        lines.extend(self._plate_lines())
         lines.append("Sites:")
         lines.append(f"  {'name':<16} {'kind':<8} {'shape':<12} {'coords':>6}  support")
         sites = list(bn.sites.values())

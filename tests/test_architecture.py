@@ -15,7 +15,7 @@ LAYERS = [
      "models.hmm", "models.linear_gaussian", "models"],
     ["graph"],
     ["covariates"],
-    ["trace.provenance", "trace.sparsity", "trace.probe", "trace.assemble", "trace"],
+    ["trace.provenance", "trace.sparsity", "trace.probe", "trace.assemble", "trace", "trace.template"],
     ["inversion"],
     ["plates"],
     ["masks"],

@@ -11,8 +11,9 @@ from pyro_struct import faithful_inverse, trace_model
 from pyro_struct.plates import PlateCouplingError, expand_plate_inverse, member_index, plate_inverse
 
 
-def random_plated_model(seed: int):
-    """Globals, then a data plate with local latents and observations; random sparse dependencies."""
+def random_plated_model(seed: int, broadcast: bool = False):
+    """Globals, then a data plate with local latents and observations; random sparse dependencies.
+    ``broadcast``: the means broadcast against the plate instead of being built with ``N`` members."""
     rng = random.Random(seed)
     n_glob, n_loc, n_obs = rng.randint(1, 3), rng.randint(1, 3), rng.randint(1, 2)
     gpar = [[p for p in range(k) if rng.random() < 0.5] for k in range(n_glob)]
@@ -26,11 +27,12 @@ def random_plated_model(seed: int):
             g.append(pyro.sample(f"g{k}", dist.Normal(sum((g[p] for p in gpar[k]), torch.tensor(0.0)), 1.0)))
         with pyro.plate("data", N):
             loc = []
+            zero = torch.tensor(0.0) if broadcast else torch.zeros(N)
             for j, (gp, lp) in enumerate(lpar):
-                mean = sum((g[p] for p in gp), torch.zeros(N)) + sum((0.5 * loc[p] for p in lp), torch.zeros(N))
+                mean = sum((g[p] for p in gp), zero) + sum((0.5 * loc[p] for p in lp), zero)
                 loc.append(pyro.sample(f"l{j}", dist.Normal(mean, 1.0)))
             for m, (gp, lp) in enumerate(opar):
-                mean = sum((g[p] for p in gp), torch.zeros(N)) + sum((loc[p] for p in lp), torch.zeros(N))
+                mean = sum((g[p] for p in gp), zero) + sum((loc[p] for p in lp), zero)
                 pyro.sample(f"x{m}", dist.Normal(mean, 1.0), obs=torch.zeros(N))
 
     return model, [f"x{m}" for m in range(n_obs)]

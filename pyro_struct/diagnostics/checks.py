@@ -92,7 +92,7 @@ def prior_predictive_check(
     lo_q, hi_q = (1 - level) / 2, 1 - (1 - level) / 2
     notes = []
     for site, value in observations.items():
-        shape = tuple(int(s) for s in guide.bn.sites[site].shape)
+        shape = tuple(int(s) for s in guide.site_shapes[site])
         size = math.prod(shape)
         flat = sims[site].reshape(num_simulations, size).to(torch.float64)
         lo, hi = torch.quantile(flat, torch.tensor([lo_q, hi_q], dtype=torch.float64), dim=0)

@@ -263,7 +263,7 @@ def calibration(guide, num_simulations: int = 200, num_samples: int = 100, seed:
     depth_of = _node_depths(guide)
     labels, sites = [], []
     for site in guide.latent_sites:
-        shape = tuple(int(s) for s in guide.bn.sites[site].shape)
+        shape = tuple(int(s) for s in guide.site_shapes[site])
         for index in _grid(shape):
             labels.append(node_label(site, index, shape))
             sites.append(site)

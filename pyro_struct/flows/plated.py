@@ -134,30 +134,35 @@ class PlatedStrAF(MaskedStructure, nn.Module):
         return broadcast_cat([gl, gc, member_obs])
 
     # ------------------------------------------------------------------ flow
-    def forward(self, eps_globals, eps_members, global_ctx, member_obs):
+    def _pooled(self, global_ctx, member_obs, pooled):
+        return self.global_context(global_ctx, member_obs) if pooled is None else pooled
+
+    def forward(self, eps_globals, eps_members, global_ctx, member_obs, pooled=None):
         """Base noise -> latents.
 
         Args:
             eps_globals: ``(*batch, g)``; eps_members: ``(*batch, N, k)``.
             global_ctx: ``(*batch, cg)`` or ``None``; member_obs: ``(*batch, N, ko)``.
+            pooled: :meth:`global_context` of these observations when already computed (the
+                pooling over members costs as much as a member pass; one training step needs it twice).
 
         Returns:
             ``y_globals`` ``(*batch, g)``, ``y_members`` ``(*batch, N, k)`` and ``log|det dy/deps|`` ``(*batch,)``.
         """
         y_g, logdet = eps_globals, 0.0
         if self.global_flow is not None:
-            y_g, logdet = self.global_flow(eps_globals, self.global_context(global_ctx, member_obs))
+            y_g, logdet = self.global_flow(eps_globals, self._pooled(global_ctx, member_obs, pooled))
         y_m = eps_members
         if self.member_flow is not None:
             y_m, ld_m = self.member_flow(eps_members, self.member_context(y_g if self.num_globals else None, global_ctx, member_obs))
             logdet = logdet + ld_m.sum(-1)
         return y_g, y_m, logdet
 
-    def inverse(self, y_globals, y_members, global_ctx, member_obs):
-        """Latents -> base noise ``(eps_globals, eps_members)`` and ``log|det deps/dy|`` ``(*batch,)``."""
+    def inverse(self, y_globals, y_members, global_ctx, member_obs, pooled=None):
+        """Latents -> base noise ``(eps_globals, eps_members)`` and ``log|det deps/dy|`` ``(*batch,)`` (``pooled``: as :meth:`forward`)."""
         e_g, logdet = y_globals, 0.0
         if self.global_flow is not None:
-            e_g, logdet = self.global_flow.inverse(y_globals, self.global_context(global_ctx, member_obs))
+            e_g, logdet = self.global_flow.inverse(y_globals, self._pooled(global_ctx, member_obs, pooled))
         e_m = y_members
         if self.member_flow is not None:
             e_m, ld_m = self.member_flow.inverse(y_members, self.member_context(y_globals if self.num_globals else None, global_ctx, member_obs))
@@ -174,9 +179,9 @@ class PlatedStrAF(MaskedStructure, nn.Module):
         lead = torch.broadcast_shapes(eps_globals.shape[:-1], eps_members.shape[:-2])
         return self._base(eps_globals, 1).expand(lead) + self._base(eps_members, 2).expand(lead)
 
-    def log_prob(self, y_globals, y_members, global_ctx, member_obs) -> torch.Tensor:
+    def log_prob(self, y_globals, y_members, global_ctx, member_obs, pooled=None) -> torch.Tensor:
         """``log q(globals, members | x)`` ``(*batch,)``: the globals' term plus the sum over members."""
-        e_g, e_m, logdet = self.inverse(y_globals, y_members, global_ctx, member_obs)
+        e_g, e_m, logdet = self.inverse(y_globals, y_members, global_ctx, member_obs, pooled)
         return self.base_log_prob(e_g, e_m) + logdet
 
     def rsample_and_log_prob(self, global_ctx, member_obs, n: int = 1):
