@@ -451,3 +451,17 @@ class PlateLayout(nn.Module):
                 loc, scale = robust_moments(y.reshape(-1, y.shape[-1]))
                 getattr(self, f"{name}_loc").copy_(loc)
                 getattr(self, f"{name}_scale").copy_(scale)
+
+    @torch.no_grad()
+    def set_observed_statistics(self, observations: Mapping[str, torch.Tensor]) -> None:
+        """Standardise the context by observations site -> ``(*batch, *shape)`` (members pooled);
+        the latents are left unstandardised (mean 0, sd 1)."""
+        for name in ("global", "member", "global_obs", "member_obs"):
+            getattr(self, f"{name}_loc").zero_()
+            getattr(self, f"{name}_scale").fill_(1.0)
+        g_ctx, m_obs, _, _ = self.observe(observations, "standardisation", False)
+        for name, y in (("global_obs", g_ctx), ("member_obs", m_obs)):
+            if y is not None and y.shape[-1]:
+                loc, scale = robust_moments(y.reshape(-1, y.shape[-1]))
+                getattr(self, f"{name}_loc").copy_(loc)
+                getattr(self, f"{name}_scale").copy_(scale)
