@@ -131,7 +131,7 @@ class StructuredDecoder(PyroModule):
         """The mask ``(n, n)`` in :attr:`order` (``A[i, j]``: node ``i``'s conditional sees node ``j``)."""
         return self.net.adjacency
 
-    def _conditional(self, v: str, values: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _conditional(self, net: StrNN, v: str, values: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and sd ``(*batch)`` of node ``v`` given its parents' values.
 
         The network's input holds only ``v``'s parents (zeros elsewhere): the mask already
@@ -142,7 +142,7 @@ class StructuredDecoder(PyroModule):
         i = self._index[v]
         zero = torch.zeros((), dtype=torch.get_default_dtype())
         filled = [values[u] if u in self._parents[v] else zero for u in self.order]
-        out = self.net(torch.stack(torch.broadcast_tensors(*filled), -1))[..., i, :]
+        out = net(torch.stack(torch.broadcast_tensors(*filled), -1))[..., i, :]
         return out[..., 0], torch.nn.functional.softplus(out[..., 1] + _SOFTPLUS_ONE) + self.min_scale
 
     def forward(self, observations: Mapping[str, torch.Tensor | None] | None = None) -> dict[str, torch.Tensor]:
@@ -155,11 +155,12 @@ class StructuredDecoder(PyroModule):
         if given:
             raise ValueError(f"observations: {given[0]!r} is a latent node; only observed nodes take values (condition latents with poutine.condition)")
         values: dict[str, torch.Tensor] = {}
+        net = self.net  # one PyroModule attribute lookup (each registers the parameters with Pyro again)
         for v in self.order:
             if self.latent_prior == "standard" and v in latent:
                 fn = dist.Normal(torch.zeros(()), torch.ones(()))
             else:
-                fn = dist.Normal(*self._conditional(v, values))
+                fn = dist.Normal(*self._conditional(net, v, values))
             values[v] = pyro.sample(v, fn, obs=None if v in latent else observations.get(v))
         return values
 

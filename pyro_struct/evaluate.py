@@ -80,5 +80,5 @@ def reconstruction_error(model: Callable, guide, data: Mapping[str, torch.Tensor
     ``mean_b ||x_b - x_hat_b||^2``, with ``x_hat`` from :func:`reconstructions`."""
     points = point_data(guide, data)
     rec = reconstructions(model, guide, data, num_samples)
-    err = sum((points.values[k] - rec[k]).pow(2).flatten(1).sum(1) for k in rec)
+    err = sum((points.values[k] - rec[k]).pow(2).reshape(points.num, -1).sum(1) for k in rec)
     return float(err.mean())
