@@ -124,7 +124,9 @@ class StructuredDecoder(PyroModule):
                 A[index[v], index[u]] = True
         self.net = StrNN(A, hidden_sizes=hidden_sizes, num_params=2, skip=(0,), activation=activation)
         self._index = index
-        self._parents = {v: {u for u in g.predecessors(v) if A[index[v], index[u]]} for v in self.order}
+        self._parents = {v: sorted((u for u in g.predecessors(v) if A[index[v], index[u]]), key=index.__getitem__) for v in self.order}
+        self._parent_index = {v: torch.tensor([index[u] for u in ps], dtype=torch.long) for v, ps in self._parents.items()}
+        self._rows = {v: torch.tensor([index[v]]) for v in self.order}
 
     @property
     def adjacency(self) -> torch.Tensor:
@@ -134,16 +136,22 @@ class StructuredDecoder(PyroModule):
     def _conditional(self, net: StrNN, v: str, values: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and sd ``(*batch)`` of node ``v`` given its parents' values.
 
-        The network's input holds only ``v``'s parents (zeros elsewhere): the mask already
-        ignores the others, but Pyro's provenance tracking reads dependencies from which values
-        enter a tensor, and a stack of every value so far would tell the tracer that each site
-        depends on all earlier ones.
+        Only ``v``'s outputs are computed (``StrNN(..., rows=)``: the units with a path to them),
+        from an input holding only ``v``'s parents (zeros elsewhere). The mask alone would ignore
+        the others, but Pyro's provenance tracking reads dependencies from which values enter a
+        tensor: a stack of every value so far would tell the tracer that each site depends on
+        all earlier ones.
         """
-        i = self._index[v]
-        zero = torch.zeros((), dtype=torch.get_default_dtype())
-        filled = [values[u] if u in self._parents[v] else zero for u in self.order]
-        out = net(torch.stack(torch.broadcast_tensors(*filled), -1))[..., i, :]
-        return out[..., 0], torch.nn.functional.softplus(out[..., 1] + _SOFTPLUS_ONE) + self.min_scale
+        names = self._parents[v]
+        if names:
+            parents = torch.broadcast_tensors(*[torch.as_tensor(values[u]) for u in names])
+            batch = parents[0].shape
+            stacked = torch.stack([t.reshape(-1) for t in parents])  # feature-major (k, M)
+        else:
+            batch, stacked = torch.Size(), torch.zeros(0, 1, dtype=torch.get_default_dtype())
+        inp = stacked.new_zeros(len(self.order), stacked.shape[1]).index_copy(0, self._parent_index[v], stacked)
+        out = net(inp, rows=self._rows[v])[0]  # (2, M)
+        return out[0].reshape(batch), (torch.nn.functional.softplus(out[1] + _SOFTPLUS_ONE) + self.min_scale).reshape(batch)
 
     def forward(self, observations: Mapping[str, torch.Tensor | None] | None = None) -> dict[str, torch.Tensor]:
         observations = dict(observations or {})
