@@ -217,3 +217,22 @@ def test_data_checkpoints_resume_the_model_parameters(tmp_path):
             p.zero_()
     guide.fit(objective="elbo", data={"x": x}, num_steps=20, batch_size=50, checkpoint=path, resume=True, progress=False)
     assert torch.equal(_weights(decoder), trained)  # restored from the checkpoint; no step left to run
+
+
+def test_standardisation_comes_from_the_data_or_the_prior_as_chosen():
+    x = _true_data(300, 6) * 3.0 + 2.0
+    plate = ps.StructuredGuide(plate_vae(_decoder()), plates="auto", observed=["x"], hidden_sizes=(8,))
+    plate.fit(objective="elbo", data={"x": x}, num_steps=0, progress=False)
+    assert torch.allclose(plate.plate_layout.member_obs_loc, x.mean(0), atol=1e-4)
+    assert torch.allclose(plate.plate_layout.member_obs_scale, x.std(0), atol=1e-4)
+    assert torch.equal(plate.plate_layout.member_scale, torch.ones(2))  # latents left unstandardised
+    flat = ps.StructuredGuide(point_vae(_decoder()), observed=["x"])
+    flat.fit(objective="elbo", data={"x": x}, num_steps=0, standardize="prior", progress=False)
+    assert not torch.allclose(flat.observed_layout.loc, x.mean(0), atol=0.5)  # from simulations, not the data
+    assert (flat.latent_layout.scale - 1).abs().max() < 0.2  # the prior's latents are N(0, 1)
+    assert (flat.latent_layout.scale != 1).all()
+    none = ps.StructuredGuide(point_vae(_decoder()), observed=["x"])
+    none.fit(objective="elbo", data={"x": x}, num_steps=0, standardize=None, progress=False)
+    assert torch.equal(none.observed_layout.loc, torch.zeros(5)) and not bool(none.standardized)
+    with pytest.raises(ValueError, match="standardize must be one of"):
+        none.fit(objective="elbo", data={"x": x}, num_steps=0, standardize="simulations", progress=False)
