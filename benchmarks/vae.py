@@ -124,15 +124,20 @@ def main(argv=None) -> int:
                 rows.append({"network": name, "train": f"{REGIMES[regime]} x nodes = {REGIMES[regime] * size}", "encoder": encoder,
                              "NLL": nll, "NLL sd": nll_sd, "RE": re, "RE sd": re_sd,
                              "s/run": statistics.fmean(c["seconds"] for c in cells)})
+                _write(args, rows)  # after every row: a long run that is stopped keeps its finished rows
+    _write(args, rows)
+    return 0
+
+
+def _write(args, rows: list[dict]) -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     notes = (
         "NLL: -log p(x) per test point, 500 importance samples of the encoder (lower is better); RE: squared error "
         "summed over observed coordinates, posterior means through the decoder. Decoder: StructuredDecoder on the "
         "true DAG (learned). Encoders: structure:flow. Mean ± sd over the seeds listed in the settings. Timings on a "
-        f"shared, loaded machine (1-minute load average {load})."
+        f"shared, loaded machine (1-minute load average {load} when the table was written)."
     )
     write_results(args.name, rows, meta=vars(args), notes=notes)
-    return 0
 
 
 if __name__ == "__main__":
