@@ -44,6 +44,7 @@ from .report import write_results
 __all__ = ["main", "vae_model", "run_cell", "exact_nll"]
 
 ENCODERS = ["meanfield:grf", "dense:grf", "faithful:grf", "meanfield:straf", "dense:straf", "faithful:straf"]
+COLUMNS = ["network", "train", "encoder", "NLL", "NLL sd", "RE", "RE sd", "s/run"]
 #: training-set size per regime, as a multiple of the number of nodes |G|
 REGIMES = {"small": 2, "full": 100}
 
@@ -137,7 +138,7 @@ def _write(args, rows: list[dict]) -> None:
         "true DAG (learned). Encoders: structure:flow. Mean ± sd over the seeds listed in the settings. Timings on a "
         f"shared, loaded machine (1-minute load average {load} when the table was written)."
     )
-    write_results(args.name, rows, meta=vars(args), notes=notes)
+    write_results(args.name, rows, COLUMNS, meta=vars(args), notes=notes)
 
 
 if __name__ == "__main__":
