@@ -40,16 +40,17 @@ _EXPORTS = {
     "DensityFlow": "density",
     "CausalFlow": "density",
     "learn_structure": "structure_learning",
+    "StructuredDecoder": "decoders",
 }
 
-__all__ = sorted(_EXPORTS) + ["diagnostics", "flows", "models"]
+__all__ = sorted(_EXPORTS) + ["diagnostics", "evaluate", "flows", "models"]
 
 
 def __getattr__(name):
     if name in _EXPORTS:
         module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
         return getattr(module, name)
-    if name in ("diagnostics", "flows", "models"):
+    if name in ("diagnostics", "evaluate", "flows", "models"):
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'pyro_struct' has no attribute {name!r}")
 

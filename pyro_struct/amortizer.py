@@ -85,6 +85,13 @@ class FlatAmortizer:
         flat, _ = self.observed_layout.pack({s: simulations[s] for s in self.observed_layout.sites}, "standardisation", False)
         self.observed_layout.set_statistics(flat)
 
+    def set_observed_statistics(self, observations: Mapping[str, torch.Tensor]) -> None:
+        """Standardise the context by observations site -> ``(n, *shape)``; latents unstandardised."""
+        self.latent_layout.loc.zero_()
+        self.latent_layout.scale.fill_(1.0)
+        flat, _ = self.observed_layout.pack(observations, "standardisation", False)
+        self.observed_layout.set_statistics(flat)
+
 
 class PlateContext(NamedTuple):
     """A plate flow's context: global observations ``(*batch, cg)`` (or ``None``), member
@@ -158,3 +165,7 @@ class PlateAmortizer:
     def set_standardization(self, simulations: Mapping[str, torch.Tensor]) -> None:
         """Standardise per global coordinate and per member coordinate (shared by the members)."""
         self.layout.set_statistics(simulations)
+
+    def set_observed_statistics(self, observations: Mapping[str, torch.Tensor]) -> None:
+        """Standardise the context by observations site -> ``(*batch, *shape)``; latents unstandardised."""
+        self.layout.set_observed_statistics(observations)

@@ -263,6 +263,14 @@ class StructuredGuide(PyroModule):
         self._amortizer.set_standardization(simulations)
         self.standardized.fill_(True)
 
+    @torch.no_grad()
+    def set_observed_standardization(self, observations: Mapping[str, torch.Tensor]) -> None:
+        """Standardise the context by data, observed site -> ``(n, *site_shape)`` (a plate guide:
+        members along the plate dimension, or a leading batch of data sets); the latents are left
+        unstandardised (mean 0, sd 1). What ``fit(data=...)`` does by default."""
+        self._amortizer.set_observed_statistics(observations)
+        self.standardized.fill_(True)
+
     # ------------------------------------------------------------ Pyro hooks
     def _prototype(self, args, kwargs):
         """One trace of the model with these arguments (blocked, no gradients); covariates checked first."""

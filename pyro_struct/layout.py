@@ -450,8 +450,22 @@ class PlateLayout(nn.Module):
             getattr(self, f"{name}_scale").fill_(1.0)
         g_ctx, m_obs, batch, n = self.observe({s.name: simulations[s.name] for s in self.observed}, "standardisation", False)
         y_g, y_m, _ = self.pack({s.name: simulations[s.name] for s in self.latent}, batch, n)
-        for name, y in (("global", y_g), ("member", y_m), ("global_obs", g_ctx), ("member_obs", m_obs)):
+        self._copy_moments((("global", y_g), ("member", y_m), ("global_obs", g_ctx), ("member_obs", m_obs)))
+
+    def _copy_moments(self, pairs) -> None:
+        """Set ``{name}_loc`` / ``{name}_scale`` to the moments of each ``(name, values (..., k))`` pair."""
+        for name, y in pairs:
             if y is not None and y.shape[-1]:
                 loc, scale = robust_moments(y.reshape(-1, y.shape[-1]))
                 getattr(self, f"{name}_loc").copy_(loc)
                 getattr(self, f"{name}_scale").copy_(scale)
+
+    @torch.no_grad()
+    def set_observed_statistics(self, observations: Mapping[str, torch.Tensor]) -> None:
+        """Standardise the context by observations site -> ``(*batch, *shape)`` (members pooled);
+        the latents are left unstandardised (mean 0, sd 1)."""
+        for name in ("global", "member", "global_obs", "member_obs"):
+            getattr(self, f"{name}_loc").zero_()
+            getattr(self, f"{name}_scale").fill_(1.0)
+        g_ctx, m_obs, _, _ = self.observe(observations, "standardisation", False)
+        self._copy_moments((("global_obs", g_ctx), ("member_obs", m_obs)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import numbers
 import os
+import warnings
 from typing import Any, Callable, Mapping, Protocol
 
 import pyro
@@ -16,6 +17,7 @@ from ..simulation import ModelSimulator, Simulations
 from ..threads import torch_threads
 from .batches import PoolSource, SimulationSource
 from .checkpoint import Checkpointer
+from .data import fit_data, model_parameters
 from .distributed import DataParallel, data_parallel, rank_seed
 from .loop import FitResult, train
 
@@ -298,6 +300,37 @@ class _MixedJoint:
 # ---- end simulate_with ----------------------------------------------------------------------
 
 
+def _warn_fixed_model(guide, name: str) -> None:
+    """The simulation objectives treat the model as fixed: say so when it has learnable parameters."""
+    params = model_parameters(guide.model, guide.model_args, guide.model_kwargs)
+    if params:
+        names = sorted(params)
+        warnings.warn(
+            f"objective {name!r} trains the guide on simulations of the model as it is: the model's parameters "
+            f"{names[:5]}{' ...' if len(names) > 5 else ''} are not learned. To learn them from data use "
+            "fit(objective='elbo' or 'iwae', data={site: tensor}) or Pyro's SVI", stacklevel=4)
+
+
+def _fit_on_data(o: dict) -> FitResult:
+    """``fit(data=...)``: the argument checks, seeding and threads of :func:`fit`, then :func:`fit_data`."""
+    if o["data"] is None:
+        raise ValueError("objective='iwae' learns from data: pass data={observed site: tensor}")
+    if not isinstance(o["objective"], str) or o["objective"] not in ("elbo", "iwae"):
+        raise ValueError(f"objective {o['objective']!r} trains on simulations of a fixed model; with data use 'elbo' or 'iwae'")
+    _check_arguments(o)
+    for key in ("num_simulations", "simulate_with"):
+        if o[key] is not None:
+            raise ValueError(f"{key} draws simulations; fit(data=...) trains on the data only: leave {key} unset")
+    if o["distributed"]:
+        raise ValueError("fit(data=...) runs in one process; distributed=True is not supported there")
+    with torch_threads(o["num_threads"]):
+        _seed(o["seed"], None)
+        keys = ("objective", "num_steps", "batch_size", "lr", "num_particles", "standardize", "num_standardization",
+                "checkpoint", "checkpoint_every", "resume", "lr_schedule", "time_budget", "clip_grad", "weight_decay",
+                "progress", "validation_fraction")
+        return fit_data(o["guide"], o["data"], **{k: o[k] for k in keys})
+
+
 def fit(
     guide: TrainableGuide,
     num_steps: int = 1000,
@@ -320,6 +353,9 @@ def fit(
     distributed: bool | None = None,
     simulate_with: Mapping[str, Any] | None = None,
     draws_per_batch: int = 1,
+    data: Mapping[str, torch.Tensor] | None = None,
+    num_particles: int | None = None,
+    standardize: str | None = "data",
 ) -> FitResult:
     """Train a guide on simulations ``(z, x) ~ p(z, x)`` of its model.
 
@@ -328,8 +364,9 @@ def fit(
         num_steps: total optimisation steps (with ``resume``, training continues from the
             checkpoint's step up to this number).
         objective: ``"skl"`` (symmetrised KL, default), ``"fkl"`` (forward KL) or ``"elbo"``
-            (amortised negative ELBO); see :mod:`pyro_struct.objectives`.
-        batch_size: simulations per step.
+            (amortised negative ELBO); see :mod:`pyro_struct.objectives`. With ``data``: ``"elbo"``
+            or ``"iwae"`` (the importance-weighted bound with ``num_particles`` draws), per data point.
+        batch_size: simulations per step (data points per step with ``data``).
         lr: Adam's base learning rate. The default 1e-2 is what the benchmarks support
             (``benchmarks/results/NOTES.md``): with 1e-3 a 3-minute budget left the ecoli70
             guide at 8.8 nats of exact KL, with 1e-2 at 0.005.
@@ -376,6 +413,16 @@ def fit(
         draws_per_batch: with ``simulate_with``, how many draws of the arguments each batch
             mixes in equal shares (when their shapes agree): more designs per step for a guide
             amortised over covariates.
+        data: learn the model's parameters and the guide together from data (a VAE), with
+            ``objective="elbo"`` or ``"iwae"``: observed site -> tensor with the data points along
+            the first dimension (flat guide: ``(N, *site_shape)``, one data point per run of the
+            model) or along the data plate's dimension (``plates="auto"``: one data point per plate
+            member; every latent must be in the plate). Each step draws ``batch_size`` data points;
+            nothing is simulated. See :func:`~pyro_struct.training.data.fit_data`.
+        num_particles: with ``data``, draws per data point ``K`` (default 1 for ``"elbo"``, 8 for ``"iwae"``).
+        standardize: with ``data``, where the context statistics come from: ``"data"`` (default,
+            the first ``num_standardization`` data points; latents unstandardised), ``"prior"``
+            (simulations of the model at its current parameters) or ``None``.
 
     Returns:
         a :class:`~pyro_struct.training.loop.FitResult`: the loss per step over every fit of this
@@ -389,6 +436,8 @@ def fit(
             finite loss and gradient are restored and ``guide.history`` keeps the losses so far.
     """
     options = dict(locals())
+    if data is not None or objective == "iwae":
+        return _fit_on_data(options)
     loss_fn = get_objective(objective)
     _check_arguments(options)
     if simulate_with is not None:
@@ -402,6 +451,7 @@ def fit(
     dp = data_parallel(distributed, device)
     with torch_threads(num_threads):
         _seed(seed, dp)
+        _warn_fixed_model(guide, name)
         simulator = guide.simulator()
         simulator.prepare()  # before any restored random state: deciding consumes random numbers
         start, optimizer_state, pool = _resume(guide, checkpoint, dp) if resume else (0, None, None)
