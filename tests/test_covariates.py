@@ -134,7 +134,9 @@ def _check_two_designs(guide, Xa, Xb, y, own_tol, cross_min):
     own = (kl_to_exact(guide, pa, Xa, y), kl_to_exact(guide, pb, Xb, y))
     cross = (kl_to_exact(guide, pa, Xb, y), kl_to_exact(guide, pb, Xa, y))
     assert max(own) < own_tol, (own, cross)
-    assert min(cross) > cross_min, (own, cross)
+    # a guide that ignores X gives one q for both designs: each exact posterior is then as far from
+    # the q of its own design as from the other's (cross - own = 0)
+    assert min(c - o for c, o in zip(cross, own)) > cross_min - own_tol, (own, cross)
 
 
 def test_guide_trained_over_random_designs_gives_each_design_its_exact_posterior():
