@@ -27,6 +27,7 @@ import math
 import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -42,8 +43,12 @@ __all__ = ["main", "FAMILIES", "train_with_curve", "summarise", "plot_curves"]
 #: family -> the circuit benchmark's flow name (``spline3``: the best StrAF of ``circuit_300s_*``)
 FAMILIES = {"cnf": "cnf", "straf": "spline3", "grf": "grf"}
 
-#: seed of the fixed evaluation simulations (the same for every run, so curves are comparable)
-EVAL_SEED = 12345
+#: seed of the fixed evaluation simulations, the same for every run so that curves are comparable: the
+#: 1,000 simulations that ``circuit_*.md`` evaluates its seed-0 rows on. The symmetrised KL of one
+#: simulation is heavy-tailed (a Laplace-tail ``z1`` makes ``z3 = z0 z1`` extreme: seed 12345's 500
+#: simulations held two with 4,000 nats each, 17 nats of a mean whose median term was 0.6), so the
+#: evaluation set is part of the measurement and is held fixed.
+EVAL_SEED = 1
 
 
 class _BudgetSpent(Exception):
@@ -259,16 +264,18 @@ def _report(runs: list[dict], args) -> None:
         "Goals (issue 18):",
         *_goals(skl_rows, budget_note),
     ])
-    meta = {k: v for k, v in vars(args).items() if k != "runs_from"}
-    meta["load_average"] = os.getloadavg()
-    write_results(args.out, [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows], columns, meta=meta, notes=notes)
-    with open(RESULTS_DIR / f"{args.out}_runs.json", "w") as f:
+    meta = {k: v for k, v in vars(args).items() if k not in ("runs_from", "results_dir")}
+    meta["load_average"] = [round(v, 2) for v in os.getloadavg()]
+    out = Path(args.results_dir) if args.results_dir else RESULTS_DIR
+    write_results(args.out, [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows], columns, meta=meta, notes=notes,
+                  results_dir=out)
+    with open(out / f"{args.out}_runs.json", "w") as f:
         json.dump(runs, f)
     if structure_runs:
-        plot_curves(structure_runs, RESULTS_DIR / f"{args.out}.png", "skl", "structure",
+        plot_curves(structure_runs, out / f"{args.out}.png", "skl", "structure",
                     f"circuit: symmetrised KL by structure ({budget_note}; mean ± sd)")
     if objective_runs:
-        plot_curves(objective_runs, RESULTS_DIR / f"{args.out}_objectives.png", "reverse_kl", "objective",
+        plot_curves(objective_runs, out / f"{args.out}_objectives.png", "reverse_kl", "objective",
                     f"circuit, {args.objective_family} faithful: expected reverse KL by training objective ({budget_note})")
 
 
@@ -290,6 +297,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--runs-from", nargs="*", default=[], help="merge the *_runs.json of earlier runs instead of training")
     p.add_argument("--out", default="circuit_seeds")
+    p.add_argument("--results-dir", default=None, help="folder for the tables and figures (default: benchmarks/results)")
     return p
 
 
@@ -311,7 +319,7 @@ def main(argv=None) -> int:
         _report(runs, args)
         return 0
     probe = make_guide("grf", "faithful", {}, EVAL_SEED)
-    torch.manual_seed(EVAL_SEED)
+    torch.manual_seed(EVAL_SEED)  # then the simulator, as benchmarks/circuit.py does
     sims = probe.simulator().simulate(args.eval_sims)
     evidence = float(log_evidence(sims["x0"].double(), sims["x1"].double(), args.evidence_proposals, EVAL_SEED).mean())
     runs = []
