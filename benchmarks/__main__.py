@@ -11,6 +11,7 @@ from pathlib import Path
 BENCHMARKS = {
     "lgbn": "linear-Gaussian networks: exact KL of amortised guides vs baselines",
     "circuit": "arithmetic circuit: flows x structures x objectives at equal wall-clock",
+    "circuit_seeds": "arithmetic circuit over seeds: learning curves by structure and by objective (Weilbach Figs. 2, 3)",
     "scaling": "compile time and time per step against model size",
     "compile_scaling": "trace and inversion time for HMMs and plated models",
     "masks": "greedy vs baseline mask paths and factorisation time",

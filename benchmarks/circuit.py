@@ -23,6 +23,7 @@ Usage: ``python -m benchmarks circuit [--budget 300] [--flows straf grf cnf] [--
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 
@@ -38,7 +39,7 @@ from pyro_struct.objectives import symmetrized_kl
 from .report import write_results
 from .training_budget import apply_training_arguments, fit_for
 
-__all__ = ["main", "mmd", "nuts_reference", "importance_reference"]
+__all__ = ["main", "mmd", "nuts_reference", "importance_reference", "log_evidence", "make_guide", "evaluate_skl", "VARIANTS"]
 
 LATENTS = ["z0", "z1", "z2", "z3", "z4", "z5"]
 OBSERVED = ["x0", "x1"]
@@ -74,46 +75,80 @@ def mmd(a: torch.Tensor, b: torch.Tensor) -> float:
     )
 
 
+def _proposal(n: int, x0: torch.Tensor, x1: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` proposals per observation and their exact log importance weights ``log p(z, x) - log r(z | x)``.
+
+    Proposal ``r``: ``z0, z1, z4`` and the barren ``z2`` from the prior (shared by every observation);
+    ``z3`` from its exact conditional given ``z0, z1, x0`` and ``z5`` from its exact conditional given
+    ``z3, z4, x1`` (products of two Gaussians with scale 0.1: mean of the two centres, scale
+    ``0.1 / sqrt(2)``). The weight is then ``N(x0; z0 z1, sqrt(0.02)) N(x1; tanh(z3 + z4), sqrt(0.02))``
+    (the marginal likelihoods of the two Gaussian links, normalised), so ``E_r[w] = p(x)``.
+
+    Args:
+        x0, x1: observations ``(m,)`` (float64).
+
+    Returns:
+        ``z`` ``(n, m, 6)`` (columns ``z0..z5``) and ``log w`` ``(n, m)``.
+    """
+    link = 0.02**0.5
+    half = 0.1 / 2**0.5
+
+    def laplace(loc):
+        u = torch.rand(n, 1, generator=g, dtype=torch.float64) - 0.5
+        return loc - torch.sign(u) * torch.log1p(-2 * u.abs())
+
+    def normal(shape):
+        return torch.randn(shape, generator=g, dtype=torch.float64)
+
+    m = x0.shape[0]
+    z0, z1 = laplace(5.0), laplace(-2.0)
+    z2 = torch.tanh(z0 + z1 - 2.8) + 0.1 * normal((n, 1))
+    z3 = 0.5 * (z0 * z1 + x0) + half * normal((n, m))  # drawn in site order: the same stream for m = 1
+    z4 = 7.0 + 2.0 * normal((n, 1))
+    t = torch.tanh(z3 + z4)
+    z5 = 0.5 * (t + x1) + half * normal((n, m))
+    log_norm = -torch.log(torch.tensor(link, dtype=torch.float64)) - 0.5 * math.log(2 * math.pi)
+    logw = 2 * log_norm - 0.5 * ((x0 - z0 * z1) / link) ** 2 - 0.5 * ((x1 - t) / link) ** 2
+    z = torch.stack([c.expand(n, m) for c in (z0, z1, z2, z3, z4, z5)], -1)
+    return z, logw
+
+
 def importance_reference(num_samples: int, num_proposals: int, seed: int, chunk: int = 1_000_000) -> tuple[torch.Tensor, float]:
     """Exact posterior samples ``(num_samples, 6)`` of the circuit at ``x0=0.3, x1=5.2`` by
-    sampling-importance-resampling with analytic conditionals.
-
-    Proposal: ``z0, z1, z4`` and the barren ``z2`` from the prior; ``z3`` from its exact
-    conditional given ``z0, z1, x0`` and ``z5`` from its exact conditional given ``z3, z4, x1``
-    (products of two Gaussians with scale 0.1: mean of the two centres, scale ``0.1 / sqrt(2)``).
-    The importance weight is then ``N(x0; z0 z1, sqrt(0.02)) N(x1; tanh(z3 + z4), sqrt(0.02))``
-    (the marginal likelihoods of the two Gaussian links), so the resampled set is an exact
-    posterior sample up to Monte-Carlo error.
+    sampling-importance-resampling with analytic conditionals (the proposal of :func:`_proposal`),
+    so the resampled set is an exact posterior sample up to Monte-Carlo error.
 
     Returns:
         the samples (float64, columns ``z0..z5``) and the effective sample size of the weights.
     """
     g = torch.Generator().manual_seed(seed)
-    x0, x1 = CIRCUIT_OBSERVATION["x0"], CIRCUIT_OBSERVATION["x1"]
-    link = 0.02**0.5
-    half = 0.1 / 2**0.5
+    x = {k: torch.tensor([v], dtype=torch.float64) for k, v in CIRCUIT_OBSERVATION.items()}
     parts, logw = [], []
-
-    def laplace(loc, n):
-        u = torch.rand(n, generator=g, dtype=torch.float64) - 0.5
-        return loc - torch.sign(u) * torch.log1p(-2 * u.abs())
-
     for start in range(0, num_proposals, chunk):
-        n = min(chunk, num_proposals - start)
-        z0, z1 = laplace(5.0, n), laplace(-2.0, n)
-        z2 = torch.tanh(z0 + z1 - 2.8) + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)
-        z3 = 0.5 * (z0 * z1 + x0) + half * torch.randn(n, generator=g, dtype=torch.float64)
-        z4 = 7.0 + 2.0 * torch.randn(n, generator=g, dtype=torch.float64)
-        t = torch.tanh(z3 + z4)
-        z5 = 0.5 * (t + x1) + half * torch.randn(n, generator=g, dtype=torch.float64)
-        lw = -0.5 * ((x0 - z0 * z1) / link) ** 2 - 0.5 * ((x1 - t) / link) ** 2
-        parts.append(torch.stack([z0, z1, z2, z3, z4, z5], -1))
-        logw.append(lw)
+        z, lw = _proposal(min(chunk, num_proposals - start), x["x0"], x["x1"], g)
+        parts.append(z[:, 0])
+        logw.append(lw[:, 0])
     z = torch.cat(parts)
     w = torch.softmax(torch.cat(logw), 0)
     ess = float(1.0 / (w * w).sum())
     idx = torch.multinomial(w, num_samples, replacement=True, generator=g)
     return z[idx], ess
+
+
+def log_evidence(x0: torch.Tensor, x1: torch.Tensor, num_proposals: int = 20_000, seed: int = 0, chunk: int = 100) -> torch.Tensor:
+    """``log p(x0, x1)`` ``(m,)`` of the circuit for observations ``(m,)``, by importance sampling with
+    the analytic-conditional proposal of :func:`_proposal` (``num_proposals`` per observation).
+
+    With it, the negative ELBO becomes the expected reverse KL ``E_x KL(q(z|x) || p(z|x))``
+    (Weilbach et al.'s Figure 3 measure, here without the unknown constant ``E_x log p(x)``).
+    """
+    g = torch.Generator().manual_seed(seed)
+    x0, x1 = torch.as_tensor(x0, dtype=torch.float64).reshape(-1), torch.as_tensor(x1, dtype=torch.float64).reshape(-1)
+    out = []
+    for start in range(0, x0.shape[0], chunk):
+        _, lw = _proposal(num_proposals, x0[start:start + chunk], x1[start:start + chunk], g)
+        out.append(torch.logsumexp(lw, 0) - math.log(num_proposals))
+    return torch.cat(out) if out else x0.new_zeros(0)
 
 
 def nuts_reference(num_samples: int, warmup: int, seed: int, progress: bool = False, max_tree_depth: int = 10) -> torch.Tensor:
@@ -130,14 +165,34 @@ def nuts_reference(num_samples: int, warmup: int, seed: int, progress: bool = Fa
     return torch.stack([s[k] for k in LATENTS], -1)
 
 
+def make_guide(flow: str, structure: str, flow_options: dict, seed: int) -> ps.StructuredGuide:
+    """The circuit's guide for a flow family or a named StrAF variant (:data:`VARIANTS`), seeded first.
+
+    Args:
+        flow: ``"straf"``, ``"grf"``, ``"cnf"`` or a variant name.
+        structure: ``"faithful"``, ``"dense"`` or ``"random"``.
+        flow_options: flow (or variant) name -> extra options (a variant's options come first).
+    """
+    torch.manual_seed(seed)
+    pyro.set_rng_seed(seed)
+    kind, options = ("straf", dict(VARIANTS[flow])) if flow in VARIANTS else (flow, {})
+    options.update(flow_options.get(flow, {}))
+    return ps.StructuredGuide(arithmetic_circuit(), flow=kind, structure=structure, observed=OBSERVED, **options)
+
+
+def evaluate_skl(guide, simulator, sims) -> tuple[float | None, str | None]:
+    """The symmetrised-KL estimate (nats) of ``guide`` on simulations ``sims``, without gradients,
+    and a note when it could not be computed (e.g. a non-finite model density at a guide sample)."""
+    with torch.no_grad():
+        try:
+            return float(symmetrized_kl(guide, simulator, sims)), None
+        except Exception as e:  # a failed estimate is a row's result, not the benchmark's end
+            return None, f"{type(e).__name__}: {str(e)[:80]}"
+
+
 def _row(flow, structure, objective, args, reference):
-    torch.manual_seed(args.seed)
-    pyro.set_rng_seed(args.seed)
-    if flow in VARIANTS:
-        kind, options = "straf", dict(VARIANTS[flow])
-    else:
-        kind, options = flow, dict(args.flow_options.get(flow, {}))
-    guide = ps.StructuredGuide(arithmetic_circuit(), flow=kind, structure=structure, observed=OBSERVED, **options)
+    guide = make_guide(flow, structure, args.flow_options, args.seed)
+    kind = guide.options["flow"]
     history, seconds = fit_for(guide, args.budget, objective=objective, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     row = {
         "flow": flow,
@@ -157,12 +212,9 @@ def _row(flow, structure, objective, args, reference):
     sims = simulator.simulate(1000)
     if kind == "cnf" and hasattr(guide.flow, "reset_nfe"):
         guide.flow.reset_nfe()
-    with torch.no_grad():
-        try:
-            row["skl_1000_sims"] = float(symmetrized_kl(guide, simulator, sims))
-        except Exception as e:  # e.g. a non-finite model density at a guide sample
-            row["skl_1000_sims"] = None
-            row["note"] = f"{type(e).__name__}: {str(e)[:80]}"
+    row["skl_1000_sims"], note = evaluate_skl(guide, simulator, sims)
+    if note:
+        row["note"] = note
     if kind == "cnf":
         nfe = {k: v["evaluations"] for k, v in guide.flow.last_stats.items()}
         row["cnf_nfe"] = "/".join(f"{k[0]}{v}" for k, v in nfe.items()) or None

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["node_levels", "node_levels_of", "levels", "depth", "transitive_closure"]
+__all__ = ["node_levels", "node_levels_of", "levels", "depth", "propagation_depth", "transitive_closure"]
 
 
 def node_levels(parents: Sequence[Sequence[int]]) -> list[int]:
@@ -75,6 +75,41 @@ def levels(adjacency: torch.Tensor) -> list[torch.Tensor]:
 def depth(adjacency: torch.Tensor) -> int:
     """Edges on the longest path among the latents of a flow adjacency ``(d, d + c)`` (0 without latent edges)."""
     return max(node_levels_of(adjacency), default=0)
+
+
+def propagation_depth(adjacency: torch.Tensor) -> int:
+    """Layers a one-edge-per-layer flow needs before every latent holds what all its ancestors carry.
+
+    A graphical residual block updates latent ``i`` from the current values of its parents and its
+    context columns only, so information moves one edge of ``H`` per block. Latent ``i`` is
+    *complete* after ``level(i)`` blocks, where ``level(i) = 1`` when ``i`` sees every one of its
+    ancestors (latent or context, :func:`transitive_closure`) directly, and otherwise
+    ``level(i) = 1 + max(level(p) for p in parents(i))`` (its last block must see its parents
+    complete, since they summarise the ancestors it cannot see). This is the longest path from an
+    input to a latent (context edges counted) on sparse structures such as a faithful inverse, and 1
+    for a complete DAG, whose latents see all their ancestors directly.
+
+    Args:
+        adjacency: ``(d, d + c)`` bool tensor, latent block strictly lower-triangular.
+
+    Returns:
+        ``max_i level(i)`` (0 for ``d = 0``).
+
+    Example:
+        >>> chain = torch.tensor([[0, 0, 1], [1, 0, 0]], dtype=torch.bool)  # x -> z0 -> z1
+        >>> dense = torch.tensor([[0, 0, 1], [1, 0, 1]], dtype=torch.bool)  # x -> z0 -> z1, x -> z1
+        >>> depth(chain), propagation_depth(chain), propagation_depth(dense)
+        (1, 2, 1)
+    """
+    A = torch.as_tensor(adjacency).bool().cpu()
+    closure = transitive_closure(A, reflexive=False)
+    d = A.shape[0]
+    level: list[int] = []
+    for i in range(d):
+        parents = torch.nonzero(A[i, :d]).flatten().tolist()
+        sees_all = bool((A[i] | ~closure[i]).all())
+        level.append(1 if sees_all or not parents else 1 + max(level[p] for p in parents))
+    return max(level, default=0)
 
 
 def transitive_closure(adjacency: torch.Tensor, reflexive: bool = True) -> torch.Tensor:

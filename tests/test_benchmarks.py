@@ -126,3 +126,47 @@ def test_sampling_benchmark_row_checks_the_sampler_on_a_tiny_network():
     assert row["latents"] == 12 and row["depth"] >= 1
     assert row["max |z - z_ref|"] < 1e-4 and row["max |log q - log_prob(z)|"] < 1e-3
     assert row["sample (s)"] > 0 and row["flow density (s)"] > 0
+
+
+def test_circuit_log_evidence_agrees_with_plain_prior_sampling():
+    # an independent estimate: log mean_z p(x | z) over prior draws of the model itself
+    import pyro
+
+    from benchmarks.circuit import log_evidence
+    from pyro_struct.models import arithmetic_circuit
+
+    model = arithmetic_circuit()
+    torch.manual_seed(0)
+    with pyro.plate("sims", 1):
+        trace = pyro.poutine.trace(model).get_trace()
+    x0, x1 = trace.nodes["x0"]["value"].double(), trace.nodes["x1"]["value"].double()
+    with pyro.plate("prior", 400_000):
+        prior = pyro.poutine.trace(model).get_trace(x0=x0.float().expand(400_000), x1=x1.float().expand(400_000))
+    log_lik = sum(prior.nodes[k]["fn"].log_prob(prior.nodes[k]["value"]).double() for k in ("x0", "x1"))
+    plain = torch.logsumexp(log_lik, 0) - torch.log(torch.tensor(400_000.0, dtype=torch.float64))
+    assert float(log_evidence(x0, x1, num_proposals=20_000)) == pytest.approx(float(plain), abs=0.05)
+
+
+def test_circuit_seeds_records_curves_on_a_training_clock_and_writes_tables_and_figures(tmp_path):
+    from benchmarks.circuit_seeds import main as seeds_main
+
+    rc = seeds_main([
+        "--families", "grf", "--structures", "faithful", "--objective-family", "grf", "--objectives", "fkl",
+        "--seeds", "2", "--budget", "1.5", "--num-evals", "3", "--eval-sims", "50", "--evidence-proposals", "500",
+        "--results-dir", str(tmp_path), "--out", "tiny",
+    ])
+    assert rc == 0
+    runs = json.loads((tmp_path / "tiny_runs.json").read_text())
+    assert sorted((r["objective"], r["seed"]) for r in runs) == [("fkl", 0), ("fkl", 1), ("skl", 0), ("skl", 1)]
+    for r in runs:
+        curve = r["curve"]
+        assert len(curve) == 4 and curve[0]["step"] == 0 and curve[0]["seconds"] == 0.0
+        # evaluations are due at 0, 0.5, 1.0 and 1.5 training seconds and do not count as training time
+        assert all(b["seconds"] >= k * 0.5 for k, b in enumerate(curve))
+        assert all(a["step"] <= b["step"] and a["seconds"] < b["seconds"] for a, b in zip(curve, curve[1:]))
+        assert curve[-1]["seconds"] < 1.5 + 1.0 and r["steps"] == curve[-1]["step"]
+        assert all(p["reverse_kl"] is not None and p["skl"] is not None for p in curve)
+    table = json.loads((tmp_path / "tiny.json").read_text())
+    assert {row["comparison"] for row in table["rows"]} == {"structures (Fig. 2)", "objectives (Fig. 3)"}
+    assert "Goals (issue 18)" in table["notes"]
+    assert (tmp_path / "tiny.png").stat().st_size > 0 and (tmp_path / "tiny_objectives.png").stat().st_size > 0

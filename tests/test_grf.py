@@ -7,8 +7,9 @@ import warnings
 import pytest
 import torch
 
+from pyro_struct import dag
 from pyro_struct.flows.base import transitive_closure
-from pyro_struct.flows.grf import GraphicalResidualFlow, spectral_norm_bound
+from pyro_struct.flows.grf import GraphicalResidualFlow, default_num_layers, spectral_norm_bound
 from tests.flow_properties import (
     chain_adjacency,
     check_all,
@@ -71,6 +72,39 @@ def test_jacobian_reaches_every_ancestor_within_num_layers():
     J = torch.autograd.functional.jacobian(lambda v: flow.forward(v[:4], v[4:])[0], torch.cat([eps, x]))
     allowed = transitive_closure(flow.adjacency)
     assert (J.abs() > 1e-8).eq(allowed).all(), (J.abs() > 1e-8).int()
+
+
+def _dependence(flow, d, c):
+    """``|dz/d(eps, x)| > 0`` ``(d, d + c)`` at one random point (autograd)."""
+    eps, x = torch.randn(d, dtype=torch.float64), torch.randn(c, dtype=torch.float64)
+    J = torch.autograd.functional.jacobian(lambda v: flow.forward(v[:d], v[d:])[0], torch.cat([eps, x]))
+    return J.abs() > 1e-10
+
+
+@pytest.mark.parametrize("d, c, p, seed", [(6, 1, 0.0, 0), (7, 2, 0.0, 3), (7, 2, 0.3, 1), (8, 2, 0.25, 4), (5, 3, 0.6, 2)])
+def test_default_blocks_let_every_observation_and_ancestor_reach_every_latent(d, c, p, seed):
+    # a chain z0 -> ... -> z_{d-1} (context into z0) plus random extra edges: paths longer than 4 edges,
+    # so SIReN-VAE's fixed 4 blocks would leave the deepest latents blind to the observations
+    A = random_dag_adjacency(d, c, p=p, seed=seed)
+    A[0, d:] = True
+    for i in range(1, d):
+        A[i, i - 1] = True
+    flow = _flow(A, c, seed=seed, hidden_sizes=(8,))
+    assert flow.num_layers == default_num_layers(A) == dag.propagation_depth(A) + 3
+    assert _dependence(flow, d, c).eq(transitive_closure(A)).all()
+    # the rule is no looser than needed for reach: on the bare chain, one block fewer than the
+    # propagation depth leaves the last latent independent of the observations (structurally zero)
+    if p == 0.0:
+        short = _flow(A, c, seed=seed, hidden_sizes=(8,), num_layers=d - 1)
+        assert not _dependence(short, d, c)[d - 1, d:].any()
+
+
+def test_default_blocks_are_four_on_a_complete_dag_and_follow_the_circuit_structure():
+    complete = torch.ones(5, 7, dtype=torch.bool)
+    complete[:, :5] = torch.tril(complete[:, :5], -1)
+    assert GraphicalResidualFlow(complete, context_dim=2, hidden_sizes=(8,)).num_layers == 4
+    with pytest.raises(ValueError, match="num_layers"):
+        GraphicalResidualFlow(complete, context_dim=2, num_layers=True)
 
 
 @pytest.mark.parametrize("activation", ["lipswish", "tanh", "elu", "softplus"])
