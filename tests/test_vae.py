@@ -185,7 +185,7 @@ def test_data_errors_name_the_site():
         flat.fit(objective="elbo", data={"x": torch.randn(10, 5, 1)}, num_steps=1, progress=False)
 
 
-@pytest.mark.parametrize("objective", ["skl", "fkl"])
+@pytest.mark.parametrize("objective", ["skl", "fkl", "elbo"])
 def test_simulation_objectives_warn_that_a_learnable_model_stays_fixed(objective):
     guide = ps.StructuredGuide(point_vae(_decoder()), observed=["x"])
     with pytest.warns(UserWarning, match="decoder.*not learned.*data="):
