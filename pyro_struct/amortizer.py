@@ -102,6 +102,8 @@ class PlateContext(NamedTuple):
     member_obs: torch.Tensor
     num_members: int
     pooled: torch.Tensor | None = None
+    #: ``N / B`` when the members are a subsample of ``B`` of a plate's ``N`` (see :meth:`PlateAmortizer.subsampled`)
+    member_scale: float = 1.0
 
 
 class PlateAmortizer:
@@ -125,12 +127,28 @@ class PlateAmortizer:
         pooled = None if self.flow.global_flow is None else self.flow.global_context(g_ctx, m_obs)
         return PlateContext(g_ctx, m_obs, n, pooled), batch
 
+    def subsampled(self, context: PlateContext, plate_size: int) -> PlateContext:
+        """The context of a subsample: ``context``'s ``B`` members drawn from a plate of ``plate_size``.
+
+        The globals' pooled summary takes the subsample's means as estimates of the data set's and
+        ``log N`` of the full size; the members' terms of ``log q`` are weighted by ``N / B``, as
+        Pyro scales the model's sites in a subsampled plate, so the ELBO of a guide call stays an
+        unbiased estimate of the full data set's for this pooled input (the pooled summary itself is
+        an estimate: the globals' conditional sees a subsample's means, not the data set's).
+        Scores of such a context are for the guide call (its sites' Jacobians are scaled by Pyro).
+        """
+        pooled = None if self.flow.global_flow is None else self.flow.global_context(
+            context.global_context, context.member_obs, plate_size)
+        return context._replace(pooled=pooled, member_scale=plate_size / max(context.num_members, 1))
+
     def _sample(self, context: PlateContext, n: int, batch_shape: torch.Size, common_noise: bool):
         batch_shape, L = torch.Size(batch_shape), self.layout
         eps_g = _noise(L.global_loc, n, batch_shape, (L.num_globals,), common_noise)
         eps_m = _noise(L.global_loc, n, batch_shape, (context.num_members, L.member_dim), common_noise)
-        y_g, y_m, logdet = self.flow(eps_g, eps_m, context.global_context, context.member_obs, context.pooled)
-        log_q_u = self.flow.base_log_prob(eps_g, eps_m) - logdet - L.log_scale(context.num_members)
+        w = context.member_scale
+        y_g, y_m, logdet = self.flow(eps_g, eps_m, context.global_context, context.member_obs, context.pooled, w)
+        # (log_scale is linear in the number of members: weighting the members is scaling their count)
+        log_q_u = self.flow.base_log_prob(eps_g, eps_m, w) - logdet - L.log_scale(context.num_members * w)
         values, flat, ladj = L.unpack(y_g, y_m)
         return values, flat, log_q_u, ladj
 
@@ -155,7 +173,9 @@ class PlateAmortizer:
               _add_jacobian: bool = False) -> torch.Tensor:
         """``log q(z | x)`` ``(*batch,)`` of constrained latents with ``N`` members, Jacobians included."""
         y_g, y_m, ladj = self.layout.pack(latents, batch_shape, context.num_members)
-        log_q_u = self.flow.log_prob(y_g, y_m, context.global_context, context.member_obs, context.pooled) - self.layout.log_scale(context.num_members)
+        w = context.member_scale
+        log_q_u = (self.flow.log_prob(y_g, y_m, context.global_context, context.member_obs, context.pooled, w)
+                   - self.layout.log_scale(context.num_members * w))
         return log_q_u if _add_jacobian else log_q_u - ladj
 
     def latent_batch_shapes(self, values: Mapping[str, Any], context: PlateContext, where: str = "log_prob") -> list[torch.Size]:

@@ -18,6 +18,7 @@ from pyro.distributions import Delta
 from pyro.distributions.torch_distribution import TorchDistribution
 from pyro.distributions.util import sum_rightmost
 from pyro.nn import PyroModule
+from pyro.poutine.util import site_is_subsample
 from torch.distributions import constraints
 
 from .amortizer import FlatAmortizer, PlateAmortizer
@@ -317,7 +318,20 @@ class StructuredGuide(PyroModule):
 
     def _conditioned(self, trace, args=(), kwargs=None) -> TorchDistribution:
         context, _ = self.condition(self._observed_from_call(trace, args, kwargs), "guide call", True)
+        full = self._subsampled_plate_size(trace)
+        if full is not None:
+            context = self._amortizer.subsampled(context, full)
         return _ConditionedFlowDistribution(self, context)
+
+    def _subsampled_plate_size(self, trace) -> int | None:
+        """The full size of the data plate when this call subsamples it (``None`` otherwise)."""
+        if self.plate_layout is None:
+            return None
+        site = trace.nodes.get(self.plate_layout.plate)
+        if site is None or not site_is_subsample(site):
+            return None
+        full, size = int(site["fn"].size), int(site["value"].numel())
+        return full if full != size else None
 
     def get_posterior(self, *args, **kwargs) -> TorchDistribution:
         """The flow conditioned on this call's observations (and covariates): a distribution over the
@@ -360,12 +374,18 @@ class StructuredGuide(PyroModule):
             for frame in trace.nodes[name]["cond_indep_stack"]:
                 if frame.vectorized and frame.dim is not None and frame.name not in plates:
                     full = frame.full_size or frame.size
-                    if full != frame.size:
+                    if full == frame.size:
+                        plates[frame.name] = pyro.plate(frame.name, full, dim=frame.dim, subsample_size=frame.size)
+                    elif self.plate_layout is not None and frame.name == self.plate_layout.plate:
+                        # the subsample this call's observations were read at: the model replays these indices
+                        indices = trace.nodes[frame.name]["value"]
+                        plates[frame.name] = pyro.plate(frame.name, full, dim=frame.dim, subsample=indices)
+                    else:
                         raise ModelStructureError(
                             f"latent site {name!r} is in the subsampled plate {frame.name!r}: this guide compiles one "
-                            "flow coordinate per plate member, so subsample only plates without latent sites"
+                            "flow coordinate per plate member; use StructuredGuide(..., plates='auto') for a shared-weight "
+                            "guide that subsamples, or subsample only plates without latent sites"
                         )
-                    plates[frame.name] = pyro.plate(frame.name, full, dim=frame.dim, subsample_size=frame.size)
         return plates
 
     def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:

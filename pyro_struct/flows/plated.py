@@ -111,9 +111,12 @@ class PlatedStrAF(MaskedStructure, nn.Module):
         return StrAF(A, context_dim=A.shape[1] - g, **options)
 
     # ------------------------------------------------------------------ pieces
-    def summary(self, member_obs: torch.Tensor) -> torch.Tensor:
-        """Per-global pooled features ``(*batch, g * (e + ko) + 1)`` of member observations ``(*batch, N, ko)``."""
-        n = member_obs.shape[-2]
+    def summary(self, member_obs: torch.Tensor, num_members: int | None = None) -> torch.Tensor:
+        """Per-global pooled features ``(*batch, g * (e + ko) + 1)`` of member observations ``(*batch, N, ko)``.
+
+        ``num_members``: the data set's size when ``member_obs`` is a subsample of it (the means
+        over the subsample estimate the data set's; ``log N`` is the data set's)."""
+        n = member_obs.shape[-2] if num_members is None else int(num_members)
         g = self.num_globals
         masked = member_obs.unsqueeze(-2) * self.pooled.to(member_obs.dtype)  # (*, N, g, ko)
         eye = torch.eye(g, dtype=member_obs.dtype, device=member_obs.device).expand(masked.shape[:-1] + (g,))
@@ -122,9 +125,9 @@ class PlatedStrAF(MaskedStructure, nn.Module):
         log_n = member_obs.new_full(member_obs.shape[:-2] + (1,), math.log(max(n, 1)))
         return torch.cat([torch.cat([emb, linear], -1).flatten(-2), log_n], -1)
 
-    def global_context(self, global_ctx: torch.Tensor | None, member_obs: torch.Tensor) -> torch.Tensor:
-        """The globals' flow context ``(*batch, cg + g * (e + ko) + 1)``."""
-        return broadcast_cat([global_ctx, self.summary(member_obs)])
+    def global_context(self, global_ctx: torch.Tensor | None, member_obs: torch.Tensor, num_members: int | None = None) -> torch.Tensor:
+        """The globals' flow context ``(*batch, cg + g * (e + ko) + 1)`` (``num_members``: as :meth:`summary`)."""
+        return broadcast_cat([global_ctx, self.summary(member_obs, num_members)])
 
     def member_context(self, y_globals, global_ctx, member_obs) -> torch.Tensor:
         """Each member's flow context ``(*batch, N, g + cg + ko)``."""
@@ -137,7 +140,7 @@ class PlatedStrAF(MaskedStructure, nn.Module):
     def _pooled(self, global_ctx, member_obs, pooled):
         return self.global_context(global_ctx, member_obs) if pooled is None else pooled
 
-    def forward(self, eps_globals, eps_members, global_ctx, member_obs, pooled=None):
+    def forward(self, eps_globals, eps_members, global_ctx, member_obs, pooled=None, member_scale: float = 1.0):
         """Base noise -> latents.
 
         Args:
@@ -145,6 +148,8 @@ class PlatedStrAF(MaskedStructure, nn.Module):
             global_ctx: ``(*batch, cg)`` or ``None``; member_obs: ``(*batch, N, ko)``.
             pooled: :meth:`global_context` of these observations when already computed (the
                 pooling over members costs as much as a member pass; one training step needs it twice).
+            member_scale: weight of the members' log-determinant terms (``N / B`` for a subsample of
+                ``B`` of ``N`` members, as Pyro scales a subsampled plate's sites).
 
         Returns:
             ``y_globals`` ``(*batch, g)``, ``y_members`` ``(*batch, N, k)`` and ``log|det dy/deps|`` ``(*batch,)``.
@@ -155,18 +160,19 @@ class PlatedStrAF(MaskedStructure, nn.Module):
         y_m = eps_members
         if self.member_flow is not None:
             y_m, ld_m = self.member_flow(eps_members, self.member_context(y_g if self.num_globals else None, global_ctx, member_obs))
-            logdet = logdet + ld_m.sum(-1)
+            logdet = logdet + member_scale * ld_m.sum(-1)
         return y_g, y_m, logdet
 
-    def inverse(self, y_globals, y_members, global_ctx, member_obs, pooled=None):
-        """Latents -> base noise ``(eps_globals, eps_members)`` and ``log|det deps/dy|`` ``(*batch,)`` (``pooled``: as :meth:`forward`)."""
+    def inverse(self, y_globals, y_members, global_ctx, member_obs, pooled=None, member_scale: float = 1.0):
+        """Latents -> base noise ``(eps_globals, eps_members)`` and ``log|det deps/dy|`` ``(*batch,)``
+        (``pooled``, ``member_scale``: as :meth:`forward`)."""
         e_g, logdet = y_globals, 0.0
         if self.global_flow is not None:
             e_g, logdet = self.global_flow.inverse(y_globals, self._pooled(global_ctx, member_obs, pooled))
         e_m = y_members
         if self.member_flow is not None:
             e_m, ld_m = self.member_flow.inverse(y_members, self.member_context(y_globals if self.num_globals else None, global_ctx, member_obs))
-            logdet = logdet + ld_m.sum(-1)
+            logdet = logdet + member_scale * ld_m.sum(-1)
         return e_g, e_m, logdet
 
     @staticmethod
@@ -174,15 +180,16 @@ class PlatedStrAF(MaskedStructure, nn.Module):
         lp = -0.5 * eps * eps - 0.5 * math.log(2 * math.pi)
         return lp.flatten(-event_dims).sum(-1)
 
-    def base_log_prob(self, eps_globals: torch.Tensor, eps_members: torch.Tensor) -> torch.Tensor:
-        """Standard normal log density of both noises, summed: ``(*batch,)``."""
+    def base_log_prob(self, eps_globals: torch.Tensor, eps_members: torch.Tensor, member_scale: float = 1.0) -> torch.Tensor:
+        """Standard normal log density of both noises, summed (members weighted by ``member_scale``): ``(*batch,)``."""
         lead = torch.broadcast_shapes(eps_globals.shape[:-1], eps_members.shape[:-2])
-        return self._base(eps_globals, 1).expand(lead) + self._base(eps_members, 2).expand(lead)
+        return self._base(eps_globals, 1).expand(lead) + member_scale * self._base(eps_members, 2).expand(lead)
 
-    def log_prob(self, y_globals, y_members, global_ctx, member_obs, pooled=None) -> torch.Tensor:
-        """``log q(globals, members | x)`` ``(*batch,)``: the globals' term plus the sum over members."""
-        e_g, e_m, logdet = self.inverse(y_globals, y_members, global_ctx, member_obs, pooled)
-        return self.base_log_prob(e_g, e_m) + logdet
+    def log_prob(self, y_globals, y_members, global_ctx, member_obs, pooled=None, member_scale: float = 1.0) -> torch.Tensor:
+        """``log q(globals, members | x)`` ``(*batch,)``: the globals' term plus the sum over members
+        (weighted by ``member_scale``, as :meth:`forward`)."""
+        e_g, e_m, logdet = self.inverse(y_globals, y_members, global_ctx, member_obs, pooled, member_scale)
+        return self.base_log_prob(e_g, e_m, member_scale) + logdet
 
     def rsample_and_log_prob(self, global_ctx, member_obs, n: int = 1):
         """``n`` reparameterised samples per data set: ``(n, *batch, g)``, ``(n, *batch, N, k)`` and ``(n, *batch)``."""
