@@ -38,6 +38,11 @@ __all__ = ["GraphicalResidualFlow", "spectral_norm_bound", "default_num_layers"]
 #: residual blocks every latent gets once its information has arrived (SIReN-VAE used 4 blocks
 #: in all; a structure whose latents see all their ancestors directly gets exactly that)
 BLOCKS_PER_LATENT = 4
+#: the default's cap: each block costs a masked network pass (and fixed-point iterations to invert),
+#: so at a fixed budget 21 blocks on magic-niab (depth 18) reached 0.18 nats where 8 reached 0.010
+#: and 4 0.0075; on ecoli70 (depth 14) 8 blocks reached 0.029, 17 0.073 and 4 0.20
+#: (``benchmarks/results/lgbn_skl120_grf_*``, 120 s of skl)
+MAX_DEFAULT_BLOCKS = 8
 
 
 def default_num_layers(adjacency: torch.Tensor) -> int:
@@ -47,9 +52,14 @@ def default_num_layers(adjacency: torch.Tensor) -> int:
     the deepest latent is complete (has all it needs from the observations and its latent ancestors,
     through its parents) after ``propagation_depth`` blocks (:func:`pyro_struct.dag.propagation_depth`);
     the 3 blocks after that give it the 4 updates SIReN-VAE's GRFs had (4 blocks on a dense
-    structure, 8 on the faithful arithmetic circuit, 17 on ecoli70). At least 1 (``d = 0``).
+    structure, 8 on the faithful arithmetic circuit), capped at :data:`MAX_DEFAULT_BLOCKS` (8: on a
+    deeper ``H`` such as ecoli70's (14) or magic-niab's (18) the cap was faster *and* more accurate at
+    a fixed budget than the full rule, although the deepest latents then see only part of what ``H``
+    gives them). At least 1 (``d = 0``).
     """
-    return dag.propagation_depth(adjacency) + BLOCKS_PER_LATENT - 1 if adjacency.shape[0] else 1
+    if not adjacency.shape[0]:
+        return 1
+    return min(dag.propagation_depth(adjacency) + BLOCKS_PER_LATENT - 1, MAX_DEFAULT_BLOCKS)
 
 
 # ----------------------------------------------------------------------------- spectral bound
@@ -178,9 +188,9 @@ class GraphicalResidualFlow(ConditionalFlow):
         context_dim: number of context columns.
         num_layers: number of residual blocks. A block moves information one edge of ``H``
             further, so ``None`` (default) uses :func:`default_num_layers`:
-            ``propagation_depth(H) + 3`` (:func:`pyro_struct.dag.propagation_depth`), enough for
-            the deepest latent to see its parents complete and then get 3 more updates: 8 on the
-            faithful arithmetic circuit, 17 on ecoli70, 4 on a dense structure. With SIReN-VAE's
+            ``min(propagation_depth(H) + 3, 8)`` (:func:`pyro_struct.dag.propagation_depth`), enough for
+            the deepest latent to see its parents complete and then get 3 more updates where H is at
+            most 5 deep: 8 on the faithful arithmetic circuit and on ecoli70, 4 on a dense structure. With SIReN-VAE's
             fixed 4 blocks the faithful circuit GRF lost to dense (``benchmarks/results/grf_depth.md``).
         hidden_sizes: hidden widths of each block's MLP; a layer narrower than ``d`` is widened
             to ``d`` (the greedy factorisation needs one unit per distinct row, with a warning).
