@@ -2,10 +2,10 @@
 guide's log density is scaled as Pyro scales the plate, and SVI reaches the exact posterior."""
 
 import pyro
-import pyro.distributions as dist
 import pytest
 import torch
 
+from benchmarks.subsample import hierarchical_subsampled
 from pyro_struct import StructuredGuide
 from pyro_struct.errors import ModelStructureError
 
@@ -13,12 +13,8 @@ N, B = 2000, 100
 
 
 def subsampled_model(batch=B):
-    def model(data):
-        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
-        with pyro.plate("data", len(data), subsample_size=batch) as ind:
-            z = pyro.sample("z", dist.Normal(mu, 1.0))
-            pyro.sample("x", dist.Normal(z, 1.0), obs=data[ind])
-    return model
+    """mu ~ N(0, 1), z_i ~ N(mu, 1), x_i ~ N(z_i, 1) in a plate subsampled to ``batch`` (the benchmark's model)."""
+    return hierarchical_subsampled(batch)
 
 
 @pytest.fixture
