@@ -411,7 +411,13 @@ def main(argv=None) -> int:
         "training) and of one sampling pass after training: NFE per dopri5 solve for `cnf` (2 of them for the "
         "gradient-free initial step size), evaluations of g summed over blocks for `grf`, conditioner passes "
         "for `straf` (depth + 1 per layer when sampling); `nfe_tight` NFE of one density solve of the trained CNF "
-        f"at rtol = atol = {args.cnf_eval_tol} (batch {args.batch}); `heldout_nll` E[-log q(z|x)] in nats on "
+        f"at rtol = atol = {args.cnf_eval_tol} (batch {args.batch}); `tol_eq_acc` / `nfe_eq_acc` the loosest tolerance "
+        f"of {list(TOLERANCE_LADDER)} whose density solve of that batch is within {args.cnf_accuracy} nats (max "
+        "over points) of a 1e-8 solve, and its NFE (the work at equal accuracy); `lip_max` the largest spectral "
+        "norm of df/dy along 64 density trajectories (rk4, 10 steps) and `kinetic` their mean E|f|^2 (what sets "
+        "an explicit solver's steps); CNF variants `cnf:NAME` are listed under Settings (`cnf` alone: the "
+        "defaults); an augmented CNF's `heldout_nll` is the importance-weighted bound with "
+        f"{args.cnf_aux_samples} auxiliary samples (an upper bound of its NLL, so `fwd_kl` is an upper bound); `heldout_nll` E[-log q(z|x)] in nats on "
         f"{args.heldout} held-out simulations in the model's units; `fwd_kl` E_x KL(p(z|x) || q) = NLL minus "
         "the exact posterior entropy (Gaussian networks only). Values: mean (± sd over seeds when several).",
         "",
@@ -430,6 +436,8 @@ def main(argv=None) -> int:
         "hidden": args.hidden, "straf_layers": args.straf_layers, "straf_normalizer": "affine",
         "grf_layers": args.grf_layers, "grf_hidden": args.hidden[:1], "cnf_method": "dopri5",
         "cnf_tol": args.cnf_tol, "cnf_eval_tol": args.cnf_eval_tol, "cnf_divergence": "exact",
+        "cnf_options": args.cnf_options, "cnf_variants": args.cnf_variants, "cnf_accuracy": args.cnf_accuracy,
+        "cnf_aux_samples": args.cnf_aux_samples,
         "heldout": args.heldout, "seeds": args.seeds,
     }
     write_results(args.name, summary, columns=columns, meta=meta, notes="\n".join(notes))
