@@ -446,3 +446,20 @@ def test_training_loop_reports_progress_to_the_flow():
           num_steps=4, lr=1e-3, progress=False)
     assert [p for p, _ in seen] == [0.0, 0.25, 0.5, 0.75, None] and all(t for _, t in seen[:-1])
     assert flow.current_tolerances() == (flow.rtol, flow.atol)
+
+
+# ---------------------------------------------------------- velocity masks
+@pytest.mark.parametrize("velocity_mask", ["structure", "context_closure", "closure"])
+def test_velocity_masks_between_h_and_its_closure_keep_the_sample_structure(velocity_mask):
+    A = chain_adjacency(4, context_dim=1)  # x -> z0 -> z1 -> z2 -> z3: x reaches z3 in four hops
+    flow = _flow(A, context_dim=1, velocity_mask=velocity_mask, augment=1)
+    C = transitive_closure(A, reflexive=False)
+    expected = {"structure": A, "closure": C, "context_closure": torch.cat([A[:, :4], C[:, 4:]], 1)}[velocity_mask]
+    eye = torch.cat([torch.eye(4, dtype=torch.bool), torch.zeros(4, 1, dtype=torch.bool)], 1)
+    assert torch.equal(flow.velocity_adjacency, expected | eye)
+    check_jacobian_structure(flow, atol=0.0)  # z(T) depends on the closure only, whatever the field's mask
+    y, x = torch.randn(flow.state_dim), torch.randn(1)
+    J = torch.autograd.functional.jacobian(lambda v: flow.velocity(v[:-1], v[-1:], 0.5), torch.cat([y, x]))
+    assert (J[3, -1] != 0) == (velocity_mask != "structure"), "only the closures let f_3 see x directly"
+    with pytest.raises(ValueError, match="velocity_mask"):
+        StructuredCNF(A, context_dim=1, velocity_mask="full")

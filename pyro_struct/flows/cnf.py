@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..nn import StrNN, get_activation
-from .base import ConditionalFlow
+from .base import ConditionalFlow, transitive_closure
 
 __all__ = ["StructuredCNF", "augmented_adjacency"]
 
@@ -40,6 +40,8 @@ _ADAPTIVE_ORDERS = {"dopri8": 8, "dopri5": 5, "bosh3": 3, "fehlberg2": 2, "adapt
 _FIXED_GRID_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams", "fixed_adams")
 
 _TIME_GATINGS = ("paper", "gate_and_bias", "gate", "none")
+
+_VELOCITY_MASKS = ("structure", "context_closure", "closure")
 
 # The tolerance schedule reaches the final tolerances at this fraction of training.
 _TIGHTEN_BY = 0.8
@@ -180,6 +182,10 @@ class StructuredCNF(ConditionalFlow):
             starts from the identity flow (``f = 0``): 8 NFE per solve at initialisation instead of
             15-21 (``benchmarks/results/flows.md``), at the same accuracy after training.
         tolerance_schedule: ``(rtol, atol)`` at the start of training, or ``None`` (see above).
+        velocity_mask: the latent-level mask of ``f`` (before the diagonal): ``"structure"`` (``H``,
+            default), ``"context_closure"`` (``H`` among latents; each latent sees every observation
+            with a path to it in ``H``) or ``"closure"`` (``H``'s transitive closure). The sample's
+            dependence pattern is the closure of ``H`` in all three (see :meth:`_velocity_mask`).
 
     The CNF is one ODE, so it has no ``num_layers`` option; :attr:`num_passes` is the number of
     network evaluations of the last sampling call (the solver's NFE, plus one pass of the
@@ -226,14 +232,17 @@ class StructuredCNF(ConditionalFlow):
         aux_samples: int = 1,
         init_scale: float = 0.0,
         tolerance_schedule: tuple[float, float] | None = None,
+        velocity_mask: str = "structure",
     ):
         super().__init__(adjacency, context_dim)
+        if velocity_mask not in _VELOCITY_MASKS:
+            raise ValueError(f"velocity_mask must be one of {_VELOCITY_MASKS}; got {velocity_mask!r}")
         self._check_options(activation, time_gating, T, divergence, hutchinson_noise, method, rtol, atol, augment,
                             aux_samples, init_scale, tolerance_schedule)
         import torchdiffeq  # noqa: F401  (fail here, with the name of the missing package, not mid-solve)
 
         d = self.dim
-        A_f = self.adjacency.clone()
+        A_f = self._velocity_mask(velocity_mask)
         if include_diagonal:
             A_f[:, :d] |= torch.eye(d, dtype=torch.bool)
         self.register_buffer("velocity_adjacency", A_f, persistent=False)
@@ -331,6 +340,21 @@ class StructuredCNF(ConditionalFlow):
         aux = StrNN(rows, hidden_sizes, num_params=2, activation=self.activation, require="smooth")
         aux.layers[-1].reset_masked_parameters(zero_init=True)
         return aux
+
+    def _velocity_mask(self, kind: str) -> torch.Tensor:
+        """The velocity field's latent-level adjacency (before the diagonal): ``H`` itself, ``H`` with
+        the transitive closure's context columns, or the whole transitive closure. All three give the
+        sample ``z(T)`` exactly the closure's dependence pattern (a path in ``H`` is what an ODE
+        propagates), so the structural guarantee is the same; they differ in how many hops information
+        from ``x`` and the ancestors must travel through time inside the solve."""
+        A = self.adjacency.clone()
+        if kind == "structure":
+            return A
+        C = transitive_closure(A, reflexive=False)
+        if kind == "closure":
+            return C
+        A[:, self.dim:] = C[:, self.dim:]
+        return A
 
     # ------------------------------------------------------------------ counts
     def reset_nfe(self) -> None:
