@@ -316,6 +316,8 @@ def _parse(argv):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="one training run per seed and row")
     p.add_argument("--name", default="flows", help="results file stem")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows of the existing NAME.json that this run does not redo (re-run some rows only)")
     return p.parse_args(argv)
 
 
@@ -373,6 +375,24 @@ def summarise(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     return summary, comparison
 
 
+def _merge_earlier(args, rows: list[dict], curves: list[dict]) -> dict | None:
+    """``--merge``: keep the per-seed rows (and GRF curves) of ``NAME.json`` that this run did not
+    redo, in place, in ``rows`` / ``curves``; returns a note of what was kept and the earlier settings."""
+    path = RESULTS_DIR / f"{args.name}.json"
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    redone = {(r["model"], r["family"], r["structure"], r["seed"]) for r in rows}
+    kept = [r for r in data.get("per_seed_rows", []) if (r["model"], r["family"], r["structure"], r["seed"]) not in redone]
+    rows[:0] = kept
+    if not curves:
+        curves.extend(data.get("grf_residuals", []))
+    meta = data.get("meta", {})
+    families = sorted({r["family"] for r in kept})
+    return {"families": families, "date": data.get("environment", {}).get("date"),
+            "cnf_variants": meta.get("cnf_variants"), "steps": meta.get("steps"), "seeds": meta.get("seeds")}
+
+
 def main(argv=None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(args.threads)
@@ -398,6 +418,7 @@ def main(argv=None) -> int:
                         for method, res in curve.items():
                             curves.append({"model": name, "structure": structure, "method": method,
                                            **{f"it{k}": r for k, r in zip(GRF_ITERATIONS, res)}})
+    earlier = _merge_earlier(args, rows, curves) if args.merge else None
     summary, comparison = summarise(rows)
     columns = ["model", "family", "structure", "edges", "depth", "params_eff", "params_dense", "seeds", "ms_per_step",
                "work_init", "work_train", "work_density", "work_sample", "nfe_tight", "tol_eq_acc", "nfe_eq_acc", "lip_max",
@@ -440,6 +461,8 @@ def main(argv=None) -> int:
         "cnf_aux_samples": args.cnf_aux_samples,
         "heldout": args.heldout, "seeds": args.seeds,
     }
+    if earlier is not None:
+        meta["merged_from_earlier_run"] = earlier
     write_results(args.name, summary, columns=columns, meta=meta, notes="\n".join(notes))
     # keep the per-seed rows, the comparison and the residual curves in the JSON as data
     path = RESULTS_DIR / f"{args.name}.json"

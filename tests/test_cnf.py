@@ -298,7 +298,7 @@ def test_augmented_velocity_mask_is_block_expanded():
     A = chain_adjacency(3, context_dim=1)
     A[2, 0] = True
     aug = 2
-    flow = _flow(A, context_dim=1, augment=aug)
+    flow = _flow(A, context_dim=1, augment=aug, velocity_mask="structure")
     D = flow.state_dim
     allowed = torch.zeros(D, D + 1, dtype=torch.bool)
     owner = [0, 1, 2] + [i for i in range(3) for _ in range(aug)]

@@ -98,10 +98,10 @@ class StructuredCNF(ConditionalFlow):
 
     ``dy/dt = f(y, x, t)`` for ``t`` in ``[0, T]``: ``y(0) = e`` is standard normal noise and
     ``y(T)`` the sample. Without augmentation the state ``y`` is ``z``. ``f`` is a StrNN over
-    the inputs ``[y, x]`` with adjacency ``A_f = A`` plus the latent diagonal
-    (``A_f[i, i] = True``, :attr:`velocity_adjacency`): output ``f_i`` sees exactly ``z_i`` and
-    ``H``'s parents of ``i``. Since ``H`` is strictly lower-triangular among latents, ``z_i(T)``
-    then depends only on ``eps_j`` and ``x_k`` that reach ``i`` by a path in ``H``.
+    the inputs ``[y, x]`` with adjacency ``A_f`` (:attr:`velocity_adjacency`): ``H``'s latent
+    parents, the observations with a path to the latent in ``H`` (``velocity_mask``), and the latent
+    diagonal (``A_f[i, i] = True``). Since ``H`` is strictly lower-triangular among latents,
+    ``z_i(T)`` then depends only on ``eps_j`` and ``x_k`` that reach ``i`` by a path in ``H``.
 
     **Augmentation** (``augment = A > 0``; Weilbach et al. use 10, after Dupont et al.'s
     augmented neural ODEs). The state is ``y = [z, a]`` with ``A`` augmenting dimensions per
@@ -182,10 +182,14 @@ class StructuredCNF(ConditionalFlow):
             starts from the identity flow (``f = 0``): 8 NFE per solve at initialisation instead of
             15-21 (``benchmarks/results/flows.md``), at the same accuracy after training.
         tolerance_schedule: ``(rtol, atol)`` at the start of training, or ``None`` (see above).
-        velocity_mask: the latent-level mask of ``f`` (before the diagonal): ``"structure"`` (``H``,
-            default), ``"context_closure"`` (``H`` among latents; each latent sees every observation
-            with a path to it in ``H``) or ``"closure"`` (``H``'s transitive closure). The sample's
-            dependence pattern is the closure of ``H`` in all three (see :meth:`_velocity_mask`).
+        velocity_mask: the latent-level mask of ``f`` (before the diagonal): ``"context_closure"``
+            (default: ``H`` among latents, and each latent sees every observation with a path to it
+            in ``H``), ``"structure"`` (``H`` itself) or ``"closure"`` (``H``'s transitive closure).
+            The sample's dependence pattern is the closure of ``H`` in all three (see
+            :meth:`_velocity_mask`). With ``H`` alone, an observation reaches a latent ``k`` hops
+            down only by relaying through ``k`` latents *during* the solve; measured on the circuit
+            and ecoli70 (``benchmarks/results/flows.md``) the context closure is much more accurate
+            at the same budget for a few more parameters.
 
     The CNF is one ODE, so it has no ``num_layers`` option; :attr:`num_passes` is the number of
     network evaluations of the last sampling call (the solver's NFE, plus one pass of the
@@ -232,7 +236,7 @@ class StructuredCNF(ConditionalFlow):
         aux_samples: int = 1,
         init_scale: float = 0.0,
         tolerance_schedule: tuple[float, float] | None = None,
-        velocity_mask: str = "structure",
+        velocity_mask: str = "context_closure",
     ):
         super().__init__(adjacency, context_dim)
         if velocity_mask not in _VELOCITY_MASKS:
