@@ -51,6 +51,7 @@ __all__ = [
 FAMILIES = ("straf", "grf", "cnf")
 STRUCTURES = ("faithful", "dense")
 GRF_ITERATIONS = (1, 2, 3, 5, 10, 20, 50)
+TOLERANCE_LADDER = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6, 1e-7)
 
 
 # ------------------------------------------------------------------------ problems
@@ -124,16 +125,75 @@ def build_flow(family: str, A: torch.Tensor, context_dim: int, args) -> torch.nn
         )
     if family == "grf":
         return GraphicalResidualFlow(A, context_dim, num_layers=args.grf_layers, hidden_sizes=hidden[:1])
-    if family == "cnf":
-        return StructuredCNF(A, context_dim, hidden_sizes=hidden, rtol=args.cnf_tol, atol=args.cnf_tol)
+    if family.split(":")[0] == "cnf":
+        options = {**args.cnf_options, **args.cnf_variants.get(family, {})}
+        return StructuredCNF(A, context_dim, hidden_sizes=hidden, rtol=args.cnf_tol, atol=args.cnf_tol, **options)
     raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+
+
+def cnf_variant_families(args) -> list[str]:
+    """The CNF rows' family names: ``"cnf"`` alone, or ``"cnf:NAME"`` per ``--cnf-variants`` entry."""
+    return list(args.cnf_variants) if args.cnf_variants else ["cnf"]
+
+
+def _solve_with(flow, tol: float, fn):
+    """``fn()`` with the CNF's rtol = atol = ``tol`` and a fixed seed for its auxiliary draws."""
+    saved = (flow.rtol, flow.atol)
+    flow.rtol = flow.atol = tol
+    try:
+        torch.manual_seed(5)
+        with torch.no_grad():
+            return fn()
+    finally:
+        flow.rtol, flow.atol = saved
+
+
+def nfe_at_equal_accuracy(flow, z: torch.Tensor, x: torch.Tensor, accuracy: float = 0.01) -> tuple[float, int]:
+    """The loosest tolerance in :data:`TOLERANCE_LADDER` whose density solve of ``z, x`` is within
+    ``accuracy`` nats (max over points) of a solve at 1e-8, and its NFE: the work that accuracy costs."""
+    ref = _solve_with(flow, 1e-8, lambda: flow.log_prob(z, x))
+    for tol in TOLERANCE_LADDER:
+        lp = _solve_with(flow, tol, lambda: flow.log_prob(z, x))
+        if float((lp - ref).abs().max()) <= accuracy:
+            return tol, flow.last_stats["inverse"]["nfe"]
+    return 1e-8, flow.last_stats["inverse"]["nfe"]
+
+
+def cnf_field_stats(flow, z: torch.Tensor, x: torch.Tensor, steps: int = 10) -> tuple[float, float]:
+    """The trained field along density trajectories of ``z, x`` (rk4, ``steps`` steps from T to 0):
+    the largest spectral norm of ``df/dy`` (a Lipschitz estimate, what sets an explicit solver's
+    step) and the mean kinetic energy ``E |f|^2``."""
+    y = z
+    if flow.augment:
+        with torch.no_grad():
+            y = torch.cat([z, flow.auxiliary_sample(z, x)[0]], -1)
+    h, t = flow.T / steps, flow.T
+    lips, kinetic = [], []
+
+    def f(tq, yq):
+        return flow.velocity(yq, x, torch.tensor(tq))
+
+    for k in range(steps + 1):
+        tt = torch.tensor(t)
+        J = torch.func.vmap(torch.func.jacrev(lambda yy, xx: flow.velocity(yy, xx, tt)))(y, x)
+        lips.append(float(torch.linalg.matrix_norm(J.detach(), ord=2).max()))
+        with torch.no_grad():
+            k1 = f(t, y)
+            kinetic.append(float(k1.pow(2).sum(-1).mean()))
+            if k < steps:
+                k2 = f(t - h / 2, y - h / 2 * k1)
+                k3 = f(t - h / 2, y - h / 2 * k2)
+                y = y - h / 6 * (k1 + 2 * k2 + 2 * k3 + f(t - h, y - h * k3))
+        t -= h
+    return max(lips), sum(kinetic) / len(kinetic)
 
 
 def _work(flow, direction: str) -> int:
     """Network evaluations of the latest call in ``direction`` (``"forward"``: sampling, ``"inverse"``:
     density): NFE for the CNF, evaluations of ``g`` summed over blocks for the GRF, conditioner
-    passes for StrAF (the flows' common ``last_stats``)."""
-    return flow.last_stats[direction]["evaluations"]
+    passes for StrAF (the flows' common ``last_stats``; the CNF's solver NFE, without its auxiliary pass)."""
+    stats = flow.last_stats[direction]
+    return stats.get("nfe", stats["evaluations"])
 
 
 def grf_residuals(flow, z: torch.Tensor, x: torch.Tensor) -> dict[str, list[float]]:
@@ -171,7 +231,10 @@ def benchmark_row(
     opt = torch.optim.Adam(flow.parameters(), lr=args.lr)
     z_train, x_train = train
     times, work = [], []
+    follows = callable(getattr(flow, "set_training_progress", None))  # a CNF's tolerance schedule
     for step in range(args.steps):
+        if follows:
+            flow.set_training_progress(step / args.steps)
         i = (step * args.batch) % len(z_train)
         zb, xb = z_train[i : i + args.batch], x_train[i : i + args.batch]
         t0 = time.perf_counter()
@@ -183,24 +246,30 @@ def benchmark_row(
         work.append(_work(flow, "inverse"))
         if not torch.isfinite(loss):
             raise RuntimeError(f"{problem.name}/{family}/{structure}: non-finite loss at step {step}")
+    if follows:
+        flow.set_training_progress(None)
     skip = min(3, len(times) - 1)  # first steps include allocator warm-up
     ms = 1000 * sum(times[skip:]) / max(1, len(times) - skip)
     tail = work[-max(1, len(work) // 5):]
     z_h, x_h = held_out
+    is_cnf = family.split(":")[0] == "cnf"
+    if is_cnf and flow.augment:
+        flow.aux_samples = args.cnf_aux_samples  # the importance-weighted bound, tighter than the ELBO over a
     nll = problem.nll(flow, z_h, x_h)
     density_work = _work(flow, "inverse")
+    if is_cnf:
+        flow.aux_samples = 1
     with torch.no_grad():
         flow.rsample_and_log_prob(x_h[: args.batch], 1)
     sampling_work = _work(flow, "forward")
-    nfe_tight = None
-    if family == "cnf":
-        # the trained dynamics' difficulty at a tighter tolerance than training used
-        saved = (flow.rtol, flow.atol)
-        flow.rtol = flow.atol = args.cnf_eval_tol
-        with torch.no_grad():
-            flow.log_prob(z_h[: args.batch], x_h[: args.batch])
-        nfe_tight = _work(flow, "inverse")
-        flow.rtol, flow.atol = saved
+    cnf = {"nfe_tight": None, "tol_eq_acc": None, "nfe_eq_acc": None, "lip_max": None, "kinetic": None}
+    if is_cnf:
+        # the trained dynamics' difficulty: at a tighter tolerance than training used, and at equal accuracy
+        zb, xb = z_h[: args.batch], x_h[: args.batch]
+        _solve_with(flow, args.cnf_eval_tol, lambda: flow.log_prob(zb, xb))
+        cnf["nfe_tight"] = _work(flow, "inverse")
+        cnf["tol_eq_acc"], cnf["nfe_eq_acc"] = nfe_at_equal_accuracy(flow, zb, xb, args.cnf_accuracy)
+        cnf["lip_max"], cnf["kinetic"] = cnf_field_stats(flow, zb[:64], xb[:64])
     row = {
         "model": problem.name,
         "family": family,
@@ -215,7 +284,7 @@ def benchmark_row(
         "work_train": sum(tail) / len(tail),
         "work_density": density_work,
         "work_sample": sampling_work,
-        "nfe_tight": nfe_tight,
+        **cnf,
         "heldout_nll": nll,
         "fwd_kl": (nll - problem.exact_entropy) if problem.exact_entropy is not None else None,
         "final_loss": float(loss.detach()),
@@ -236,10 +305,19 @@ def _parse(argv):
     p.add_argument("--grf-layers", type=int, default=4, help="GRF residual blocks (its num_layers)")
     p.add_argument("--cnf-tol", type=float, default=1e-4, help="rtol = atol of the CNF's dopri5")
     p.add_argument("--cnf-eval-tol", type=float, default=1e-6, help="tolerance of the trained CNF's NFE probe")
+    p.add_argument("--cnf-accuracy", type=float, default=0.01,
+                   help="nats: max |log q error| against a 1e-8 solve that defines the equal-accuracy NFE")
+    p.add_argument("--cnf-options", type=json.loads, default={}, help="JSON options for every CNF row")
+    p.add_argument("--cnf-variants", type=json.loads, default={},
+                   help='JSON {"cnf:NAME": options}: CNF rows per variant (family "cnf" runs them all)')
+    p.add_argument("--cnf-aux-samples", type=int, default=16,
+                   help="importance samples of an augmented CNF's held-out log q bound")
     p.add_argument("--heldout", type=int, default=2048)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="one training run per seed and row")
     p.add_argument("--name", default="flows", help="results file stem")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows of the existing NAME.json that this run does not redo (re-run some rows only)")
     return p.parse_args(argv)
 
 
@@ -264,8 +342,8 @@ def summarise(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     for (model, family, structure), rs in groups.items():
         out = {k: rs[0][k] for k in ("model", "family", "structure", "edges", "depth", "params_eff", "params_dense")}
         out["seeds"] = len(rs)
-        for k in ("ms_per_step", "work_init", "work_train", "work_density", "work_sample", "nfe_tight", "heldout_nll",
-                  "fwd_kl"):
+        for k in ("ms_per_step", "work_init", "work_train", "work_density", "work_sample", "nfe_tight", "tol_eq_acc",
+                  "nfe_eq_acc", "lip_max", "kinetic", "heldout_nll", "fwd_kl"):
             vals = [r[k] for r in rs if r[k] is not None]
             out[k] = _pm(vals) if vals else None
         summary.append(out)
@@ -290,9 +368,29 @@ def summarise(rows: list[dict]) -> tuple[list[dict], list[dict]]:
             "work_train faithful/dense": ratio("work_train"),
             "work_sample faithful/dense": ratio("work_sample"),
             "nfe_tight faithful/dense": ratio("nfe_tight"),
+            "nfe_eq_acc faithful/dense": ratio("nfe_eq_acc"),
+            "lip_max faithful/dense": ratio("lip_max"),
             "NLL faithful - dense (nats)": _pm([f[s]["heldout_nll"] - d[s]["heldout_nll"] for s in seeds]),
         })
     return summary, comparison
+
+
+def _merge_earlier(args, rows: list[dict], curves: list[dict]) -> dict | None:
+    """``--merge``: keep the per-seed rows (and GRF curves) of ``NAME.json`` that this run did not
+    redo, in place, in ``rows`` / ``curves``; returns a note of what was kept and the earlier settings."""
+    path = RESULTS_DIR / f"{args.name}.json"
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    redone = {(r["model"], r["family"], r["structure"], r["seed"]) for r in rows}
+    kept = [r for r in data.get("per_seed_rows", []) if (r["model"], r["family"], r["structure"], r["seed"]) not in redone]
+    rows[:0] = kept
+    if not curves:
+        curves.extend(data.get("grf_residuals", []))
+    meta = data.get("meta", {})
+    families = sorted({r["family"] for r in kept})
+    return {"families": families, "date": data.get("environment", {}).get("date"),
+            "cnf_variants": meta.get("cnf_variants"), "steps": meta.get("steps"), "seeds": meta.get("seeds")}
 
 
 def main(argv=None) -> int:
@@ -306,7 +404,8 @@ def main(argv=None) -> int:
         held_out = problem.sample(args.heldout, seed=2)
         for seed in args.seeds:
             train = problem.sample(args.steps * args.batch, seed=1000 * (seed + 1) + 1)
-            for family in args.families:
+            families = [f for fam in args.families for f in (cnf_variant_families(args) if fam == "cnf" else [fam])]
+            for family in families:
                 for structure in STRUCTURES:
                     t0 = time.perf_counter()
                     row, curve = benchmark_row(problem, family, structure, args, train, held_out, seed=seed)
@@ -319,9 +418,11 @@ def main(argv=None) -> int:
                         for method, res in curve.items():
                             curves.append({"model": name, "structure": structure, "method": method,
                                            **{f"it{k}": r for k, r in zip(GRF_ITERATIONS, res)}})
+    earlier = _merge_earlier(args, rows, curves) if args.merge else None
     summary, comparison = summarise(rows)
     columns = ["model", "family", "structure", "edges", "depth", "params_eff", "params_dense", "seeds", "ms_per_step",
-               "work_init", "work_train", "work_density", "work_sample", "nfe_tight", "heldout_nll", "fwd_kl"]
+               "work_init", "work_train", "work_density", "work_sample", "nfe_tight", "tol_eq_acc", "nfe_eq_acc", "lip_max",
+               "kinetic", "heldout_nll", "fwd_kl"]
     notes = [
         "Columns: `params_eff` unmasked parameters (all flows are masked; for `dense` the mask is the full "
         "lower-triangular inverse); `ms_per_step` one forward-KL step (`-log q(z|x)`, batch "
@@ -331,7 +432,13 @@ def main(argv=None) -> int:
         "training) and of one sampling pass after training: NFE per dopri5 solve for `cnf` (2 of them for the "
         "gradient-free initial step size), evaluations of g summed over blocks for `grf`, conditioner passes "
         "for `straf` (depth + 1 per layer when sampling); `nfe_tight` NFE of one density solve of the trained CNF "
-        f"at rtol = atol = {args.cnf_eval_tol} (batch {args.batch}); `heldout_nll` E[-log q(z|x)] in nats on "
+        f"at rtol = atol = {args.cnf_eval_tol} (batch {args.batch}); `tol_eq_acc` / `nfe_eq_acc` the loosest tolerance "
+        f"of {list(TOLERANCE_LADDER)} whose density solve of that batch is within {args.cnf_accuracy} nats (max "
+        "over points) of a 1e-8 solve, and its NFE (the work at equal accuracy); `lip_max` the largest spectral "
+        "norm of df/dy along 64 density trajectories (rk4, 10 steps) and `kinetic` their mean E|f|^2 (what sets "
+        "an explicit solver's steps); CNF variants `cnf:NAME` are listed under Settings (`cnf` alone: the "
+        "defaults); an augmented CNF's `heldout_nll` is the importance-weighted bound with "
+        f"{args.cnf_aux_samples} auxiliary samples (an upper bound of its NLL, so `fwd_kl` is an upper bound); `heldout_nll` E[-log q(z|x)] in nats on "
         f"{args.heldout} held-out simulations in the model's units; `fwd_kl` E_x KL(p(z|x) || q) = NLL minus "
         "the exact posterior entropy (Gaussian networks only). Values: mean (± sd over seeds when several).",
         "",
@@ -350,8 +457,12 @@ def main(argv=None) -> int:
         "hidden": args.hidden, "straf_layers": args.straf_layers, "straf_normalizer": "affine",
         "grf_layers": args.grf_layers, "grf_hidden": args.hidden[:1], "cnf_method": "dopri5",
         "cnf_tol": args.cnf_tol, "cnf_eval_tol": args.cnf_eval_tol, "cnf_divergence": "exact",
+        "cnf_options": args.cnf_options, "cnf_variants": args.cnf_variants, "cnf_accuracy": args.cnf_accuracy,
+        "cnf_aux_samples": args.cnf_aux_samples,
         "heldout": args.heldout, "seeds": args.seeds,
     }
+    if earlier is not None:
+        meta["merged_from_earlier_run"] = earlier
     write_results(args.name, summary, columns=columns, meta=meta, notes="\n".join(notes))
     # keep the per-seed rows, the comparison and the residual curves in the JSON as data
     path = RESULTS_DIR / f"{args.name}.json"

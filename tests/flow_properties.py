@@ -22,6 +22,8 @@ __all__ = [
     "check_sampling_without_gradients",
     "check_gradients",
     "check_all",
+    "check_augmented",
+    "expanded_closure",
     "check_interface",
     "dag_from_adjacency",
 ]
@@ -157,8 +159,95 @@ def check_sampling_without_gradients(flow: ConditionalFlow, atol: float = 1e-9, 
             break
 
 
+def expanded_closure(adjacency: torch.Tensor, augment: int) -> torch.Tensor:
+    """Which state inputs each state output of an augmented flow may depend on, ``(D, D + c)``.
+
+    Written here element by element, independently of the flow's own mask expansion: state unit
+    ``u`` belongs to latent ``u`` (``u < d``) or ``(u - d) // augment``, and may depend on the
+    noise of state unit ``v`` (context column ``k``) iff the latent closure links their latents.
+    """
+    C = transitive_closure(adjacency)
+    d = C.shape[0]
+    owner = list(range(d)) + [i for i in range(d) for _ in range(augment)]
+    D, c = len(owner), C.shape[1] - d
+    allowed = torch.zeros(D, D + c, dtype=torch.bool)
+    for u in range(D):
+        for v in range(D):
+            allowed[u, v] = C[owner[u], owner[v]]
+        for k in range(c):
+            allowed[u, D + k] = C[owner[u], d + k]
+    return allowed
+
+
+def _check_state_maps(flow, atol: float, logdet_atol: float, jac_atol: float, seed: int) -> None:
+    """The exact bijection on an augmented flow's state: Jacobian zeros, log-dets, round trip, no-grad."""
+    D, d = flow.state_dim, flow.dim
+    g = torch.Generator().manual_seed(seed)
+    e = torch.randn(D, generator=g, dtype=torch.float64)
+    x = _context(flow, seed=seed)
+    inp = e if x is None else torch.cat([e, x])
+    J = torch.autograd.functional.jacobian(lambda v: flow.forward_state(v[:D], None if x is None else v[D:])[0], inp)
+    bad = (J.abs() > jac_atol) & ~expanded_closure(flow.adjacency, flow.augment)
+    assert not bad.any(), f"a state unit depends on a forbidden input at {torch.nonzero(bad)[:5].tolist()}"
+    _, expected = torch.linalg.slogdet(J[:, :D])
+    y, logdet = flow.forward_state(e, x)
+    assert torch.allclose(logdet, expected, atol=logdet_atol), f"state logdet {logdet.item()} != slogdet {expected.item()}"
+    Ji = torch.autograd.functional.jacobian(lambda v: flow.inverse_state(v, x)[0], y.detach())
+    e_back, logdet_inv = flow.inverse_state(y.detach(), x)
+    assert torch.allclose(logdet_inv, torch.linalg.slogdet(Ji)[1], atol=logdet_atol), "inverse state logdet != slogdet"
+    assert torch.allclose(e_back[:d], e[:d], atol=atol), f"latent round trip error {(e_back[:d] - e[:d]).abs().max().item()}"
+    assert torch.allclose(e_back, e, atol=atol), f"state round trip error {(e_back - e).abs().max().item()}"
+    assert torch.allclose(logdet, -logdet_inv, atol=10 * atol), "state log-determinants do not cancel"
+    with torch.no_grad():
+        y_ng, ld_ng = flow.forward_state(e, x)
+    assert torch.allclose(y_ng, y.detach(), atol=atol) and torch.allclose(ld_ng, logdet.detach(), atol=atol)
+
+
+def _check_augmented_densities(flow, atol: float, seed: int) -> None:
+    """The documented bound: both directions return ``log q(z, a | x) - log r(a | z, x)``, sampling at
+    its own ``a``, ``log_prob`` at ``a ~ r`` (same seed, same draws)."""
+    d = flow.dim
+    x = _context(flow, batch=(3,), seed=seed)
+    torch.manual_seed(seed)
+    z, lq = flow.rsample_and_log_prob(x, 4)
+    torch.manual_seed(seed)
+    y, lq_state, lr = flow.rsample_state(x, 4)
+    assert torch.equal(z, y[..., :d]), "rsample_and_log_prob and rsample_state must draw the same sample"
+    assert torch.allclose(lq, lq_state - lr, atol=atol), "sampling density != log q(z, a | x) - log r(a | z, x)"
+    exact = flow.state_log_prob(y.detach(), x)
+    assert torch.allclose(exact, lq_state.detach(), atol=atol), f"state density error {(exact - lq_state).abs().max().item()}"
+    direct = flow.auxiliary_log_prob(y[..., d:], z, x)
+    assert torch.allclose(direct, lr, atol=1e-10), "log r of the sample differs from auxiliary_log_prob"
+    saved, flow.aux_samples = flow.aux_samples, 1
+    try:
+        zd = z.detach()
+        torch.manual_seed(seed + 1)
+        lp = flow.log_prob(zd, x)
+        torch.manual_seed(seed + 1)
+        a, log_r = flow.auxiliary_sample(zd, x)
+    finally:
+        flow.aux_samples = saved
+    expected = flow.state_log_prob(torch.cat([zd, a], -1), x) - log_r
+    assert torch.allclose(lp, expected, atol=atol), f"log_prob != bound at a ~ r: {(lp - expected).abs().max().item()}"
+
+
+def check_augmented(flow, logdet_atol: float = 1e-5, roundtrip_atol: float = 1e-6, jac_atol: float = 1e-10) -> None:
+    """The property suite for a flow with augmenting dimensions (``flow.augment > 0``): the latent
+    Jacobian's zeros, the state bijection's properties and the documented density bound."""
+    check_jacobian_structure(flow, atol=jac_atol)  # z's dependence on (eps, x), augmenting noise held fixed
+    _check_state_maps(flow, roundtrip_atol, logdet_atol, jac_atol, seed=0)
+    _check_augmented_densities(flow, max(roundtrip_atol, 1e-6), seed=0)
+    check_gradients(flow)
+    aux = [p.grad for p in flow.aux.parameters()]
+    assert any(g is not None and g.abs().sum() > 0 for g in aux), "the auxiliary model gets no gradient"
+
+
 def check_all(flow: ConditionalFlow, logdet_atol: float = 1e-5, roundtrip_atol: float = 1e-6, jac_atol: float = 1e-10) -> None:
-    """Run every property check on ``flow`` (expects float64 parameters)."""
+    """Run every property check on ``flow`` (expects float64 parameters); flows with augmenting
+    dimensions run :func:`check_augmented` instead of the exact-density checks."""
+    if getattr(flow, "augment", 0):
+        check_augmented(flow, logdet_atol, roundtrip_atol, jac_atol)
+        return
     check_jacobian_structure(flow, atol=jac_atol)
     check_logdet(flow, atol=logdet_atol)
     check_log_prob_consistency(flow, atol=max(roundtrip_atol, 1e-6))

@@ -36,16 +36,24 @@ def _energize(flow: StructuredCNF, scale: float = 3.0, seed: int = 0) -> Structu
     with torch.no_grad():
         for layer in flow.net.layers:
             layer.weight.mul_(scale)
-            layer.bias.copy_(torch.randn(layer.bias.shape, generator=g))
+            if layer.bias is not None:
+                layer.bias.copy_(torch.randn(layer.bias.shape, generator=g))
         if flow.time_gating == "gate_and_bias":
             for p in flow.time_bias:
                 p.copy_(torch.randn(p.shape, generator=g))
+        if flow.time_gating == "paper":
+            for p in flow.outer_bias:
+                p.copy_(torch.randn(p.shape, generator=g))
+            flow.eta_out.weight.copy_(0.5 * torch.randn(flow.eta_out.weight.shape, generator=g))
+        if flow.aux is not None:  # r(a | z, x) away from N(0, I), so the bound is not trivially tight
+            for layer in flow.aux.layers:
+                layer.weight.copy_(0.5 * torch.randn(layer.weight.shape, generator=g) * layer.mask)
     return flow
 
 
 def _flow(A, context_dim=0, seed=0, **kw) -> StructuredCNF:
     torch.manual_seed(seed)
-    opts = dict(hidden_sizes=(16, 16), **TIGHT)
+    opts = dict(hidden_sizes=(16, 16), init_scale=1.0, **TIGHT)  # a field that moves from the start
     opts.update(kw)
     return _energize(StructuredCNF(A, context_dim=context_dim, **opts), seed=seed)
 
@@ -67,7 +75,7 @@ def test_shared_suite_dopri5(context_dim):
 def test_shared_suite_fixed_step_rk4():
     A = chain_adjacency(4, context_dim=2)
     A[3, 5] = True
-    flow = _flow(A, context_dim=2, method="rk4", options={"step_size": 0.05})
+    flow = _flow(A, context_dim=2, method="rk4", options={"step_size": 0.01})  # rk4 is invertible to O(h^4)
     check_all(flow, logdet_atol=1e-6, roundtrip_atol=1e-6, jac_atol=0.0)
 
 
@@ -271,3 +279,187 @@ def test_structure_reduces_effective_parameters():
     f_dense = StructuredCNF(dense, hidden_sizes=(32, 32))
     assert f_sparse.num_dense_parameters() == f_dense.num_dense_parameters()
     assert f_sparse.num_effective_parameters() < f_dense.num_effective_parameters() < f_dense.num_dense_parameters()
+
+
+# -------------------------------------------------------------- augmentation
+@pytest.mark.parametrize("time_gating", ["paper", "gate_and_bias"])
+@pytest.mark.parametrize("context_dim", [0, 2])
+def test_shared_suite_augmented(time_gating, context_dim):
+    A = random_dag_adjacency(4, context_dim, p=0.5, seed=11)
+    flow = _flow(A, context_dim, augment=2, time_gating=time_gating, hidden_sizes=(12, 12))
+    assert flow.state_dim == 12 and flow.dim == 4
+    y, _ = flow.forward_state(torch.randn(6, 12), torch.randn(6, context_dim) if context_dim else None)
+    assert y[:, 4:].std() > 0.1  # the augmenting dimensions move (the suite would pass a frozen a)
+    check_all(flow, logdet_atol=1e-6, roundtrip_atol=1e-6, jac_atol=0.0)
+
+
+def test_augmented_velocity_mask_is_block_expanded():
+    # latent i's block (z_i, a_i.) sees exactly what z_i sees; z_i sees its own a_i. and vice versa
+    A = chain_adjacency(3, context_dim=1)
+    A[2, 0] = True
+    aug = 2
+    flow = _flow(A, context_dim=1, augment=aug, velocity_mask="structure")
+    D = flow.state_dim
+    allowed = torch.zeros(D, D + 1, dtype=torch.bool)
+    owner = [0, 1, 2] + [i for i in range(3) for _ in range(aug)]
+    for u in range(D):
+        for v in range(D):
+            allowed[u, v] = owner[u] == owner[v] or bool(A[owner[u], owner[v]])
+        allowed[u, D] = bool(A[owner[u], 3])
+    assert torch.equal(flow.state_adjacency, allowed)
+    y, x = torch.randn(D), torch.randn(1)
+    J = torch.autograd.functional.jacobian(lambda v: flow.velocity(v[:D], v[D:], 0.3), torch.cat([y, x]))
+    assert (J[~allowed] == 0).all(), "the velocity depends on an input its mask forbids"
+    for i in range(3):
+        own = [3 + i * aug + k for k in range(aug)]
+        assert (J[i, own].abs() > 0).all() and (J[own, i].abs() > 0).all(), f"latent {i} and its augmenting dims"
+
+
+def _log_marginal_by_quadrature(flow, z: torch.Tensor) -> torch.Tensor:
+    """``log q(z) = log ∫ q(z, a) da`` for a 1-latent, 1-augment flow, on a grid over ``a``."""
+    grid = torch.linspace(-12.0, 12.0, 401)
+    y = torch.stack([z[:, None].expand(-1, len(grid)), grid.expand(len(z), -1)], -1)
+    log_joint = flow.state_log_prob(y)
+    return torch.logsumexp(log_joint, -1) + math.log(float(grid[1] - grid[0]))
+
+
+def test_augmented_density_bounds_bracket_the_exact_marginal():
+    # d = 1, augment = 1, no context: the marginal q(z) is a 1-D integral we can do numerically
+    flow = _flow(torch.zeros(1, 1, dtype=torch.bool), augment=1, time_gating="paper", hidden_sizes=(8, 8),
+                 rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # a broad r(a | z) = N(0, e^2): a poor fit to q(a | z), a safe importance proposal
+        for layer in flow.aux.layers:
+            layer.weight.zero_()
+        flow.aux.layers[-1].bias.copy_(torch.tensor([0.0, 1.0]))
+        torch.manual_seed(0)
+        z, ell = flow.rsample_and_log_prob(None, 40)
+        z = z[:, 0]
+        exact = _log_marginal_by_quadrature(flow, z)
+        # sampling: E_q[ell] - E_q[log q(z)] = E KL(q(a|z) || r(a|z)) >= 0, and clearly so for this r
+        gap_sample = (ell - exact).mean()
+        assert gap_sample > 0.1, f"sampling bound gap {gap_sample.item()}"
+        # density: E_r[ell] <= log q(z) (ELBO over a) for every z, and E_r[exp(ell)] = q(z) exactly
+        K, zs = 2000, z[:6]
+        draws = flow.log_prob(zs.unsqueeze(-1).expand(K, 6, 1).contiguous())  # (K, 6), aux_samples = 1
+        elbo = draws.mean(0)
+        assert (elbo < exact[:6]).all() and (exact[:6] - elbo).mean() > 0.1
+        w = torch.exp(draws - exact[:6])  # importance weights over q(z): mean 1 when the density is right
+        assert ((w.mean(0) - 1).abs() < 5 * w.std(0) / math.sqrt(K)).all(), f"E_r[q(z,a)/r(a|z)] / q(z) = {w.mean(0)}"
+        # aux_samples = K: the importance-weighted bound log mean_k exp(ell_k), within the same noise
+        flow.aux_samples = K
+        iw = flow.log_prob(zs.unsqueeze(-1))
+        assert ((iw - exact[:6]).abs() < 5 * w.std(0) / math.sqrt(K) + 1e-3).all(), f"IW error {iw - exact[:6]}"
+        assert (iw > elbo).all()
+
+
+def test_augment_zero_is_the_exact_flow_and_errors_name_the_argument():
+    A = chain_adjacency(3, context_dim=1)
+    flow = _flow(A, context_dim=1)
+    assert flow.augment == 0 and flow.state_dim == 3 and flow.aux is None
+    with pytest.raises(ValueError, match="augment=0"):
+        flow.auxiliary_sample(torch.randn(3), torch.randn(1))
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="augment"):
+            StructuredCNF(A, context_dim=1, augment=bad)
+    with pytest.raises(ValueError, match="aux_samples"):
+        StructuredCNF(A, context_dim=1, augment=1, aux_samples=0)
+    with pytest.raises(ValueError, match="tolerance_schedule"):
+        StructuredCNF(A, context_dim=1, tolerance_schedule=(1e-2,))
+    with pytest.raises(ValueError, match="init_scale"):
+        StructuredCNF(A, context_dim=1, init_scale=-1.0)
+    aug = StructuredCNF(A, context_dim=1, augment=2)
+    with pytest.raises(ValueError, match="e must have last dimension 9"):
+        aug.forward_state(torch.randn(2, 3), torch.randn(2, 1))
+
+
+# --------------------------------------------------------------- paper gating
+def test_paper_gating_matches_eq3_written_out():
+    A = random_dag_adjacency(4, 2, p=0.6, seed=12)
+    flow = _flow(A, context_dim=2, time_gating="paper", hidden_sizes=(10, 9))
+    layers = flow.net.layers
+    assert all(layer.bias is None for layer in layers)
+    t = torch.tensor(0.42)
+    eta1, eta2 = flow._eta(t)
+    assert [e.shape[0] for e in eta1] == [e.shape[0] for e in eta2] == [layer.out_features for layer in layers]
+    # eq. 3 directly: h = tanh((W . M) h * eta1(t)) + b * eta2(t), the last layer without tanh
+    z, x = torch.randn(7, 4), torch.randn(7, 2)
+    h = torch.cat([z, x], -1)
+    for k, layer in enumerate(layers):
+        a = (h @ (layer.weight * layer.mask).T) * eta1[k]
+        h = (a if k == len(layers) - 1 else torch.tanh(a)) + flow.outer_bias[k] * eta2[k]
+    assert torch.allclose(flow.velocity(z, x, t), h, atol=1e-12)
+    # the gates are functions of t: another time gives another field
+    assert not torch.allclose(flow.velocity(z, x, 0.9), h)
+
+
+def test_paper_gates_start_at_one_and_init_scale_zero_is_the_identity():
+    A = random_dag_adjacency(4, 1, p=0.6, seed=13)
+    torch.manual_seed(0)
+    flow = StructuredCNF(A, context_dim=1, time_gating="paper", init_scale=0.0, hidden_sizes=(8,))
+    eta1, eta2 = flow._eta(torch.tensor(0.7))
+    assert all(torch.equal(e, torch.ones_like(e)) for e in eta1 + eta2)
+    eps, x = torch.randn(5, 4), torch.randn(5, 1)
+    assert (flow.velocity(eps, x, 0.3) == 0).all()
+    z, logdet = flow.forward(eps, x)
+    assert torch.allclose(z, eps, atol=1e-14) and (logdet == 0).all()
+    # a negligible field gets the whole interval as its first step: one for the estimate, one dopri5 step
+    assert flow.last_stats["forward"]["nfe"] <= 8
+
+
+# --------------------------------------------------------- tolerance schedule
+def test_tolerance_schedule_follows_training_progress():
+    A = random_dag_adjacency(4, 1, p=0.6, seed=14)
+    flow = _flow(A, context_dim=1, rtol=1e-6, atol=1e-7, tolerance_schedule=(1e-2, 1e-3))
+    assert flow.current_tolerances() == (1e-6, 1e-7)  # not training
+    flow.set_training_progress(0.0)
+    assert flow.current_tolerances() == pytest.approx((1e-2, 1e-3))
+    flow.set_training_progress(0.4)  # halfway to the tightening point (0.8), log-linearly
+    assert flow.current_tolerances() == pytest.approx((1e-4, 1e-5))
+    eps, x = torch.randn(16, 4), torch.randn(16, 1)
+    flow.forward(eps, x)
+    mid = flow.last_stats["forward"]["nfe"]
+    flow.set_training_progress(0.9)
+    assert flow.current_tolerances() == pytest.approx((1e-6, 1e-7))
+    flow.forward(eps, x)
+    assert flow.last_stats["forward"]["nfe"] > mid
+    flow.set_training_progress(0.0)
+    flow.eval()  # evaluation always uses the final tolerances
+    assert flow.current_tolerances() == (1e-6, 1e-7)
+
+
+def test_training_loop_reports_progress_to_the_flow():
+    from pyro_struct.training.batches import PoolSource, TensorPool
+    from pyro_struct.training.loop import train
+
+    A = chain_adjacency(2, context_dim=0)
+    flow = StructuredCNF(A, hidden_sizes=(8,), tolerance_schedule=(1e-2, 1e-2))
+    seen = []
+    original = flow.set_training_progress
+
+    def spy(p):
+        seen.append((p, flow.training))
+        original(p)
+
+    flow.set_training_progress = spy
+    data = torch.randn(64, 2)
+    train(flow, lambda batch: -flow.log_prob(batch.data).mean(), PoolSource(TensorPool(data), 16, validation_fraction=0.0),
+          num_steps=4, lr=1e-3, progress=False)
+    assert [p for p, _ in seen] == [0.0, 0.25, 0.5, 0.75, None] and all(t for _, t in seen[:-1])
+    assert flow.current_tolerances() == (flow.rtol, flow.atol)
+
+
+# ---------------------------------------------------------- velocity masks
+@pytest.mark.parametrize("velocity_mask", ["structure", "context_closure", "closure"])
+def test_velocity_masks_between_h_and_its_closure_keep_the_sample_structure(velocity_mask):
+    A = chain_adjacency(4, context_dim=1)  # x -> z0 -> z1 -> z2 -> z3: x reaches z3 in four hops
+    flow = _flow(A, context_dim=1, velocity_mask=velocity_mask, augment=1)
+    C = transitive_closure(A, reflexive=False)
+    expected = {"structure": A, "closure": C, "context_closure": torch.cat([A[:, :4], C[:, 4:]], 1)}[velocity_mask]
+    eye = torch.cat([torch.eye(4, dtype=torch.bool), torch.zeros(4, 1, dtype=torch.bool)], 1)
+    assert torch.equal(flow.velocity_adjacency, expected | eye)
+    check_jacobian_structure(flow, atol=0.0)  # z(T) depends on the closure only, whatever the field's mask
+    y, x = torch.randn(flow.state_dim), torch.randn(1)
+    J = torch.autograd.functional.jacobian(lambda v: flow.velocity(v[:-1], v[-1:], 0.5), torch.cat([y, x]))
+    assert (J[3, -1] != 0) == (velocity_mask != "structure"), "only the closures let f_3 see x directly"
+    with pytest.raises(ValueError, match="velocity_mask"):
+        StructuredCNF(A, context_dim=1, velocity_mask="full")

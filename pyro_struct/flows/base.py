@@ -145,11 +145,13 @@ class ConditionalFlow(MaskedStructure, nn.Module, ABC):
             raise ValueError(f"context x must have last dimension {self.context_dim}; got shape {tuple(x.shape)}")
         return x
 
-    def _validate(self, v: torch.Tensor, x: torch.Tensor | None, name: str):
-        """Check ``v`` ``(*batch, d)`` (called ``name`` in errors) and the context; broadcast both."""
+    def _validate(self, v: torch.Tensor, x: torch.Tensor | None, name: str, width: int | None = None):
+        """Check ``v`` ``(*batch, width)`` (``width`` defaults to ``d``; ``name`` in errors) and the
+        context; broadcast both."""
         x = self._check_context(x)
-        if v.shape[-1] != self.dim:
-            raise ValueError(f"{name} must have last dimension {self.dim}; got shape {tuple(v.shape)}")
+        width = self.dim if width is None else int(width)
+        if v.shape[-1] != width:
+            raise ValueError(f"{name} must have last dimension {width}; got shape {tuple(v.shape)}")
         if x is None:
             return v, None
         try:
@@ -159,7 +161,7 @@ class ConditionalFlow(MaskedStructure, nn.Module, ABC):
                 f"{name} of shape {tuple(v.shape)} and context x of shape {tuple(x.shape)} have batch shapes "
                 f"that do not broadcast"
             ) from None
-        return v.expand(batch + (self.dim,)), x.expand(batch + (self.context_dim,))
+        return v.expand(batch + (width,)), x.expand(batch + (self.context_dim,))
 
     def base_log_prob(self, eps: torch.Tensor) -> torch.Tensor:
         """Standard normal log density of ``eps`` ``(*batch, d)`` summed over the last dim: ``(*batch,)``."""

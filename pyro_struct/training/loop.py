@@ -161,6 +161,8 @@ def train(
     end_step, stopped_by, smoothed, local = num_steps, "num_steps", None, []
     was_training = module.training
     module.train(True)
+    # submodules that adapt to training progress (e.g. a CNF's solver-tolerance schedule)
+    followers = [m for m in module.modules() if callable(getattr(m, "set_training_progress", None))]
     try:
         for step in range(start_step, num_steps):
             if schedule.out_of_time():
@@ -170,6 +172,8 @@ def train(
                 break
             for group in optimizer.param_groups:
                 group["lr"] = schedule.learning_rate(step)
+            for m in followers:
+                m.set_training_progress(schedule.progress(step))
             loss = loss_fn(source.next_batch())
             value = float(loss.detach())
             if sync is None:
@@ -197,6 +201,8 @@ def train(
     finally:
         bar.close()
         module.train(was_training)
+        for m in followers:
+            m.set_training_progress(None)
     if checkpointer is not None and end_step > start_step:
         checkpointer.write(end_step, num_steps, optimizer, desc)
     ran = max(end_step - start_step, 0)

@@ -46,8 +46,15 @@ class Schedule:
     def out_of_time(self) -> bool:
         return self.time_budget is not None and self.elapsed >= self.time_budget
 
+    def progress(self, step: int) -> float:
+        """How far training has come at ``step``, in ``[0, 1]``: the larger of the steps' and (with a
+        time budget) the clock's fraction."""
+        done = step / max(self.num_steps, 1)
+        if self.time_budget is not None:
+            done = max(done, self.elapsed / self.time_budget)
+        return min(done, 1.0)
+
     def learning_rate(self, step: int) -> float:
         if self.time_budget is None or callable(self.lr_schedule):
             return self.lr * learning_rate_factor(self.lr_schedule, step, self.num_steps)
-        progress = max(step / max(self.num_steps, 1), self.elapsed / self.time_budget)
-        return self.lr * learning_rate_factor(self.lr_schedule, progress, 1)
+        return self.lr * learning_rate_factor(self.lr_schedule, self.progress(step), 1)
