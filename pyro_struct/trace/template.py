@@ -15,7 +15,13 @@ repeated per member, lacks:
   the template (a dependency the template has but a member lacks only makes the guide's
   structure a little less sparse, never unfaithful).
 
-Where a check fails or the shortcut cannot apply (several plates, a model that builds tensors of
+Two plates (nested: groups with members inside each group; or side by side) are shrunk together
+(``members`` groups of ``members`` members). A plate unit is then a group or a member of a group,
+and the random weight of a child unit is a product of one random draw per plate index it shares
+with the parent site: two coordinates may depend on each other only where their indices in the
+plates they share agree, and every unit must have the template's pattern.
+
+Where a check fails or the shortcut cannot apply (three plates or more, a model that builds tensors of
 the full size itself, values that reach Python control flow, joint events in the plate), it
 returns ``None`` and the reason, and the caller traces every member.
 
@@ -35,6 +41,7 @@ from __future__ import annotations
 
 import gc
 import math
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -68,6 +75,8 @@ class PlateTemplateTrace:
         size: the plate's size at the model's arguments.
         members: the members traced.
         shapes: site -> value shape at the full size.
+        sizes: every shrunk plate -> its full size (nested plates: both, when both exceed
+            ``members``; ``plate``/``size`` are the first of them by name).
     """
 
     bn: BayesNet
@@ -75,6 +84,7 @@ class PlateTemplateTrace:
     size: int
     members: int
     shapes: dict
+    sizes: dict = None
 
 
 class shrink_plate(Messenger):
@@ -102,9 +112,11 @@ class shrink_plate(Messenger):
                     msg["value"] = value.narrow(pos, 0, self.members)
 
 
-def _shrunk(model: Callable, plate: str, members: int) -> Callable:
+def _shrunk(model: Callable, plates: dict, members: int) -> Callable:
     def run(*args, **kwargs):
-        with shrink_plate(plate, members):
+        with ExitStack() as stack:
+            for name in plates:
+                stack.enter_context(shrink_plate(name, members))
             return model(*args, **kwargs)
 
     if hasattr(model, "observed_sites"):
@@ -112,41 +124,42 @@ def _shrunk(model: Callable, plate: str, members: int) -> Callable:
     return run
 
 
-def _single_plate(first: Probe) -> tuple[str | None, int, str | None]:
-    """``(plate, size, why not)``: the one vectorised plate of the run, or why the shortcut does not apply."""
+def _template_plates(first: Probe, members: int) -> tuple[dict, str | None]:
+    """``(plate -> full size of the plates to shrink, why not)``: the vectorised plates of the run
+    larger than ``members`` (one plate, or two: nested or side by side), or why the shortcut does not apply."""
     names = {(p[0], p[2]) for r in first.records for p in r.plates}
     if not names:
-        return None, 0, None
-    if len({n for n, _ in names}) > 1 or len(names) > 1:
-        return None, 0, f"the model has the plates {sorted(n for n, _ in names)}"
+        return {}, None
+    if len({n for n, _ in names}) != len(names) or len(names) > 2:
+        return {}, f"the model has the plates {sorted(n for n, _ in names)}"
     if first.value_dependent:
-        return None, 0, "sampled values reach Python control flow or shapes"
-    (plate, size), = names
-    return plate, size, None
+        return {}, "sampled values reach Python control flow or shapes"
+    return {n: size for n, size in sorted(names) if size > members}, None
 
 
-def _plate_pos(shape: tuple, plates: tuple, event_dim: int) -> int | None:
-    for name, dim, _ in plates:
-        return len(shape) - event_dim + dim
-    return None
+def _positions(shape: tuple, plates: tuple, event_dim: int) -> dict:
+    """Plate name -> position of its dimension in a value of ``shape``."""
+    return {name: len(shape) - event_dim + dim for name, dim, _ in plates}
 
 
-def _check_sites(first: Probe, bn: BayesNet, plate: str, size: int, members: int) -> str | None:
+def _check_sites(first: Probe, bn: BayesNet, plates: dict, members: int) -> str | None:
     """Why the full run and the template network differ in sites, shapes, plates or site-level parents (or ``None``)."""
     if [r.name for r in first.records] != list(bn.sites):
         return f"the sites of the shrunk model ({list(bn.sites)}) differ from the model's"
     for r in first.records:
         info = bn.sites[r.name]
-        pos = info.plate_position(plate)
         full = list(r.shape)
-        if pos is not None:
+        for plate, size in plates.items():
+            pos = info.plate_position(plate)
+            if pos is None:
+                continue
             if full[pos] != size or info.shape[pos] != members:
-                return f"site {r.name!r} does not follow the plate's size (shape {r.shape})"
+                return f"site {r.name!r} does not follow the size of plate {plate!r} (shape {r.shape})"
             full[pos] = members
+            if info.block or info.node_shape != info.shape:
+                return f"site {r.name!r} in plate {plate!r} is a joint block"
         if tuple(full) != tuple(info.shape) or [p[:2] for p in r.plates] != [p[:2] for p in info.plates]:
             return f"site {r.name!r} has shape {r.shape} with all members but {info.shape} with {members}"
-        if pos is not None and (info.block or info.node_shape != info.shape):
-            return f"site {r.name!r} in plate {plate!r} is a joint block"
     names = [r.name for r in first.records]
     traced = {(names[u], r.name) for d, r in enumerate(first.records)
               for u in positions(r.prov | r.taint | r.nondiff) if u != d}
@@ -155,42 +168,69 @@ def _check_sites(first: Probe, bn: BayesNet, plate: str, size: int, members: int
     return None
 
 
-def _member_view(x: torch.Tensor, pos: int | None) -> torch.Tensor:
-    """``(N, rest)`` for a plate site (plate dimension first), ``(1, numel)`` outside the plate."""
-    return x.reshape(1, -1) if pos is None else x.movedim(pos, 0).reshape(x.shape[pos], -1)
+def _unit_view(x: torch.Tensor, pos: dict) -> torch.Tensor:
+    """``(units, rest)``: the plate dimensions (``pos``: plate -> position, in plate-name order) first
+    and flattened row-major, the rest flattened; ``(1, numel)`` outside every plate."""
+    if not pos:
+        return x.reshape(1, -1)
+    where = [pos[p] for p in sorted(pos)]
+    units = math.prod(x.shape[i] for i in where)
+    return x.movedim(where, list(range(len(where)))).reshape(units, -1)
 
 
-def _template_patterns(bn: BayesNet, plate: str, members: int) -> tuple[dict | None, str | None]:
+def _unit_sizes(shape: tuple, pos: dict) -> list:
+    return [int(shape[pos[p]]) for p in sorted(pos)]
+
+
+def _template_patterns(bn: BayesNet, plate_names: list) -> tuple[dict | None, str | None]:
     """``(child site, parent site) -> bool (rest_child, rest_parent)`` value-element edges within a
-    member (or between a member and a global), the same for every member; or why not (coupled or
-    unlike members). A joint block outside the plate (its nodes are not its value's elements) is
-    connected to every element of the other site."""
-    pos = {s: info.plate_position(plate) for s, info in bn.sites.items()}
-    width = {s: math.prod(info.shape) // (members if pos[s] is not None else 1) for s, info in bn.sites.items()}
+    plate unit (a member; for nested plates a group or a member of a group), the same for every
+    unit; or why not (coupled or unlike units). Two nodes may depend on each other only where their
+    indices in the plates they share agree. A joint block outside the plates (its nodes are not its
+    value's elements) is connected to every element of the other site."""
+    traced = {p[0]: int(p[2]) for info in bn.sites.values() for p in info.plates}
+    pos = {s: {p: info.plate_position(p) for p in plate_names if info.plate_position(p) is not None} for s, info in bn.sites.items()}
+    sizes = {s: _unit_sizes(info.shape, pos[s]) for s, info in bn.sites.items()}
+    width = {s: math.prod(info.shape) // math.prod(sizes[s]) for s, info in bn.sites.items()}
     whole = {s for s, info in bn.sites.items() if info.block or info.node_shape != info.shape}
-    where: dict = {}  # site -> flat value offset -> (member or None, within-member offset)
+    where: dict = {}  # site -> flat value offset -> (plate -> index, within-unit offset)
     for s, info in bn.sites.items():
-        view = _member_view(torch.arange(math.prod(info.shape)).reshape(info.shape), pos[s])
-        where[s] = {v: (m if pos[s] is not None else None, j) for m, row in enumerate(view.tolist()) for j, v in enumerate(row)}
-    per_member: dict = {}
+        view = _unit_view(torch.arange(math.prod(info.shape)).reshape(info.shape), pos[s])
+        names = sorted(pos[s])
+        where[s] = {}
+        for u, row in enumerate(view.tolist()):
+            unit = dict(zip(names, _unravel(u, sizes[s])))
+            for j, v in enumerate(row):
+                where[s][v] = (unit, j)
+    per_unit: dict = {}
     for p, c in bn.graph.edges:
         a, b = bn.graph.nodes[p], bn.graph.nodes[c]
         su, sd = a["site"], b["site"]
         if su == sd:
             continue
-        mu, ru = (None, slice(None)) if su in whole else where[su][_offset(bn.sites[su], a["index"])]
-        md, rd = (None, slice(None)) if sd in whole else where[sd][_offset(bn.sites[sd], b["index"])]
-        if mu is not None and md is not None and mu != md:
+        uu, ru = ({}, slice(None)) if su in whole else where[su][_offset(bn.sites[su], a["index"])]
+        ud, rd = ({}, slice(None)) if sd in whole else where[sd][_offset(bn.sites[sd], b["index"])]
+        if any(uu[k] != ud[k] for k in uu.keys() & ud.keys()):
             return None, f"{c!r} depends on another member's {p!r}"
-        mats = per_member.setdefault((sd, su), [torch.zeros(width[sd], width[su], dtype=torch.bool) for _ in range(members)])
-        for m in (range(members) if mu is None and md is None else [md if md is not None else mu]):
-            mats[m][rd, ru] = True
+        mats = per_unit.setdefault((sd, su), {})
+        key = tuple(sorted({**uu, **ud}.items()))
+        mats.setdefault(key, torch.zeros(width[sd], width[su], dtype=torch.bool))[rd, ru] = True
     patterns = {}
-    for key, mats in per_member.items():
-        if any(not torch.equal(mats[0], m) for m in mats[1:]):
-            return None, f"the members of plate {plate!r} have different parents at site {key[0]!r}"
-        patterns[key] = mats[0]
+    for (sd, su), mats in per_unit.items():
+        union = sorted(set(pos[sd]) | set(pos[su]))
+        if len(mats) != math.prod(traced[p] for p in union) or any(not torch.equal(m, next(iter(mats.values()))) for m in mats.values()):
+            return None, f"the members of plates {union} have different parents at site {sd!r}"
+        patterns[(sd, su)] = next(iter(mats.values()))
     return patterns, None
+
+
+def _unravel(flat: int, sizes: list) -> tuple:
+    """Row-major multi-index of ``flat`` in ``sizes``."""
+    out = []
+    for s in reversed(sizes):
+        out.append(flat % s)
+        flat //= s
+    return tuple(reversed(out))
 
 
 def _offset(info, index: tuple) -> int:
@@ -201,9 +241,24 @@ def _offset(info, index: tuple) -> int:
     return off
 
 
-def _child_violation(first: Probe, run: Probe, d: int, plate: str, patterns: dict, gen: torch.Generator) -> str | None:
-    """Two reverse passes per within-member coordinate of child ``d`` in the full-size ``run`` (its
-    site-level parents from the provenance run ``first``; see the module docstring)."""
+def _unit_weights(sizes: list, names: list, shared: tuple, draws: dict) -> torch.Tensor:
+    """``(units,)`` weights of a site's plate units (``names``, ``sizes``): the product of the
+    random ``draws[plate]`` over the ``shared`` plates at the unit's indices (1 elsewhere)."""
+    w = torch.ones(sizes, dtype=next(iter(draws.values())).dtype) if draws else torch.ones(sizes)
+    for axis, name in enumerate(names):
+        if name in shared:
+            shape = [1] * len(sizes)
+            shape[axis] = sizes[axis]
+            w = w * draws[name][: sizes[axis]].reshape(shape)
+    return w.reshape(-1)
+
+
+def _child_violation(first: Probe, run: Probe, d: int, plate_names: list, patterns: dict, gen: torch.Generator) -> str | None:
+    """Two reverse passes per within-unit coordinate of child ``d`` in the full-size ``run`` and per
+    set of plates it shares with its parents (its site-level parents from the provenance run
+    ``first``; see the module docstring): the second weights each child unit by a random product
+    over the shared plates' indices, so a parent unit fed from a unit elsewhere in a shared plate
+    shows ``g_random != w_unit * g_ones``."""
     r = run.records[d]
     names = [x.name for x in first.records]
     parents = [u for u in positions(first.records[d].prov) if u != d and run.records[u].value.requires_grad]
@@ -213,37 +268,45 @@ def _child_violation(first: Probe, run: Probe, d: int, plate: str, patterns: dic
         lp = elementwise_log_prob(r.fn, r.value)
     if not lp.requires_grad:
         return None
-    pos_d = _plate_pos(r.shape, r.plates, r.fn.event_dim)
-    if pos_d is not None and strip_wrappers(r.fn).event_dim:
-        return f"site {r.name!r} in plate {plate!r} has joint events"
-    lp_view = lp.reshape(r.shape if pos_d is not None else (-1,))
-    n, rest = (r.shape[pos_d], lp_view.numel() // r.shape[pos_d]) if pos_d is not None else (1, lp_view.numel())
-    weights = torch.randn(n, generator=gen, dtype=lp.dtype)
-    cot = torch.zeros((2 * rest, n, rest), dtype=lp.dtype)
-    cot[torch.arange(rest), :, torch.arange(rest)] = 1.0
-    cot[rest + torch.arange(rest), :, torch.arange(rest)] = weights
-    if pos_d is None:
-        cot = cot.reshape(2 * rest, -1)
-    else:  # back from (member, rest) to the site's own layout
-        other = tuple(s for i, s in enumerate(r.shape) if i != pos_d)
-        cot = cot.reshape((2 * rest, n) + other).movedim(1, 1 + pos_d)
-    inputs = [run.records[u].value for u in parents]
-    grads = _batched_grads([lp_view], inputs, [cot], True)
-    for u, g in zip(parents, grads):
-        if g is None:
-            continue
+    pos_d = {k: v for k, v in _positions(r.shape, r.plates, r.fn.event_dim).items() if k in plate_names}
+    if pos_d and strip_wrappers(r.fn).event_dim:
+        return f"site {r.name!r} in plate {sorted(pos_d)[0]!r} has joint events"
+    lp_view = lp.reshape(r.shape if pos_d else (-1,))
+    sizes_d, names_d = _unit_sizes(r.shape, pos_d), sorted(pos_d)
+    n, rest = math.prod(sizes_d), lp_view.numel() // math.prod(sizes_d)
+    draws = {p: torch.randn(s, generator=gen, dtype=lp.dtype) for p, s in zip(names_d, sizes_d)}
+    groups: dict = {}
+    for u in parents:
         pu = run.records[u]
-        pos_u = _plate_pos(pu.shape, pu.plates, pu.fn.event_dim)
-        g = g.detach()
-        g1 = torch.stack([_member_view(g[b], pos_u) for b in range(rest)])  # (rest_d, N_u, rest_u)
-        g2 = torch.stack([_member_view(g[rest + b], pos_u) for b in range(rest)])
-        allowed = patterns.get((r.name, names[u]), torch.zeros(rest, g1.shape[-1], dtype=torch.bool))
-        if (((g1 != 0) | (g2 != 0)) & ~allowed.unsqueeze(1)).any():
-            return f"{r.name!r} depends on {names[u]!r} in a way the {plate!r} template lacks"
-        if pos_d is not None and pos_u is not None:
-            scaled = weights.view(1, -1, 1) * g1
-            if ((g2 - scaled).abs() > _RTOL * (g2.abs() + scaled.abs()) + 1e-30).any():
-                return f"{r.name!r} depends on other members' {names[u]!r}: the plate couples members"
+        pos_u = {k: v for k, v in _positions(pu.shape, pu.plates, pu.fn.event_dim).items() if k in plate_names}
+        groups.setdefault(tuple(sorted(set(pos_d) & set(pos_u))), []).append((u, pos_u))
+    for shared, members in groups.items():
+        weights = _unit_weights(sizes_d, names_d, shared, draws)
+        cot = torch.zeros((2 * rest, n, rest), dtype=lp.dtype)
+        cot[torch.arange(rest), :, torch.arange(rest)] = 1.0
+        cot[rest + torch.arange(rest), :, torch.arange(rest)] = weights
+        if not pos_d:
+            cot = cot.reshape(2 * rest, -1)
+        else:  # back from (unit, rest) to the site's own layout
+            where = [pos_d[p] for p in names_d]
+            other = tuple(s for i, s in enumerate(r.shape) if i not in where)
+            cot = cot.reshape((2 * rest, *sizes_d) + other).movedim(list(range(1, 1 + len(where))), [1 + w for w in where])
+        grads = _batched_grads([lp_view], [run.records[u].value for u, _ in members], [cot], True)
+        for (u, pos_u), g in zip(members, grads):
+            if g is None:
+                continue
+            pu = run.records[u]
+            g = g.detach()
+            g1 = torch.stack([_unit_view(g[b], pos_u) for b in range(rest)])  # (rest_d, units_u, rest_u)
+            g2 = torch.stack([_unit_view(g[rest + b], pos_u) for b in range(rest)])
+            allowed = patterns.get((r.name, names[u]), torch.zeros(rest, g1.shape[-1], dtype=torch.bool))
+            if (((g1 != 0) | (g2 != 0)) & ~allowed.unsqueeze(1)).any():
+                return f"{r.name!r} depends on {names[u]!r} in a way the template lacks"
+            if shared:
+                w_u = _unit_weights(_unit_sizes(pu.shape, pos_u), sorted(pos_u), shared, draws)
+                scaled = w_u.view(1, -1, 1) * g1
+                if ((g2 - scaled).abs() > _RTOL * (g2.abs() + scaled.abs()) + 1e-30).any():
+                    return f"{r.name!r} depends on other members' {names[u]!r}: the model couples members across plate(s) {list(shared)}"
     return None
 
 
@@ -251,18 +314,19 @@ def trace_plate_template(
     model: Callable, args: tuple, kwargs: dict, observed: Iterable[str] | None = None,
     members: int = TEMPLATE_MEMBERS, seed: int = 0, **trace_options,
 ) -> tuple[PlateTemplateTrace | None, str | None]:
-    """Trace ``model`` with its one plate shrunk to ``members`` members and check it against the full size.
+    """Trace ``model`` with its plates (one, or two nested or side by side) shrunk to ``members``
+    members each and check it against the full size.
 
     Args:
         model, args, kwargs: the model and the arguments it is traced with.
         observed: as for :func:`~pyro_struct.trace_model`.
-        members: members of the shrunk plate (>= 2).
+        members: members of each shrunk plate (>= 2); a plate of at most that many is kept whole.
         seed: seed of the prior draws (the global RNG state is restored).
         **trace_options: passed to :func:`~pyro_struct.trace_model` (``granularity``, ``num_probes``).
 
     Returns:
         ``(PlateTemplateTrace, None)``, or ``(None, reason)``: ``(None, None)`` when the model has no
-        plate or one of at most ``members`` members (tracing every member is as cheap), else the
+        plate or only plates of at most ``members`` members (tracing every member is as cheap), else the
         reason the template cannot stand for the model (the caller traces every member).
 
     Raises:
@@ -278,15 +342,17 @@ def trace_plate_template(
     try:
         pyro.set_rng_seed(seed)
         first = run_probe(model, args, kwargs, with_provenance=True)
-        plate, size, why = _single_plate(first)
-        if plate is None or size <= members:
+        shrink, why = _template_plates(first, members)
+        if not shrink:
             return None, why
+        plate_names = sorted({p[0] for r in first.records for p in r.plates})
         try:
-            bn = trace_model(_shrunk(model, plate, members), *args, observed=observed, seed=seed, **trace_options, **kwargs)
+            bn = trace_model(_shrunk(model, shrink, members), *args, observed=observed, seed=seed, **trace_options, **kwargs)
         except ModelStructureError as e:
-            return None, f"the model cannot run with plate {plate!r} shrunk to {members} members ({str(e).split(':')[0]})"
-        why = _check_sites(first, bn, plate, size, members)
-        patterns, why2 = (None, why) if why else _template_patterns(bn, plate, members)
+            named = " and ".join(f"plate {p!r}" for p in sorted(shrink))
+            return None, f"the model cannot run with {named} shrunk to {members} members ({str(e).split(':')[0]})"
+        why = _check_sites(first, bn, shrink, members)
+        patterns, why2 = (None, why) if why else _template_patterns(bn, plate_names)
         why = why or why2
         gen = torch.Generator().manual_seed(seed)
         # the tracer's draws at full size (the first plain, the others spread into the tails)
@@ -295,11 +361,12 @@ def trace_plate_template(
             if p:
                 check_same_structure(first, run, f"probe {p}")
             for d in range(len(first.records)):
-                why = why or _child_violation(first, run, d, plate, patterns, gen)
+                why = why or _child_violation(first, run, d, plate_names, patterns, gen)
     finally:
         pyro.util.set_rng_state(rng_state)
         if gc_was_enabled:
             gc.enable()
     if why:
         return None, why
-    return PlateTemplateTrace(bn, plate, size, members, {r.name: r.shape for r in first.records}), None
+    plate, size = next(iter(shrink.items()))
+    return PlateTemplateTrace(bn, plate, size, members, {r.name: r.shape for r in first.records}, dict(shrink)), None
