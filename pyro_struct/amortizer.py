@@ -1,10 +1,11 @@
 """How a guide turns observations into a conditioned flow and samples/scores latents: the per-coordinate and the plate path.
 
 A :class:`~pyro_struct.StructuredGuide` talks to its compiled flow only through one of these
-objects, so the per-coordinate flow (one flow coordinate per scalar latent, a fixed data-set size)
-and the shared-weight plate flow (any number of plate members) plug into the same guide, objectives
-and posteriors. Both expose the same members; a *context* is whatever :meth:`condition` returns
-and is passed back unchanged (a tensor, or a :class:`PlateContext`).
+objects, so the per-coordinate flow (one flow coordinate per scalar latent, a fixed data-set size),
+the shared-weight plate flow (any number of plate members) and the nested plate flow (any number
+of groups and members) plug into the same guide, objectives and posteriors. All expose the same
+members; a *context* is whatever :meth:`condition` returns and is passed back unchanged (a tensor,
+a :class:`PlateContext` or a :class:`NestedPlateContext`).
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from typing import Any, Mapping, NamedTuple
 
 import torch
 
-from .layout import LatentLayout, ObservedLayout, PlateLayout
+from .layout import LatentLayout, NestedPlateLayout, ObservedLayout, PlateLayout
 
-__all__ = ["FlatAmortizer", "PlateAmortizer", "PlateContext"]
+__all__ = ["FlatAmortizer", "PlateAmortizer", "PlateContext", "NestedPlateAmortizer", "NestedPlateContext"]
 
 
 def _noise(ref: torch.Tensor, n: int, batch_shape: torch.Size, event: tuple, common_noise: bool) -> torch.Tensor:
@@ -184,6 +185,93 @@ class PlateAmortizer:
 
     def set_standardization(self, simulations: Mapping[str, torch.Tensor]) -> None:
         """Standardise per global coordinate and per member coordinate (shared by the members)."""
+        self.layout.set_statistics(simulations)
+
+    def set_observed_statistics(self, observations: Mapping[str, torch.Tensor]) -> None:
+        """Standardise the context by observations site -> ``(*batch, *shape)``; latents unstandardised."""
+        self.layout.set_observed_statistics(observations)
+
+
+class NestedPlateContext(NamedTuple):
+    """A nested plate flow's context: global observations ``(*batch, cg)`` (or ``None``), group
+    observations ``(*batch, G, ch)``, member observations ``(*batch, G, M, ko)`` (standardised),
+    ``(G, M)`` and the globals' pooled context (computed once per conditioning)."""
+
+    global_context: torch.Tensor | None
+    group_obs: torch.Tensor
+    member_obs: torch.Tensor
+    sizes: tuple
+    pooled: torch.Tensor | None = None
+
+
+class NestedPlateAmortizer:
+    """The nested plate path: the shared-weight flow over groups and their members, answering any ``G`` and ``M``.
+
+    Args:
+        flow: a :class:`~pyro_struct.flows.nested.NestedPlatedStrAF`.
+        layout: its :class:`~pyro_struct.layout.NestedPlateLayout`.
+    """
+
+    def __init__(self, flow, layout: NestedPlateLayout):
+        self.flow, self.layout = flow, layout
+
+    def latent_dim(self, context: NestedPlateContext) -> int:
+        """Coordinates of the flat unconstrained latent vector at ``context``'s sizes."""
+        return self.layout.latent_dim(context.sizes)
+
+    def condition(self, observations: Mapping[str, Any], where: str, check_finite: bool):
+        """A :class:`NestedPlateContext` and ``batch``; ``(G, M)`` are read from the observations."""
+        g_ctx, h_obs, m_obs, batch, sizes = self.layout.observe(observations, where, check_finite)
+        return NestedPlateContext(g_ctx, h_obs, m_obs, sizes, self.flow.global_context(g_ctx, h_obs, m_obs)), batch
+
+    def subsampled(self, context: NestedPlateContext, plate_size: int) -> NestedPlateContext:
+        """Subsampling is not supported by the nested plate flow: a ``ValueError`` naming the plates."""
+        raise ValueError(
+            f"the nested plate guide (plates {self.layout.plates[0]!r}/{self.layout.plates[1]!r}) does not subsample: "
+            "run the model without subsample_size on these plates (the guide's cost is linear in G x M)"
+        )
+
+    def _sample(self, context: NestedPlateContext, n: int, batch_shape: torch.Size, common_noise: bool):
+        batch_shape, L = torch.Size(batch_shape), self.layout
+        (t, h, k), (G, M) = L.dims, context.sizes
+        ref = L.global_loc
+        eps = (_noise(ref, n, batch_shape, (t,), common_noise), _noise(ref, n, batch_shape, (G, h), common_noise),
+               _noise(ref, n, batch_shape, (G, M, k), common_noise))
+        *ys, logdet = self.flow(*eps, context.global_context, context.group_obs, context.member_obs, context.pooled)
+        log_q_u = self.flow.base_log_prob(*eps) - logdet - L.log_scale(context.sizes)
+        values, flat, ladj = L.unpack(*ys)
+        return values, flat, log_q_u, ladj
+
+    def sample_flat(self, context: NestedPlateContext, n: int, batch_shape: torch.Size, common_noise: bool = False):
+        """Reparameterised ``u`` ``(n, *batch, D)`` (trace order, these sizes) and ``log q(u)`` ``(n, *batch)``."""
+        _, flat, log_q_u, _ = self._sample(context, n, batch_shape, common_noise)
+        return flat, log_q_u
+
+    def flat_log_prob(self, flat: torch.Tensor, context: NestedPlateContext) -> torch.Tensor:
+        """``log q(u | x)`` ``(*batch,)`` of the flat unconstrained vector ``(*batch, D)``."""
+        sites = {s.name: s for s in self.layout.latent}
+        values = {k: sites[k].block.transform(u) for k, u in self.layout.unflatten(flat, context.sizes).items()}
+        return self.log_q(values, context, flat.shape[:-1], _add_jacobian=True)
+
+    def rsample(self, context: NestedPlateContext, n: int, batch_shape: torch.Size, common_noise: bool = False):
+        """Constrained samples site -> ``(n, *batch, *shape)`` at the context's sizes and ``log q`` ``(n, *batch)``."""
+        values, _, log_q_u, ladj = self._sample(context, n, batch_shape, common_noise)
+        return values, log_q_u - ladj
+
+    def log_q(self, latents: Mapping[str, torch.Tensor], context: NestedPlateContext, batch_shape: torch.Size,
+              _add_jacobian: bool = False) -> torch.Tensor:
+        """``log q(z | x)`` ``(*batch,)`` of constrained latents at the context's sizes, Jacobians included."""
+        y_t, y_h, y_m, ladj = self.layout.pack(latents, batch_shape, context.sizes)
+        log_q_u = (self.flow.log_prob(y_t, y_h, y_m, context.global_context, context.group_obs, context.member_obs,
+                                      context.pooled) - self.layout.log_scale(context.sizes))
+        return log_q_u if _add_jacobian else log_q_u - ladj
+
+    def latent_batch_shapes(self, values: Mapping[str, Any], context: NestedPlateContext, where: str = "log_prob") -> list[torch.Size]:
+        """The common batch shape of the latent values (their sizes must be the context's)."""
+        return [self.layout.latent_batch_shape(values, context.sizes, where)]
+
+    def set_standardization(self, simulations: Mapping[str, torch.Tensor]) -> None:
+        """Standardise per coordinate of each level (shared by the groups / members)."""
         self.layout.set_statistics(simulations)
 
     def set_observed_statistics(self, observations: Mapping[str, torch.Tensor]) -> None:

@@ -13,8 +13,8 @@ from .covariates import check_covariates, covariate_model, mark_covariates
 from .errors import ModelStructureError
 from .graph import BayesNet
 from .inversion import INVERSE_KINDS, INVERSION_MODES, InverseStructure, inverse_structure
-from .layout import LatentLayout, ObservedLayout, PlateLayout
-from .plates import PlateCouplingError, PlateInverse, plate_inverse
+from .layout import LatentLayout, NestedPlateLayout, ObservedLayout, PlateLayout
+from .plates import NestedPlateInverse, PlateCouplingError, PlateInverse, nested_plate_inverse, nested_plates, plate_inverse
 from .threads import torch_threads
 from .trace import find_observed_candidates, trace_model
 from .trace.template import trace_plate_template
@@ -82,19 +82,21 @@ class CompiledModel:
 # ---------------------------------------------------------------- plates
 @dataclass
 class CompiledPlate:
-    """The shared-weight plate flow of a model with one data plate.
+    """The shared-weight plate flow of a model with one data plate (or two nested plates).
 
     Attributes:
-        template: the one-member :class:`~pyro_struct.plates.PlateInverse`.
-        layout: the :class:`~pyro_struct.layout.PlateLayout` (site values <-> globals and members, any ``N``).
-        flow: the :class:`~pyro_struct.flows.plated.PlatedStrAF`.
+        template: the one-member :class:`~pyro_struct.plates.PlateInverse` (nested plates: the
+            :class:`~pyro_struct.plates.NestedPlateInverse`).
+        layout: the :class:`~pyro_struct.layout.PlateLayout` (site values <-> globals and members, any ``N``;
+            nested plates: the :class:`~pyro_struct.layout.NestedPlateLayout`, any ``G`` and ``M``).
+        flow: the :class:`~pyro_struct.flows.plated.PlatedStrAF` (nested: :class:`~pyro_struct.flows.nested.NestedPlatedStrAF`).
         trace_note: how the network was traced: with the plate shrunk to a few members (checked
             against the full size), or every member and why (``None`` when the plate is small).
         site_shapes: site -> value shape at the traced arguments (the full plate size).
     """
 
-    template: PlateInverse
-    layout: PlateLayout
+    template: PlateInverse | NestedPlateInverse
+    layout: PlateLayout | NestedPlateLayout
     flow: torch.nn.Module
     trace_note: str | None = None
     site_shapes: dict | None = None
@@ -108,9 +110,10 @@ def _plate_refusal(bn: BayesNet, inverse: InverseStructure, flow: str | None) ->
     if len(names) > 1:
         nested = sorted({tuple(sorted(p[0] for p in s.plates)) for s in bn.sites.values() if len(s.plates) > 1})
         if nested:
-            return names[0], (f"plates {list(nested[0])} are nested (site(s) in both); nested plates are not supported by "
-                              "the shared-weight plate flow yet (one plate level only)")
-        return names[0], f"the model has the plates {names}; the shared-weight plate flow handles one plate"
+            return names[0], (f"plates {list(nested[0])} are crossed or nested more than two deep; the shared-weight plate "
+                              "flow handles one plate or two nested plates (groups with members inside each group)")
+        return names[0], (f"the model has the side-by-side plates {names}; the shared-weight plate flow handles one plate "
+                          "or two nested plates")
     plate = names[0]
     if flow != "straf":
         return plate, f"shared-weight plate conditioners exist for flow='straf' only (got flow={flow!r})"
@@ -141,12 +144,69 @@ def _plate_adjacencies(template: PlateInverse, layout: PlateLayout):
     return Ag, P, Am
 
 
+def _nested_adjacencies(template: NestedPlateInverse, layout: NestedPlateLayout):
+    """The nested plate flow's six adjacencies (see :class:`~pyro_struct.flows.nested.NestedPlatedStrAF`) from the template."""
+    (t, h, k), (cg, ch, ko) = layout.dims, layout.obs_dims
+    lat = [{v: i for i, v in enumerate(labels)} for labels in layout.labels]
+    obs = [{v: i for i, v in enumerate(labels)} for labels in layout.observed_labels]
+    # column offsets of each level's (latents, observations) in the three conditioners' inputs
+    offsets = {0: ((0, t), None, None), 1: ((h, h + t), (0, h + t + cg), None), 2: ((k + h, k + h + t), (k, k + h + t + cg), (0, k + h + t + cg + ch))}
+    widths = {0: t + cg, 1: h + t + cg + ch, 2: k + h + t + cg + ch + ko}
+    rows = {0: t, 1: h, 2: k}
+    A = {lv: torch.zeros(rows[lv], widths[lv], dtype=torch.bool) for lv in range(3)}
+    Pth, Ptm, Phm = (torch.zeros(t, ch, dtype=torch.bool), torch.zeros(t, ko, dtype=torch.bool), torch.zeros(h, ko, dtype=torch.bool))
+    pooled = {(0, 1): Pth, (0, 2): Ptm, (1, 2): Phm}
+    tables = (template.global_parents, template.group_parents, template.member_parents)
+    for lv, table in enumerate(tables):
+        for v, by_level in table.items():
+            for plv, parents in enumerate(by_level):
+                for p in parents:
+                    if plv > lv:  # pooled from the deeper level (observed coordinates only)
+                        pooled[(lv, plv)][lat[lv][v], obs[plv][p]] = True
+                    elif p in lat[plv]:
+                        A[lv][lat[lv][v], offsets[lv][plv][0] + lat[plv][p]] = True
+                    else:
+                        A[lv][lat[lv][v], offsets[lv][plv][1] + obs[plv][p]] = True
+    return A[0], Pth, Ptm, A[1], Phm, A[2]
+
+
+def _compile_nested(bn: BayesNet, inverse: InverseStructure, flow: str | None, plates: tuple, traced_sizes: dict | None,
+                    **flow_options) -> tuple[CompiledPlate | None, str | None]:
+    """The nested plate flow of ``inverse`` for ``plates = (outer, inner)``, or ``None`` and why not."""
+    from .flows.nested import NestedPlatedStrAF
+
+    names = f"nested plates {plates[0]!r}/{plates[1]!r}"
+    if flow != "straf":
+        return None, f"{names}: shared-weight plate conditioners exist for flow='straf' only (got flow={flow!r})"
+    for s in bn.sites.values():
+        if s.plates and (s.block or s.node_shape != s.shape):
+            return None, f"{names}: site {s.name!r} is a joint block (its coordinates are not elementwise)"
+        if getattr(s, "covariate", False):
+            return None, f"{names}: covariates (here {s.name!r}) are not supported by the nested plate flow yet"
+    try:
+        template = nested_plate_inverse(inverse, *plates)
+    except PlateCouplingError as e:
+        return None, f"{names}: {e}"
+    if min(template.sizes) < 2:
+        return None, f"{names} were traced with {template.sizes} (groups, members); trace at least 2 of each to check that they are exchangeable"
+    if traced_sizes:
+        template = dataclasses.replace(template, sizes=tuple(int(traced_sizes.get(p, n)) for p, n in zip(plates, template.sizes)))
+    layout = NestedPlateLayout(bn, template)
+    try:
+        built = NestedPlatedStrAF(*_nested_adjacencies(template, layout), group_obs_dim=layout.obs_dims[1],
+                                  member_obs_dim=layout.obs_dims[2], **flow_options)
+    except TypeError as e:
+        raise ValueError(f"bad option for the nested plate flow (NestedPlatedStrAF): {e}") from e
+    return CompiledPlate(template, layout, built), None
+
+
 def compile_plate(bn: BayesNet, inverse: InverseStructure, flow: str | None, traced_size: int | None = None,
-                  **flow_options) -> tuple[CompiledPlate | None, str | None]:
+                  traced_sizes: dict | None = None, **flow_options) -> tuple[CompiledPlate | None, str | None]:
     """The shared-weight plate flow of ``inverse``, or ``None`` and the reason it does not apply.
 
     ``traced_size``: the plate's size at the model's arguments when ``bn`` is a template traced
-    with fewer members (:func:`~pyro_struct.trace.template.trace_plate_template`).
+    with fewer members (:func:`~pyro_struct.trace.template.trace_plate_template`); ``traced_sizes``:
+    plate -> that size for every shrunk plate (nested plates).
 
     Returns:
         ``(CompiledPlate, None)``; ``(None, reason)`` (the reason names the plate) when the model
@@ -155,6 +215,9 @@ def compile_plate(bn: BayesNet, inverse: InverseStructure, flow: str | None, tra
     """
     from .flows.plated import PlatedStrAF
 
+    nested = nested_plates(bn)
+    if nested is not None:
+        return _compile_nested(bn, inverse, flow, nested, traced_sizes, **flow_options)
     plate, reason = _plate_refusal(bn, inverse, flow)
     if plate is None or reason is not None:
         return None, reason
@@ -275,10 +338,10 @@ def compile_model(
     if small is not None:
         bn = small.bn
         inverse = inverse_structure(bn, kind=structure, seed=structure_seed, mode=inversion_mode)
-        plate, note = compile_plate(bn, inverse, flow, traced_size=small.size, **flow_options)
+        plate, note = compile_plate(bn, inverse, flow, traced_size=small.size, traced_sizes=small.sizes, **flow_options)
         if plate is not None:
-            plate.trace_note = (f"traced with plate {small.plate!r} shrunk to {small.members} of its {small.size} members "
-                                "(checked against every member at the tracer's prior draws)")
+            shrunk = " and ".join(f"plate {p!r} shrunk to {small.members} of its {n} members" for p, n in small.sizes.items())
+            plate.trace_note = f"traced with {shrunk} (checked against every member at the tracer's prior draws)"
             plate.site_shapes = dict(small.shapes)
             return CompiledModel(bn, inverse, plate.flow, LatentLayout(bn, inverse.order), ObservedLayout(bn, inverse.observed),
                                  options, plate, None)

@@ -21,7 +21,7 @@ from pyro.nn import PyroModule
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import constraints
 
-from .amortizer import FlatAmortizer, PlateAmortizer
+from .amortizer import FlatAmortizer, NestedPlateAmortizer, PlateAmortizer
 from .compile import FLOWS, STRUCTURES, compile_model
 from .covariates import covariate_values
 from .errors import ModelStructureError
@@ -176,8 +176,9 @@ class StructuredGuide(PyroModule):
         self.plate_trace_note = None if compiled.plate is None else compiled.plate.trace_note
         if compiled.plate is None:
             self._amortizer = FlatAmortizer(self.flow, self.latent_layout, self.observed_layout)
-        else:
-            self._amortizer = PlateAmortizer(self.flow, self.plate_layout)
+        else:  # (nested plates: a layout of groups and members)
+            nested = hasattr(self.plate_layout, "inner_plate")
+            self._amortizer = (NestedPlateAmortizer if nested else PlateAmortizer)(self.flow, self.plate_layout)
         if self.plate_note is not None:
             warnings.warn(f"{self.plate_note}; the guide uses one flow coordinate per plate member instead", stacklevel=2)
         # ----
@@ -197,6 +198,8 @@ class StructuredGuide(PyroModule):
     def latent_dim(self) -> int:
         """Number of unconstrained latent coordinates ``d`` (a plate guide's at its traced size)."""
         L = self.plate_layout
+        if L is not None and hasattr(L, "inner_plate"):
+            return L.latent_dim(L.traced_sizes)
         return self.latent_layout.dim if L is None else L.num_globals + L.traced_size * L.member_dim
 
     @property
@@ -205,6 +208,8 @@ class StructuredGuide(PyroModule):
         L = self.plate_layout
         if L is None:
             return self.observed_layout.dim
+        if hasattr(L, "inner_plate"):
+            return L.context_dim(L.traced_sizes)
         return len(L.global_observed_labels) + L.traced_size * len(L.member_observed_labels)
 
     @property
@@ -327,11 +332,14 @@ class StructuredGuide(PyroModule):
         """The full size of the data plate when this call subsamples it (``None`` otherwise)."""
         if self.plate_layout is None:
             return None
-        site = trace.nodes.get(self.plate_layout.plate)
-        if site is None or not site_is_subsample(site):
-            return None
-        full, size = int(site["fn"].size), int(site["value"].numel())
-        return full if full != size else None
+        for plate in getattr(self.plate_layout, "plates", (self.plate_layout.plate,)):
+            site = trace.nodes.get(plate)
+            if site is None or not site_is_subsample(site):
+                continue
+            full, size = int(site["fn"].size), int(site["value"].numel())
+            if full != size:
+                return full
+        return None
 
     def get_posterior(self, *args, **kwargs) -> TorchDistribution:
         """The flow conditioned on this call's observations (and covariates): a distribution over the
@@ -346,11 +354,14 @@ class StructuredGuide(PyroModule):
         """The auxiliary latent sample ``(*particles, latent_dim)`` of this call."""
         return self._sample_latent(self.get_posterior(*args, **kwargs))
 
-    def _node_shapes(self, latent_dim: int) -> dict[str, tuple]:
+    def _node_shapes(self, latent_dim: int, trace) -> dict[str, tuple]:
         """Site -> node shape of a flat latent vector with ``latent_dim`` coordinates (trace order)."""
         if self.plate_layout is None:
             return {b.name: b.node_shape for b in self.latent_layout.blocks}
         L = self.plate_layout
+        if hasattr(L, "inner_plate"):  # (G and M: read from the call's sites, one number cannot tell both)
+            return L.node_shapes({name: tuple(site["value"].shape) for name, site in trace.nodes.items()
+                                  if site["type"] == "sample" and name in self.bn.sites})
         n = (latent_dim - L.num_globals) // L.member_dim if L.member_dim else L.traced_size
         return {s.name: tuple(n if i == s.pos else d for i, d in enumerate(s.shape)) for s in L.latent}
 
@@ -358,7 +369,7 @@ class StructuredGuide(PyroModule):
         """``(site, unconstrained value)`` per latent site, shaped for plates outside the model (particles)."""
         batch_shape = latent.shape[:-1]
         offset = 0
-        for b, node_shape in zip(self.latent_layout.blocks, self._node_shapes(latent.shape[-1]).values()):
+        for b, node_shape in zip(self.latent_layout.blocks, self._node_shapes(latent.shape[-1], trace).values()):
             site = trace.nodes[b.name]
             event_dim = site["fn"].event_dim + len(b.node_shape) - len(b.shape)
             shape = torch.broadcast_shapes(node_shape, batch_shape + (1,) * event_dim)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.distributions import biject_to
 
-__all__ = ["SiteBlock", "LatentLayout", "ObservedLayout", "PlateLayout", "robust_moments"]
+__all__ = ["SiteBlock", "LatentLayout", "ObservedLayout", "PlateLayout", "NestedPlateLayout", "robust_moments"]
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -469,3 +469,276 @@ class PlateLayout(nn.Module):
             getattr(self, f"{name}_scale").fill_(1.0)
         g_ctx, m_obs, _, _ = self.observe(observations, "standardisation", False)
         self._copy_moments((("global_obs", g_ctx), ("member_obs", m_obs)))
+
+
+# ---------------------------------------------------------------- nested plates
+class _NestedSite:
+    """One site of a nested plate layout: a :class:`SiteBlock`, its level (0 global, 1 group,
+    2 member) and where its plate dimensions are (outer first)."""
+
+    def __init__(self, info, positions: dict):
+        self.block = SiteBlock(info)
+        self.name = info.name
+        self.shape = self.block.shape
+        self.where = [p for p in positions.get(info.name, (None, None))[1:] if p is not None]
+        self.level = len(self.where)
+        rest = [s for i, s in enumerate(self.shape) if i not in self.where]
+        self.width = _numel(rest) if self.level else self.block.size
+
+    def want(self) -> tuple:
+        """The expected shape with ``G`` / ``M`` at the plate dimensions (for error messages)."""
+        names = dict(zip(self.where, ("G", "M")))
+        return tuple(names.get(i, s) for i, s in enumerate(self.shape))
+
+    def batch_shape(self, v: torch.Tensor, where: str, what: str) -> tuple[torch.Size, tuple]:
+        """``(batch shape, (G,) or (G, M) or ())`` of a value ``(*batch, *shape)`` whose plate dimensions may have any size."""
+        k = len(self.shape)
+        tail = tuple(v.shape[v.dim() - k:]) if v.dim() >= k else None
+        if tail is None or any(a != b for i, (a, b) in enumerate(zip(tail, self.shape)) if i not in self.where):
+            raise ValueError(
+                f"{where}: {what} for site {self.name!r} has shape {tuple(v.shape)} but the guide expects shape "
+                f"{self.want()} with G groups of M members (optionally with leading batch dimensions)"
+            )
+        return v.shape[: v.dim() - k], tuple(int(tail[p]) for p in self.where)
+
+    def to_matrix(self, v: torch.Tensor, nb: int) -> torch.Tensor:
+        """``(*batch, *shape)`` -> ``(*batch, [G, [M,]] width)`` (plate dimensions first, the rest flattened)."""
+        if not self.level:
+            return v.reshape(v.shape[:nb] + (self.width,))
+        units = tuple(v.shape[nb + p] for p in self.where)
+        moved = v.movedim([nb + p for p in self.where], list(range(nb, nb + self.level)))
+        return moved.reshape(v.shape[:nb] + units + (self.width,))
+
+    def from_matrix(self, m: torch.Tensor) -> torch.Tensor:
+        """``(*batch, [G, [M,]] width)`` -> ``(*batch, *shape)`` with those sizes."""
+        if not self.level:
+            return m.reshape(m.shape[:-1] + self.block.node_shape)
+        nb = m.dim() - 1 - self.level
+        rest = tuple(s for i, s in enumerate(self.shape) if i not in self.where)
+        out = m.reshape(m.shape[:-1] + rest)
+        return out.movedim(list(range(nb, nb + self.level)), [nb + p for p in self.where])
+
+    def unit_labels(self, bn) -> list[str]:
+        """Group 0's (member ``(0, 0)``'s) node labels in the order of the matrix columns; every label for a global site."""
+        if not self.level:
+            return list(bn.sites[self.name].nodes)
+        from .graph import node_label
+
+        rest = [range(s) if i not in self.where else [0] for i, s in enumerate(self.shape)]
+        return [node_label(self.name, idx, self.shape) for idx in itertools.product(*rest)]
+
+
+_LEVELS = ("global", "group", "member")
+
+
+class NestedPlateLayout(nn.Module):
+    """Site values <-> the nested plate flow's globals ``(*batch, t)``, groups ``(*batch, G, h)``
+    and members ``(*batch, G, M, k)``, for any ``G`` and ``M``.
+
+    Latent sites outside both plates form the global vector (in the template's ``global_order``),
+    those in the outer plate only the group matrix (``group_order``), those in both the member
+    tensor (``member_order``); observed sites likewise (trace order). Sizes are read from the
+    values, so one layout serves every number of groups and members (groups of equal size: Pyro's
+    nested vectorised plates are rectangular). Standardisation is per coordinate of each level,
+    shared by its groups / members.
+
+    Args:
+        bn: the model's :class:`~pyro_struct.BayesNet`.
+        template: the :class:`~pyro_struct.plates.NestedPlateInverse`.
+    """
+
+    def __init__(self, bn, template):
+        super().__init__()
+        self.plate, self.inner_plate = template.outer, template.inner
+        self.plates = (template.outer, template.inner)
+        self.traced_sizes = tuple(int(s) for s in template.sizes)
+        self.traced_size = self.traced_sizes[0]
+        self.latent = [_NestedSite(bn.sites[s], template.positions) for s in bn.latent_sites]
+        self.observed = [_NestedSite(bn.sites[s], template.positions) for s in bn.observed_sites]
+        orders = (template.global_order, template.group_order, template.member_order)
+        self.labels = [list(o) for o in orders]
+        self.observed_labels = [[lab for s in self.observed if s.level == lv for lab in s.unit_labels(bn)] for lv in range(3)]
+        dtype = torch.get_default_dtype()
+        for lv, name in enumerate(_LEVELS):
+            trace = [lab for s in self.latent if s.level == lv for lab in s.unit_labels(bn)]
+            self.register_buffer(f"{name}_perm", _permutation(trace, self.labels[lv], f"{name} latent"))
+            for kind, size in ((name, len(trace)), (f"{name}_obs", len(self.observed_labels[lv]))):
+                self.register_buffer(f"{kind}_loc", torch.zeros(size, dtype=dtype))
+                self.register_buffer(f"{kind}_scale", torch.ones(size, dtype=dtype))
+
+    @property
+    def dims(self) -> tuple[int, int, int]:
+        """``(t, h, k)``: latent coordinates per global vector, group and member."""
+        return tuple(len(lab) for lab in self.labels)
+
+    @property
+    def obs_dims(self) -> tuple[int, int, int]:
+        """``(cg, ch, ko)``: observed coordinates outside the plates, per group and per member."""
+        return tuple(len(lab) for lab in self.observed_labels)
+
+    def latent_dim(self, sizes: tuple) -> int:
+        """Coordinates of the flat unconstrained latent vector at ``sizes = (G, M)``."""
+        t, h, k = self.dims
+        return t + sizes[0] * h + sizes[0] * sizes[1] * k
+
+    def context_dim(self, sizes: tuple) -> int:
+        """Observed coordinates at ``sizes = (G, M)``."""
+        cg, ch, ko = self.obs_dims
+        return cg + sizes[0] * ch + sizes[0] * sizes[1] * ko
+
+    def node_shapes(self, shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple]:
+        """Site -> node shape of the latent sites at the sizes that the site shapes ``shapes`` (any sites) have."""
+        sizes = self._sizes({s.name: s.batch_shape(torch.empty(tuple(shapes[s.name])), "guide call", "the value")[1]
+                             for s in self.latent + self.observed if s.name in shapes}, "guide call")
+        return {s.name: self._shape_at(s, sizes) if s.level else s.block.node_shape for s in self.latent}
+
+    @staticmethod
+    def _shape_at(s: _NestedSite, sizes: tuple) -> tuple:
+        at = dict(zip(s.where, sizes))
+        return tuple(at.get(i, d) for i, d in enumerate(s.shape))
+
+    # ------------------------------------------------------------ shapes
+    def _sizes(self, found: Mapping[str, tuple], where: str, given: tuple | None = None) -> tuple:
+        """``(G, M)`` agreed by every site (``given``: the sizes the latents must have)."""
+        sizes: list[dict] = [{}, {}]
+        for name, units in [("the observations", given or ())] + list(found.items()):
+            for i, n in enumerate(units):
+                sizes[i][name] = n
+        for i, plate in enumerate(self.plates):
+            if len(set(sizes[i].values())) > 1:
+                raise ValueError(f"{where}: the sites of plate {plate!r} have different sizes {sizes[i]}; they must share it "
+                                 "(ragged groups, with different numbers of members, are not supported: pad or split them)")
+        return tuple(next(iter(s.values())) if s else d for s, d in zip(sizes, given or self.traced_sizes))
+
+    def _batch(self, sites, values, where: str, what: str, given: tuple | None = None):
+        batches, found = [], {}
+        for s in sites:
+            b, units = s.batch_shape(values[s.name], where, what)
+            batches.append(b)
+            found[s.name] = units
+        try:
+            batch = torch.broadcast_shapes(*batches) if batches else torch.Size()
+        except RuntimeError:
+            raise ValueError(f"{where}: the batch shapes {[tuple(b) for b in batches]} do not broadcast") from None
+        return torch.Size(batch), self._sizes(found, where, given)
+
+    def latent_batch_shape(self, values: Mapping[str, Any], sizes: tuple, where: str = "log_prob") -> torch.Size:
+        """The batch shape of latent values site -> ``(*batch, *shape)`` (their sizes must be ``sizes``)."""
+        for s in self.latent:
+            if s.name not in values:
+                raise ValueError(f"{where}: missing value for latent site {s.name!r}; pass every latent site")
+        return self._batch(self.latent, {k: torch.as_tensor(v) for k, v in values.items()}, where, "the value", sizes)[0]
+
+    # ------------------------------------------------------------ observed
+    def observe(self, values: Mapping[str, Any], where: str = "posterior", check_finite: bool = True):
+        """Observed values site -> ``(*batch, *shape)`` -> ``(global context (*batch, cg) or None,
+        group observations (*batch, G, ch), member observations (*batch, G, M, ko), batch, (G, M))``,
+        standardised. Errors name the site."""
+        known = {s.name for s in self.observed}
+        unknown = [k for k in values if k not in known]
+        if unknown:
+            raise ValueError(f"{where}: {unknown[0]!r} is not an observed site of the model; observed sites are {sorted(known)}")
+        ref, tensors = self.global_loc, {}
+        for s in self.observed:
+            if values.get(s.name) is None:
+                raise ValueError(f"{where}: missing observation for site {s.name!r}; pass {s.name}=...")
+            v = torch.as_tensor(values[s.name], dtype=ref.dtype, device=ref.device)
+            if check_finite and not torch.isfinite(v).all():
+                raise ValueError(f"{where}: the observation for site {s.name!r} has non-finite values; an amortised posterior needs finite observations")
+            tensors[s.name] = v
+        batch, sizes = self._batch(self.observed, tensors, where, "observation")
+        nb, out = len(batch), []
+        for lv, name in enumerate(_LEVELS):
+            parts = [s.to_matrix(tensors[s.name].expand(batch + tensors[s.name].shape[tensors[s.name].dim() - len(s.shape):]), nb)
+                     for s in self.observed if s.level == lv]
+            m = torch.cat(parts, -1) if parts else ref.new_zeros(batch + tuple(sizes[:lv]) + (0,))
+            out.append((m - getattr(self, f"{name}_obs_loc")) / getattr(self, f"{name}_obs_scale"))
+        return (out[0] if out[0].shape[-1] else None), out[1], out[2], batch, sizes
+
+    # ------------------------------------------------------------ latent
+    def pack(self, values: Mapping[str, torch.Tensor], batch_shape: torch.Size, sizes: tuple):
+        """Constrained latents at ``sizes`` -> standardised ``(y_globals (*batch, t), y_groups (*batch, G, h),
+        y_members (*batch, G, M, k))`` and ``log|d value / d u|`` ``(*batch,)`` (``+inf`` outside a support)."""
+        batch_shape = torch.Size(batch_shape)
+        nb, ref = len(batch_shape), self.global_loc
+        parts, ladj = ([], [], []), ref.new_zeros(batch_shape)
+        for s in self.latent:
+            v = torch.as_tensor(values[s.name], dtype=ref.dtype, device=ref.device)
+            v = v.expand(batch_shape + v.shape[v.dim() - len(s.shape):])
+            t = s.block.transform
+            u = t.inv(v)
+            site_ladj = _sum_to_batch(t.log_abs_det_jacobian(u, v), batch_shape)
+            outside = _sum_to_batch((~s.block.support.check(v)).to(ref.dtype), batch_shape) > 0
+            ladj = ladj + torch.where(outside, torch.full_like(site_ladj, math.inf), site_ladj)
+            parts[s.level].append(s.to_matrix(torch.nan_to_num(u, nan=0.0, posinf=0.0, neginf=0.0), nb))
+        ys = []
+        for lv, name in enumerate(_LEVELS):
+            if parts[lv]:
+                y = torch.cat(parts[lv], -1).index_select(-1, getattr(self, f"{name}_perm"))
+                ys.append((y - getattr(self, f"{name}_loc")) / getattr(self, f"{name}_scale"))
+            else:
+                ys.append(ref.new_zeros(batch_shape + tuple(sizes[:lv]) + (0,)))
+        return ys[0], ys[1], ys[2], ladj
+
+    def unpack(self, y_globals: torch.Tensor, y_groups: torch.Tensor, y_members: torch.Tensor):
+        """Standardised latents of the three levels -> constrained values site -> ``(*batch, *shape)``,
+        the flat unconstrained vector ``(*batch, D)`` (trace order) and ``log|d value / d u|`` ``(*batch,)``."""
+        batch = y_members.shape[:-3]
+        us = []
+        for y, lv, name in zip((y_globals, y_groups, y_members), range(3), _LEVELS):
+            u = getattr(self, f"{name}_loc") + getattr(self, f"{name}_scale") * y
+            u = u.index_select(-1, torch.argsort(getattr(self, f"{name}_perm")))
+            us.append(u.expand(batch + u.shape[u.dim() - 1 - lv:]))
+        values, flat, ladj, offsets = {}, [], y_members.new_zeros(batch), [0, 0, 0]
+        for s in self.latent:
+            o = offsets[s.level]
+            u = s.from_matrix(us[s.level][..., o: o + s.width])
+            offsets[s.level] += s.width
+            v = s.block.transform(u)
+            ladj = ladj + _sum_to_batch(s.block.transform.log_abs_det_jacobian(u, v), batch)
+            values[s.name] = v
+            flat.append(u.reshape(batch + (-1,)))
+        return values, torch.cat(flat, -1), ladj
+
+    def unflatten(self, flat: torch.Tensor, sizes: tuple) -> dict[str, torch.Tensor]:
+        """The flat unconstrained vector ``(*batch, D)`` (trace order) -> unconstrained site values at ``sizes``."""
+        out, off = {}, 0
+        for s in self.latent:
+            shape = self._shape_at(s, sizes) if s.level else s.block.node_shape
+            size = _numel(shape)
+            out[s.name] = flat[..., off: off + size].reshape(flat.shape[:-1] + shape)
+            off += size
+        return out
+
+    def log_scale(self, sizes: tuple) -> torch.Tensor:
+        """The standardisation's ``log|du/dy|`` at ``sizes = (G, M)``."""
+        G, M = sizes
+        return self.global_scale.log().sum() + G * self.group_scale.log().sum() + G * M * self.member_scale.log().sum()
+
+    def _reset(self) -> None:
+        for name in _LEVELS:
+            for kind in (name, f"{name}_obs"):
+                getattr(self, f"{kind}_loc").zero_()
+                getattr(self, f"{kind}_scale").fill_(1.0)
+
+    def _copy_moments(self, pairs) -> None:
+        for name, y in pairs:
+            if y is not None and y.shape[-1]:
+                loc, scale = robust_moments(y.reshape(-1, y.shape[-1]))
+                getattr(self, f"{name}_loc").copy_(loc)
+                getattr(self, f"{name}_scale").copy_(scale)
+
+    @torch.no_grad()
+    def set_statistics(self, simulations: Mapping[str, torch.Tensor]) -> None:
+        """Standardise by simulations site -> ``(n, *shape)``: per coordinate of each level, pooled over its groups / members."""
+        self._reset()
+        g, h, m, batch, sizes = self.observe({s.name: simulations[s.name] for s in self.observed}, "standardisation", False)
+        ys = self.pack({s.name: simulations[s.name] for s in self.latent}, batch, sizes)[:3]
+        self._copy_moments(list(zip(_LEVELS, ys)) + list(zip((f"{n}_obs" for n in _LEVELS), (g, h, m))))
+
+    @torch.no_grad()
+    def set_observed_statistics(self, observations: Mapping[str, torch.Tensor]) -> None:
+        """Standardise the observations only (latents mean 0, sd 1)."""
+        self._reset()
+        g, h, m, _, _ = self.observe(observations, "standardisation", False)
+        self._copy_moments(list(zip((f"{n}_obs" for n in _LEVELS), (g, h, m))))

@@ -38,7 +38,7 @@ from torch import nn
 from ..nn import MaskedStructure
 from .straf import StrAF
 
-__all__ = ["PlatedStrAF", "broadcast_cat"]
+__all__ = ["PlatedStrAF", "broadcast_cat", "deepset_phi", "pool_members"]
 
 
 def broadcast_cat(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
@@ -46,6 +46,29 @@ def broadcast_cat(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
     ts = [t for t in tensors if t is not None]
     lead = torch.broadcast_shapes(*(t.shape[:-1] for t in ts))
     return torch.cat([t.expand(lead + t.shape[-1:]) for t in ts], -1)
+
+
+def deepset_phi(in_dim: int, hidden: Sequence[int], out_dim: int) -> nn.Sequential:
+    """A DeepSet's per-member network ``phi``: ``in_dim -> hidden (ReLU) -> out_dim``."""
+    sizes = [int(in_dim)] + [int(h) for h in hidden]
+    layers: list[nn.Module] = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(sizes[-1], int(out_dim)))
+
+
+def pool_members(phi: nn.Module, pooled: torch.Tensor, member_obs: torch.Tensor) -> torch.Tensor:
+    """Per-pooling-output DeepSet means ``(*batch, g, e + ko)`` of member inputs ``(*batch, N, ko)``.
+
+    Output ``j``'s embedding is ``(1/N) sum_i phi([x_i * pooled[j], onehot(j)])`` (it sees only
+    the coordinates ``pooled`` ``(g, ko)`` gives it), followed by the linear path ``(1/N) sum_i x_i``
+    of every coordinate (the consumer's mask keeps ``j``'s own)."""
+    g = pooled.shape[0]
+    masked = member_obs.unsqueeze(-2) * pooled.to(member_obs.dtype)  # (*, N, g, ko)
+    eye = torch.eye(g, dtype=member_obs.dtype, device=member_obs.device).expand(masked.shape[:-1] + (g,))
+    emb = phi(torch.cat([masked, eye], -1)).mean(-3)  # (*, g, e)
+    linear = member_obs.mean(-2).unsqueeze(-2).expand(emb.shape[:-1] + (member_obs.shape[-1],))
+    return torch.cat([emb, linear], -1)
 
 
 class PlatedStrAF(MaskedStructure, nn.Module):
@@ -93,11 +116,7 @@ class PlatedStrAF(MaskedStructure, nn.Module):
         self.register_buffer("pooled", P, persistent=False)
         self.global_flow = self._global_flow(Ag, P, straf_options) if g else None
         self.member_flow = StrAF(Am, context_dim=Am.shape[1] - self.member_dim, **straf_options) if self.member_dim else None
-        sizes = [ko + g] + [int(h) for h in pool_hidden]
-        layers: list[nn.Module] = []
-        for a, b in zip(sizes[:-1], sizes[1:]):
-            layers += [nn.Linear(a, b), nn.ReLU()]
-        self.phi = nn.Sequential(*layers, nn.Linear(sizes[-1], self.embedding_dim)) if g else None
+        self.phi = deepset_phi(ko + g, pool_hidden, self.embedding_dim) if g else None
 
     def _global_flow(self, Ag: torch.Tensor, P: torch.Tensor, options: dict) -> StrAF:
         """The globals' StrAF over ``[globals | global obs | per global: (e embeddings, ko means) | log N]``."""
@@ -117,13 +136,8 @@ class PlatedStrAF(MaskedStructure, nn.Module):
         ``num_members``: the data set's size when ``member_obs`` is a subsample of it (the means
         over the subsample estimate the data set's; ``log N`` is the data set's)."""
         n = member_obs.shape[-2] if num_members is None else int(num_members)
-        g = self.num_globals
-        masked = member_obs.unsqueeze(-2) * self.pooled.to(member_obs.dtype)  # (*, N, g, ko)
-        eye = torch.eye(g, dtype=member_obs.dtype, device=member_obs.device).expand(masked.shape[:-1] + (g,))
-        emb = self.phi(torch.cat([masked, eye], -1)).mean(-3)  # (*, g, e)
-        linear = member_obs.mean(-2).unsqueeze(-2).expand(emb.shape[:-1] + (self.member_obs_dim,))
         log_n = member_obs.new_full(member_obs.shape[:-2] + (1,), math.log(max(n, 1)))
-        return torch.cat([torch.cat([emb, linear], -1).flatten(-2), log_n], -1)
+        return torch.cat([pool_members(self.phi, self.pooled, member_obs).flatten(-2), log_n], -1)
 
     def global_context(self, global_ctx: torch.Tensor | None, member_obs: torch.Tensor, num_members: int | None = None) -> torch.Tensor:
         """The globals' flow context ``(*batch, cg + g * (e + ko) + 1)`` (``num_members``: as :meth:`summary`)."""
