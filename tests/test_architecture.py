@@ -20,7 +20,7 @@ LAYERS = [
     ["plates"],
     ["masks"],
     ["nn"],
-    ["flows.base", "flows.transforms", "flows.straf", "flows.grf", "flows.cnf", "flows.plated", "flows"],
+    ["flows.base", "flows.transforms", "flows.straf", "flows.grf", "flows.cnf", "flows.plated", "flows.nested", "flows"],
     ["decoders"],
     ["layout"],
     ["compile"],

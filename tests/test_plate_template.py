@@ -147,15 +147,14 @@ def nested(G=3, M=4, x=None):
             pyro.sample("x", dist.Normal(theta, 1.0), obs=x)
 
 
-def test_nested_plates_fall_back_with_a_warning_naming_both_plates():
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+def test_nested_plates_get_the_nested_plate_flow():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         guide = StructuredGuide(nested, observed=["x"], plates="auto", model_kwargs={"G": 5, "M": 6}, hidden_sizes=(8,))
-    messages = [str(w.message) for w in caught if "nested" in str(w.message)]
-    assert len(messages) == 1 and "'groups'" in messages[0] and "'obs'" in messages[0]
-    assert guide.plate_layout is None and guide.latent_dim == 6
-    samples = guide.posterior(x=torch.zeros(5, 6)).sample(3)
-    assert samples["theta"].shape == (3, 5, 1)
+    assert guide.plate_layout is not None and guide.plate_note is None and guide.latent_dim == 6
+    assert "plate 'groups' shrunk to 4 of its 5 members and plate 'obs' shrunk to 4 of its 6" in guide.plate_trace_note
+    samples = guide.posterior(x=torch.zeros(7, 2)).sample(3)
+    assert samples["theta"].shape == (3, 7, 1)
 
 
 def test_a_template_guide_trains_saves_and_loads(tmp_path):
