@@ -265,6 +265,8 @@ class CompiledStructure:
         layout = getattr(self.guide, "plate_layout", None)
         if layout is None or self.flow is None:
             return []
+        if hasattr(layout, "inner_plate"):
+            return self._nested_plate_lines(layout)
         members = sum(1 for n in self.bn.nodes if self.bn.sites[self._site_of(n)].plate_position(layout.plate) is not None)
         per = max(len(layout.member_labels) + len(layout.member_observed_labels), 1)
         lines = [
@@ -272,6 +274,22 @@ class CompiledStructure:
             f"{layout.num_globals} global coordinate(s) pool the members (DeepSet), {layout.member_dim} per member "
             f"share one flow; parameters do not depend on the size",
             f"              G, H and the adjacency above are those of a {members // per}-member template",
+        ]
+        note = getattr(self.guide, "plate_trace_note", None)
+        if note:
+            lines.append(f"              {note}")
+        return lines
+
+    def _nested_plate_lines(self, layout) -> list[str]:
+        """What a nested plate guide shares."""
+        (t, h, k), (G, M) = layout.dims, layout.traced_sizes
+        template = {p[0]: p[2] for info in self.bn.sites.values() for p in info.plates}
+        Gt, Mt = (template[p] for p in layout.plates)
+        lines = [
+            f"  plates:     {layout.plates[0]!r} (groups) with {layout.plates[1]!r} (members) nested, traced size {G} x {M}, "
+            f"any G x M answered: {t} global coordinate(s) pool the groups (two-level DeepSet), {h} per group pool "
+            f"their members and share one flow, {k} per member share one flow; parameters do not depend on G or M",
+            f"              G, H and the adjacency above are those of a {Gt} x {Mt} template",
         ]
         note = getattr(self.guide, "plate_trace_note", None)
         if note:

@@ -78,6 +78,12 @@ class PointData:
 def _plate_sites(guide) -> dict[str, int]:
     """Observed site -> position of its plate dimension (plate guides; errors for global sites)."""
     L = guide.plate_layout
+    if hasattr(L, "inner_plate"):
+        raise ValueError(
+            f"data: fit(data=...) and pyro_struct.evaluate split data into independent points of one plate; the nested "
+            f"plates {L.plates[0]!r}/{L.plates[1]!r} are not supported there yet: train on simulations (objective "
+            "'skl'/'fkl', simulate_with=...) or run pyro.infer.SVI with the guide on the data"
+        )
     if L.num_globals:
         names = sorted({s.name for s in L.latent if s.pos is None})
         raise ValueError(

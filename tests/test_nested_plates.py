@@ -347,3 +347,20 @@ def test_side_by_side_plates_and_other_flows_fall_back_with_a_warning():
         grf = StructuredGuide(hierarchical, observed=["x"], plates="auto", flow="grf", model_kwargs={"G": 3, "M": 3})
         assert grf.plate_layout is None and "nested plates 'groups'/'obs'" in grf.plate_note
     assert sum("side-by-side" in str(w.message) for w in caught) == 1
+
+
+def test_a_nested_guide_shows_its_plates_saves_loads_and_refuses_data_points(rich_guide, tmp_path):
+    text = str(rich_guide.structure)
+    assert "'groups' (groups) with 'obs' (members) nested" in text and "3 x 4 template" in text
+    rich_guide.save(tmp_path / "g.pt")
+    loaded = StructuredGuide.load(tmp_path / "g.pt", rich)
+    w, x = torch.randn(4, 1), torch.randn(4, 6)
+    values = rich_guide.posterior(w=w, x=x).sample(3)
+    with torch.no_grad():
+        assert torch.allclose(rich_guide.posterior(w=w, x=x).log_prob(values), loaded.posterior(w=w, x=x).log_prob(values), atol=1e-5)
+    with pytest.raises(ValueError, match="nested plates 'groups'/'obs' are not supported there"):
+        loaded.fit(num_steps=1, objective="elbo", data={"w": w, "x": x}, progress=False)
+    from pyro.infer import SVI, Trace_ELBO
+
+    svi = SVI(rich, loaded, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
+    assert torch.isfinite(torch.tensor(svi.step(4, 6, w, x)))
