@@ -12,6 +12,7 @@ import torch
 from pyro_struct import StructuredGuide, faithful_inverse, trace_model
 from pyro_struct.amortizer import NestedPlateAmortizer
 from pyro_struct.flows.nested import NestedPlatedStrAF
+from pyro_struct.models.hierarchical import nested_hierarchical as hierarchical, nested_hierarchical_posterior
 from pyro_struct.plates import PlateCouplingError, expand_nested_plate_inverse, nested_plate_inverse, nested_plates
 from pyro_struct.trace.template import TEMPLATE_MEMBERS, trace_plate_template
 
@@ -99,18 +100,6 @@ def test_the_small_nested_template_expands_to_the_inverse_of_every_member():
         compared += 1
         assert expanded(template, 6, 5) == parents(faithful_inverse(trace_model(model, 6, 5, observed=observed))), seed
     assert compared >= 8
-
-
-S, SIGMA = 0.5, 1.0
-
-
-def hierarchical(G=5, M=10, x=None):
-    """mu ~ N(0, 1); theta_g ~ N(mu, S); x_gm ~ N(theta_g, SIGMA)."""
-    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
-    with pyro.plate("groups", G, dim=-2):
-        theta = pyro.sample("theta", dist.Normal(mu, S))
-        with pyro.plate("obs", M, dim=-1):
-            pyro.sample("x", dist.Normal(theta, SIGMA), obs=x)
 
 
 def test_the_hierarchical_template_is_the_amortised_factorisation():
@@ -272,22 +261,10 @@ def test_a_subsampled_nested_plate_is_an_error_naming_the_plates():
 
 
 # ------------------------------------------------------------------ the guide
-def exact_posterior(x: torch.Tensor) -> torch.distributions.MultivariateNormal:
-    """The exact posterior of ``(mu, theta_1..G)`` given ``x`` ``(G, M)`` (from the joint precision)."""
-    G, M = x.shape
-    P = torch.zeros(G + 1, G + 1, dtype=torch.float64)
-    P[0, 0] = 1 + G / S**2
-    P[0, 1:] = P[1:, 0] = -1 / S**2
-    P[1:, 1:] = torch.eye(G, dtype=torch.float64) * (1 / S**2 + M / SIGMA**2)
-    b = torch.cat([torch.zeros(1, dtype=torch.float64), x.double().sum(-1) / SIGMA**2])
-    cov = torch.linalg.inv(P)
-    return torch.distributions.MultivariateNormal(cov @ b, covariance_matrix=0.5 * (cov + cov.T))
-
-
 def exact_kl_per_coordinate(guide, G: int, M: int, num_samples: int = 2000) -> float:
     """``KL(p || q) / (G + 1)`` at data simulated from the prior with ``G`` groups of ``M`` members."""
     x = poutine.trace(hierarchical).get_trace(G, M).nodes["x"]["value"]
-    p = exact_posterior(x)
+    p = nested_hierarchical_posterior(x)
     s = p.sample((num_samples,))
     with torch.no_grad():
         log_q = guide.posterior(x=x).log_prob({"mu": s[:, 0].float(), "theta": s[:, 1:, None].float()}).double()

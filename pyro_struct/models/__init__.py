@@ -1,5 +1,5 @@
-"""Example models: the arithmetic circuit, linear-Gaussian networks, an HMM, a hierarchical model
-and the stochastic deconvolution of Weilbach et al.
+"""Example models: the arithmetic circuit, linear-Gaussian networks, an HMM, hierarchical models
+(one plate, and nested plates with a closed-form posterior) and the stochastic deconvolution of Weilbach et al.
 
 Every model declares its observed sites as ``model.observed_sites``, which
 :func:`~pyro_struct.trace_model` and :class:`~pyro_struct.StructuredGuide` use as their default
@@ -8,7 +8,7 @@ Every model declares its observed sites as ``model.observed_sites``, which
 
 from .circuit import arithmetic_circuit
 from .deconvolution import deconvolution
-from .hierarchical import hierarchical
+from .hierarchical import hierarchical, nested_hierarchical, nested_hierarchical_posterior
 from .hmm import hmm
 from .linear_gaussian import LinearGaussianNetwork, data_dir, gaussian_kl
 
@@ -16,6 +16,8 @@ __all__ = [
     "arithmetic_circuit",
     "deconvolution",
     "hierarchical",
+    "nested_hierarchical",
+    "nested_hierarchical_posterior",
     "hmm",
     "LinearGaussianNetwork",
     "gaussian_kl",
