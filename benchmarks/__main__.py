@@ -23,6 +23,7 @@ BENCHMARKS = {
     "diagnostics": "trust: SBC coverage, Pareto-k, log-evidence error and refine, against sbi's SBC",
     "simulation": "simulations per second of ordinary models: batched (plate / vmap) vs per-sample",
     "plates": "plate guides: compile time, parameters, step time and exact KL for N = 10 ... 100,000",
+    "nested_plates": "nested plate guides (groups with members): compile time, parameters, step time and exact KL up to G x M = 10^6",
     "subsample": "SVI with a subsampled data plate and the plate guide: ms per step for N = 1e3 ... 1e6 at B = 64",
     "designs": "a regression guide amortised over designs (covariates) vs per-data-set NUTS: KL, seconds per data set",
     "summary": "the lgbn and circuit tables side by side, checked against the goals",

@@ -33,7 +33,7 @@ from pyro_struct.training.fit import DrawnArgumentsSource
 
 from .report import write_results
 
-__all__ = ["main", "model", "exact_log_posterior", "exact_posterior_sample", "TAU"]
+__all__ = ["main", "model", "exact_log_posterior", "exact_posterior_sample", "step_ms", "TAU"]
 
 TAU = 0.5
 
@@ -81,11 +81,11 @@ def exact_kl_per_coordinate(guide, n_members: int, data_sets: int, samples: int,
     return statistics.mean(out)
 
 
-def step_ms(guide, n_members: int, batch: int, repeats: int) -> tuple[float, float]:
+def step_ms(guide, arguments: dict, batch: int, repeats: int) -> tuple[float, float]:
     """Median wall and CPU (this process) milliseconds of one symmetrised-KL step (simulate, loss,
-    backward) at ``N = n_members``, after one untimed step."""
-    source = DrawnArgumentsSource(guide, {"N": [n_members]}, batch, torch.Generator(), vectorize=True)
-    sim = source.simulator_for({"N": n_members})
+    backward) at the model's keyword ``arguments`` (e.g. ``{"N": 1000}``), after one untimed step."""
+    source = DrawnArgumentsSource(guide, {k: [v] for k, v in arguments.items()}, batch, torch.Generator(), vectorize=True)
+    sim = source.simulator_for(dict(arguments))
     walls, cpus = [], []
     for k in range(repeats + 1):
         t0, c0 = time.perf_counter(), time.process_time()
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
         compiled = StructuredGuide(model, observed=["x"], plates="auto", hidden_sizes=(32, 32), model_kwargs={"N": n})
         compile_s = time.perf_counter() - t0
         batch = args.batch if n < 100_000 else args.large_batch
-        wall_ms, cpu_ms = step_ms(guide, n, batch, args.repeats)
+        wall_ms, cpu_ms = step_ms(guide, {"N": n}, batch, args.repeats)
         rows.append({
             "N": n,
             "compile (s)": compile_s,
