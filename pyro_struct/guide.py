@@ -294,7 +294,7 @@ class StructuredGuide(PyroModule):
             if site is None or site["type"] != "sample":
                 raise ValueError(f"guide call: the model has no sample site {b.name!r} with these arguments; call the guide with the same arguments as the model")
             if not site["is_observed"]:
-                raise ValueError(f"guide call: observed site {b.name!r} got no observed value from the model's arguments; pass its data (shape {b.shape}) to the model and the guide")
+                raise ValueError(f"guide call: observed site {b.name!r} got no observed value from the model's arguments; pass its data (shape {self.site_shapes.get(b.name, b.shape)}) to the model and the guide")
             # (a plate guide's layout checks the shapes itself: the plate's size may differ)
             if self.plate_layout is None and tuple(site["value"].shape) != b.shape:
                 raise ValueError(

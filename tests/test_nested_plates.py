@@ -341,3 +341,33 @@ def test_a_nested_guide_shows_its_plates_saves_loads_and_refuses_data_points(ric
 
     svi = SVI(rich, loaded, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
     assert torch.isfinite(torch.tensor(svi.step(4, 6, w, x)))
+
+
+def no_globals(G=5, M=6, x=None):
+    with pyro.plate("groups", G, dim=-2):
+        theta = pyro.sample("theta", dist.Normal(0.0, 1.0))
+        with pyro.plate("obs", M, dim=-1):
+            z = pyro.sample("z", dist.Normal(theta, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+
+def no_group_latents(G=5, M=6, x=None):
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    with pyro.plate("groups", G, dim=-2):
+        with pyro.plate("obs", M, dim=-1):
+            z = pyro.sample("z", dist.Normal(mu, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+
+def test_random_nested_models_compile_to_the_nested_flow_and_score_their_samples():
+    cases = [random_nested_model(seed) for seed in range(6)] + [(no_globals, ["x"]), (no_group_latents, ["x"])]
+    for model, observed in cases:
+        guide = StructuredGuide(model, observed=observed, plates="auto", model_kwargs={"G": 6, "M": 5}, hidden_sizes=(8,))
+        assert isinstance(guide.flow, NestedPlatedStrAF), guide.plate_note
+        # another size than the traced one, and a batch of two data sets
+        trace = poutine.trace(model).get_trace(G=3, M=7)
+        obs = {k: torch.stack([trace.nodes[k]["value"]] * 2) for k in observed}
+        context, batch = guide.condition(obs)
+        values, log_q = guide.rsample_q(context, 4, batch)
+        assert all(v.shape[:3] == (4, 2, 3) for k, v in values.items() if guide.bn.sites[k].plates)
+        assert torch.allclose(log_q, guide.log_q(values, context, torch.Size([4, 2])), atol=1e-4)
