@@ -296,7 +296,8 @@ def compile_model(
             with one data plate whose inverse has a one-member template gets the shared-weight
             :class:`~pyro_struct.flows.plated.PlatedStrAF` (``flow="straf"``), which answers data
             sets of any size; otherwise ``plate_note`` says why not and the per-coordinate flow is built
-            (StrAF only: GRF/CNF, nested and several plates fall back). A plate of more than
+            (StrAF only: GRF/CNF and side-by-side plates fall back; two nested plates get the
+            :class:`~pyro_struct.flows.nested.NestedPlatedStrAF`, any G x M). A plate of more than
             :data:`~pyro_struct.trace.template.TEMPLATE_MEMBERS` members is traced with that many
             and checked against the full size (:func:`~pyro_struct.trace.template.trace_plate_template`);
             ``bn`` and ``inverse`` are then the template's and ``plate.site_shapes`` the full shapes.

@@ -109,8 +109,10 @@ class StructuredGuide(PyroModule):
             depend on the plate's size and whose :meth:`posterior` answers observations with any
             number of members; where that does not apply, a one-time warning names the plate and
             ``guide.plate_note`` says why (the per-coordinate flow is built instead). Per flow
-            family: StrAF only; ``flow="grf"``/``"cnf"``, nested plates and several plates fall
-            back with that warning. A plate of more than 4 members is traced with 4 (its
+            family: StrAF only; ``flow="grf"``/``"cnf"`` and side-by-side plates fall back with
+            that warning. Two nested plates (groups with members inside each group) get the nested
+            plate flow (:class:`~pyro_struct.flows.nested.NestedPlatedStrAF`: any numbers of groups
+            and members, equal members per group; no subsampling or covariates). A plate of more than 4 members is traced with 4 (its
             subsample indices shrunk) and checked against every member, so compiling does not
             grow with the plate's size (``guide.plate_trace_note`` says how it was traced;
             ``guide.bn``/``guide.inverse`` are then the template's, ``guide.site_shapes`` the full shapes).
