@@ -112,8 +112,8 @@ def _plate_refusal(bn: BayesNet, inverse: InverseStructure, flow: str | None) ->
                               "the shared-weight plate flow yet (one plate level only)")
         return names[0], f"the model has the plates {names}; the shared-weight plate flow handles one plate"
     plate = names[0]
-    if flow != "straf":
-        return plate, f"shared-weight plate conditioners exist for flow='straf' only (got flow={flow!r})"
+    if flow is None:
+        return plate, "no flow (flow=None) to share across the plate's members"
     for s in bn.sites.values():
         if s.plate_position(plate) is not None and (s.block or s.node_shape != s.shape):
             return plate, f"site {s.name!r} in plate {plate!r} is a joint block (its coordinates are not elementwise)"
@@ -150,7 +150,7 @@ def compile_plate(bn: BayesNet, inverse: InverseStructure, flow: str | None, tra
 
     Returns:
         ``(CompiledPlate, None)``; ``(None, reason)`` (the reason names the plate) when the model
-        has several plates, the flow is not StrAF, or the inverse couples members or treats them
+        has several plates, no flow, or the inverse couples members or treats them
         differently (:class:`~pyro_struct.plates.PlateCouplingError`); ``(None, None)`` without plates.
     """
     from .flows.plated import PlatedStrAF
@@ -169,9 +169,9 @@ def compile_plate(bn: BayesNet, inverse: InverseStructure, flow: str | None, tra
     layout = PlateLayout(bn, template)
     Ag, P, Am = _plate_adjacencies(template, layout)
     try:
-        built = PlatedStrAF(Ag, P, Am, member_obs_dim=P.shape[1], **flow_options)
+        built = PlatedStrAF(Ag, P, Am, member_obs_dim=P.shape[1], family=flow_class(flow), **flow_options)
     except TypeError as e:
-        raise ValueError(f"bad option for the plate flow (PlatedStrAF): {e}") from e
+        raise ValueError(f"bad option for the plate flow (PlatedStrAF, flow={flow!r}): {e}") from e
     return CompiledPlate(template, layout, built), None
 
 
@@ -231,9 +231,9 @@ def compile_model(
         granularity: ``"element"`` or ``"site"`` (see :func:`~pyro_struct.trace_model`).
         plates: ``None`` (default: one flow coordinate per plate member) or ``"auto"``: a model
             with one data plate whose inverse has a one-member template gets the shared-weight
-            :class:`~pyro_struct.flows.plated.PlatedStrAF` (``flow="straf"``), which answers data
+            :class:`~pyro_struct.flows.plated.PlatedStrAF` (stages of the ``flow`` family), which answers data
             sets of any size; otherwise ``plate_note`` says why not and the per-coordinate flow is built
-            (StrAF only: GRF/CNF, nested and several plates fall back). A plate of more than
+            (every family; nested and several plates fall back). A plate of more than
             :data:`~pyro_struct.trace.template.TEMPLATE_MEMBERS` members is traced with that many
             and checked against the full size (:func:`~pyro_struct.trace.template.trace_plate_template`);
             ``bn`` and ``inverse`` are then the template's and ``plate.site_shapes`` the full shapes.
