@@ -237,7 +237,8 @@ def compile_model(
             :data:`~pyro_struct.trace.template.TEMPLATE_MEMBERS` members is traced with that many
             and checked against the full size (:func:`~pyro_struct.trace.template.trace_plate_template`);
             ``bn`` and ``inverse`` are then the template's and ``plate.site_shapes`` the full shapes.
-            (A model with covariates is traced at full size: its design is cut by no messenger.)
+            (A covariate whose rows are the plate's members is cut to the template's rows with the
+            plate, :func:`~pyro_struct.covariates.covariate_model`.)
         covariates: names of tensor model arguments traced as observed, non-random sites of
             the same name (:mod:`pyro_struct.covariates`): conditioning inputs of the flow.
         **flow_options: passed to the flow class (and ``pool_dim``, ``pool_hidden`` to the plate flow).
@@ -266,10 +267,12 @@ def compile_model(
                    inversion_mode=inversion_mode, num_probes=num_probes, flow_options=dict(flow_options), plates=plates,
                    covariates=list(covariates))
     small, trace_note = (None, None)
-    if plates == "auto" and flow == "straf" and not covariates:
+    if plates == "auto" and flow is not None:
         # a large plate is traced with a few members and checked against the full size (compile time constant in N)
         with torch_threads():  # (small tensors: extra threads only wait on each other, as in training)
-            small, trace_note = trace_plate_template(model, args, kwargs, observed=observed, **trace_options)
+            small, trace_note = trace_plate_template(traced, args, kwargs, observed=observed, **trace_options)
+        if small is not None:
+            mark_covariates(small.bn, covariates)
     if small is not None and (not small.bn.latent_sites or (observed is None and not small.bn.observed_sites)):
         small = None  # the full trace below says what is missing
     if small is not None:
