@@ -309,7 +309,7 @@ def test_parameter_count_does_not_depend_on_the_number_of_groups_or_members():
     assert "shrunk to 4 of its 50 members" in guide.plate_trace_note and "shrunk to 4 of its 100 members" in guide.plate_trace_note
 
 
-def test_side_by_side_plates_and_other_flows_fall_back_with_a_warning():
+def test_side_by_side_plates_fall_back_with_a_warning():
     def siblings(N=5, K=6):
         mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
         with pyro.plate("a", N):
@@ -321,9 +321,21 @@ def test_side_by_side_plates_and_other_flows_fall_back_with_a_warning():
         warnings.simplefilter("always")
         guide = StructuredGuide(siblings, plates="auto", hidden_sizes=(8,))
         assert guide.plate_layout is None and "side-by-side plates ['a', 'b']" in guide.plate_note
-        grf = StructuredGuide(hierarchical, observed=["x"], plates="auto", flow="grf", model_kwargs={"G": 3, "M": 3})
-        assert grf.plate_layout is None and "nested plates 'groups'/'obs'" in grf.plate_note
     assert sum("side-by-side" in str(w.message) for w in caught) == 1
+
+
+@pytest.mark.parametrize("flow", ["grf", "cnf"])
+def test_every_flow_family_builds_the_nested_stages(flow):
+    from pyro_struct.compile import flow_class
+
+    guide = StructuredGuide(rich, observed=["w", "x"], plates="auto", flow=flow, hidden_sizes=(8,))
+    assert isinstance(guide.flow, NestedPlatedStrAF) and guide.flow.inner.family is flow_class(flow)
+    torch.manual_seed(0)
+    context, batch = guide.condition({"w": torch.randn(2, 1), "x": torch.randn(2, 5)})
+    with torch.no_grad():
+        values, log_q = guide.rsample_q(context, 3, batch)
+        assert values["z"].shape == (3, 2, 5)
+        assert torch.allclose(log_q, guide.log_q(values, context, torch.Size([3])), atol=1e-3)
 
 
 def test_a_nested_guide_shows_its_plates_saves_loads_and_refuses_data_points(rich_guide, tmp_path):

@@ -1,11 +1,12 @@
-"""A StrAF over nested plates: globals pool the groups' summaries, each group's latents pool its own members, weights shared throughout.
+"""A flow over nested plates: globals pool the groups' summaries, each group's latents pool its own members, weights shared throughout.
 
 The flow is the amortised factorisation of a nested plate template
 (:class:`~pyro_struct.plates.NestedPlateInverse`, groups ``g = 1..G`` with members ``m = 1..M``):
 
     q(theta | x) prod_g q(eta_g | theta, x_g) prod_m q(z_gm | theta, eta_g, x_gm)
 
-- the globals ``theta`` ``(*batch, t)`` follow a :class:`~pyro_struct.flows.StrAF` conditioned on the
+- the globals ``theta`` ``(*batch, t)`` follow a flow (a :class:`~pyro_struct.flows.StrAF` by default; any
+  family, as :class:`~pyro_struct.flows.plated.PlatedStrAF`) conditioned on the
   global observations and, per global ``j``, a two-level DeepSet over the coordinates the template
   lists as ``j``'s pooled parents: inside each group, the mean over its members of an embedding and
   of the member observations (the linear path); then over the groups, the mean of an embedding of
@@ -63,7 +64,9 @@ class NestedPlatedStrAF(MaskedStructure, nn.Module):
             its own observations.
         group_obs_dim, member_obs_dim: ``ch`` and ``ko``.
         pool_dim, pool_hidden: DeepSet embedding size and hidden widths (every level).
-        **straf_options: passed to every :class:`~pyro_struct.flows.StrAF`.
+        **flow_options: passed to every stage's flow (through :class:`~pyro_struct.flows.plated.PlatedStrAF`):
+            ``family=`` the flow class of every stage (:class:`~pyro_struct.flows.StrAF` by default,
+            ``GraphicalResidualFlow``, ``StructuredCNF``), ``num_layers``, ``hidden_sizes``, ...
 
     Shapes: global context ``(*batch, cg)`` or ``None``; group observations ``(*batch, G, ch)``;
     member observations ``(*batch, G, M, ko)``; leading dimensions broadcast.
@@ -71,7 +74,7 @@ class NestedPlatedStrAF(MaskedStructure, nn.Module):
 
     def __init__(self, global_adjacency, global_pooled_groups, global_pooled_members, group_adjacency, group_pooled,
                  member_adjacency, group_obs_dim: int, member_obs_dim: int, pool_dim: int = 8,
-                 pool_hidden: Sequence[int] = (32,), **straf_options):
+                 pool_hidden: Sequence[int] = (32,), **flow_options):
         super().__init__()
         At, Pth, Ptm, Ah, Phm, Am = (torch.as_tensor(a).bool() for a in (
             global_adjacency, global_pooled_groups, global_pooled_members, group_adjacency, group_pooled, member_adjacency))
@@ -97,9 +100,9 @@ class NestedPlatedStrAF(MaskedStructure, nn.Module):
         # level 2: the globals' flow pools per-group features [per global: (e + ko) | group obs (ch) | log M]
         self.group_feature_dim = t * (e + ko) + ch + 1
         self.outer = PlatedStrAF(At, self._outer_pooled(Ptm, Pth), torch.zeros(0, 0, dtype=torch.bool),
-                                 member_obs_dim=self.group_feature_dim, **pool, **straf_options) if t else None
+                                 member_obs_dim=self.group_feature_dim, **pool, **flow_options) if t else None
         # every group: its latents pool its members, one member flow for all (a PlatedStrAF batched over groups)
-        self.inner = PlatedStrAF(Ah, Phm, Am, member_obs_dim=ko, **pool, **straf_options) if h + k else None
+        self.inner = PlatedStrAF(Ah, Phm, Am, member_obs_dim=ko, **pool, **flow_options) if h + k else None
 
     def _outer_pooled(self, Ptm: torch.Tensor, Pth: torch.Tensor) -> torch.Tensor:
         """``(t, group_feature_dim)``: global ``j`` pools its own level-1 block (embedding where it
