@@ -161,8 +161,8 @@ class ChainLayout(nn.Module):
         for stem, b in self.stems:
             block = u_s[..., off: off + b.size].reshape(batch + (T,) + b.shape)
             off += b.size
-            for t in range(T):
-                unconstrained[self.chain.site_name(stem, t)] = block.select(len(batch), t)
+            for t, u in enumerate(block.unbind(len(batch))):  # (unbind: one backward for all steps)
+                unconstrained[self.chain.site_name(stem, t)] = u
         return self._constrain(unconstrained, batch, T)
 
     def _constrain(self, unconstrained: dict, batch: torch.Size, length: int):

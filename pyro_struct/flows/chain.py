@@ -188,10 +188,12 @@ class ChainFlow(MaskedStructure, nn.Module):
             pooled = self.global_context(global_ctx, obs, summary) if pooled is None else pooled
             y_g, logdet = self.global_flow(eps_globals, pooled)
         T = eps_steps.shape[-2]
-        z, ld = self.boundary_flow(eps_steps[..., T - 1, :], self._step_context(None, y_g, global_ctx, summary[..., T - 1, :]))
+        # (one unbind, not T selects: a select's backward writes a zero tensor of the whole summary)
+        h, e = summary.unbind(-2), eps_steps.unbind(-2)
+        z, ld = self.boundary_flow(e[T - 1], self._step_context(None, y_g, global_ctx, h[T - 1]))
         out, logdet = [z], logdet + ld
         for t in range(T - 2, -1, -1):
-            z, ld = self.step_flow(eps_steps[..., t, :], self._step_context(z, y_g, global_ctx, summary[..., t, :]))
+            z, ld = self.step_flow(e[t], self._step_context(z, y_g, global_ctx, h[t]))
             out.append(z)
             logdet = logdet + ld
         return y_g, torch.stack(out[::-1], -2), logdet
