@@ -1,10 +1,11 @@
-"""How a guide turns observations into a conditioned flow and samples/scores latents: the per-coordinate and the plate path.
+"""How a guide turns observations into a conditioned flow and samples/scores latents: the per-coordinate, the plate and the chain path.
 
 A :class:`~pyro_struct.StructuredGuide` talks to its compiled flow only through one of these
 objects, so the per-coordinate flow (one flow coordinate per scalar latent, a fixed data-set size)
-and the shared-weight plate flow (any number of plate members) plug into the same guide, objectives
-and posteriors. Both expose the same members; a *context* is whatever :meth:`condition` returns
-and is passed back unchanged (a tensor, or a :class:`PlateContext`).
+the shared-weight plate flow (any number of plate members) and the shared-weight chain flow (any
+number of time steps) plug into the same guide, objectives and posteriors. All expose the same
+members; a *context* is whatever :meth:`condition` returns and is passed back unchanged (a tensor,
+a :class:`PlateContext` or a :class:`ChainContext`).
 """
 
 from __future__ import annotations
