@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "pyro_struct"
 # modules listed earlier (a package's own parts) may be imported by the ones listed later.
 LAYERS = [
     ["errors", "threads", "dag", "io", "models.circuit", "models.deconvolution", "models.hierarchical",
-     "models.hmm", "models.linear_gaussian", "models"],
+     "models.hmm", "models.linear_gaussian", "models.state_space", "models"],
     ["graph"],
     ["covariates"],
     ["trace.provenance", "trace.sparsity", "trace.probe", "trace.assemble", "trace", "trace.template"],

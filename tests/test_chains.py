@@ -13,25 +13,11 @@ from pyro_struct.chains import chain_elimination, chain_inverse, detect_chain, e
 from pyro_struct.flows.chain import ChainFlow, decayed_scan
 from pyro_struct.inversion import ordered_inverse
 from pyro_struct.models.hmm import hmm
+from pyro_struct.models.state_space import ar1_state_space as ar_model  # AR(1) chain, globals rho and s; z_0 has no global parent
 
 from .test_inversion import violations
 
 A, S, R = 0.9, 0.5, 0.5  # hmm()'s defaults
-
-
-def ar_model(T=6):
-    """An AR(1) state-space model with global coefficient and scale (z_0 has no global parent)."""
-
-    def model(x=None):
-        rho = pyro.sample("rho", dist.Normal(0.0, 0.5))
-        s = pyro.sample("s", dist.LogNormal(-1.0, 0.3))
-        z = pyro.sample("z_0", dist.Normal(0.0, 1.0))
-        pyro.sample("x_0", dist.Normal(z, 0.5), obs=None if x is None else x[0])
-        for t in range(1, T):
-            z = pyro.sample(f"z_{t}", dist.Normal(rho * z, s))
-            pyro.sample(f"x_{t}", dist.Normal(z, 0.5), obs=None if x is None else x[t])
-
-    return model
 
 
 def second_order(T=6):

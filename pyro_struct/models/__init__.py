@@ -1,5 +1,5 @@
-"""Example models: the arithmetic circuit, linear-Gaussian networks, an HMM, a hierarchical model
-and the stochastic deconvolution of Weilbach et al.
+"""Example models: the arithmetic circuit, linear-Gaussian networks, an HMM, an AR(1) state-space
+model with global parameters, a hierarchical model and the stochastic deconvolution of Weilbach et al.
 
 Every model declares its observed sites as ``model.observed_sites``, which
 :func:`~pyro_struct.trace_model` and :class:`~pyro_struct.StructuredGuide` use as their default
@@ -11,12 +11,14 @@ from .deconvolution import deconvolution
 from .hierarchical import hierarchical
 from .hmm import hmm
 from .linear_gaussian import LinearGaussianNetwork, data_dir, gaussian_kl
+from .state_space import ar1_state_space
 
 __all__ = [
     "arithmetic_circuit",
     "deconvolution",
     "hierarchical",
     "hmm",
+    "ar1_state_space",
     "LinearGaussianNetwork",
     "gaussian_kl",
     "data_dir",
