@@ -236,7 +236,7 @@ def compile_chain(bn: BayesNet, flow: str | None, structure: str = "faithful", *
         built = ChainFlow(torch.cat([t.within, t.neighbour, t.step_globals, t.step_observed], 1), t.step_summary,
                           torch.cat([t.boundary_within, t.boundary_globals, t.boundary_observed], 1), t.boundary_summary,
                           t.global_adjacency, t.global_pooled, obs_dim=len(chain.obs_coords), family=flow_class(flow),
-                          **flow_options)
+                          length=chain.length, **flow_options)
     except TypeError as e:
         raise ValueError(f"bad option for the chain flow (ChainFlow, flow={flow!r}): {e}") from e
     return CompiledChain(template, ChainLayout(bn, template), built, _summarised(template)), inverse, None

@@ -110,13 +110,16 @@ class ChainFlow(MaskedStructure, nn.Module):
         obs_dim: ``ko``; decays, rnn_hidden: of the :class:`ChainSummary`.
         pool_dim, pool_hidden: the pooled embedding ``phi(o_{t-1}, o_t)``'s size and hidden widths.
         family: the class of the three flows (default :class:`~pyro_struct.flows.StrAF`).
+        length: the traced chain length ``T`` (only for :attr:`num_passes`; any ``T`` is accepted).
         **flow_options: passed to the three flows (``num_layers``, ``hidden_sizes``, ``normalizer``, ...).
     """
 
     def __init__(self, step_adjacency, step_summary, boundary_adjacency, boundary_summary, global_adjacency, global_pooled,
                  obs_dim: int, decays: Sequence[float] = (0.5, 0.8, 0.95), rnn_hidden: int = 16, pool_dim: int = 8,
-                 pool_hidden: Sequence[int] = (32,), family: type[ConditionalFlow] = StrAF, **flow_options):
+                 pool_hidden: Sequence[int] = (32,), family: type[ConditionalFlow] = StrAF, length: int | None = None,
+                 **flow_options):
         super().__init__()
+        self.length = length
         As, ss, Ab, sb, Ag, pg = (torch.as_tensor(a).bool() for a in
                                   (step_adjacency, step_summary, boundary_adjacency, boundary_summary, global_adjacency, global_pooled))
         k, g = As.shape[0], Ag.shape[0]
@@ -242,9 +245,13 @@ class ChainFlow(MaskedStructure, nn.Module):
         return y_g, y_s, self.base_log_prob(eps_g, eps_s) - logdet
 
     @property
-    def num_passes(self) -> int:
-        """Conditioner passes per sampling call at the traced structure, per step: globals + one step flow call (times ``T``)."""
-        return sum(f.num_passes for f in (self.global_flow, self.step_flow) if f is not None)
+    def num_passes(self) -> int | None:
+        """Sequential conditioner passes of one sampling call at the traced length: the globals' flow's, then
+        ``T`` step-flow calls (``None`` without a traced length or for a family whose passes the solver sets)."""
+        steps = [f.num_passes for f in (self.global_flow, self.boundary_flow) if f is not None]
+        if self.length is None or any(p is None for p in steps) or self.step_flow.num_passes is None:
+            return None
+        return sum(steps) + (self.length - 1) * self.step_flow.num_passes
 
     def extra_repr(self) -> str:
         return (f"family={self.family.__name__}, globals={self.num_globals}, step_latents={self.step_dim}, "
