@@ -204,3 +204,14 @@ def test_chain_guide_with_globals_runs_as_a_pyro_guide():
     s, log_q = post.sample_and_log_prob(7)
     assert s["s"].shape == (7,) and (s["s"] > 0).all() and s["z_7"].shape == (7,)
     assert torch.allclose(post.log_prob(s), log_q, atol=1e-3)
+
+
+def test_chain_guide_saves_and_loads(tmp_path):
+    guide = ps.StructuredGuide(hmm(6), chains="auto", hidden_sizes=(8,), rnn_hidden=4)
+    guide.fit(num_steps=3, batch_size=16, objective="fkl", progress=False, seed=0)
+    guide.save(tmp_path / "g.pt")
+    loaded = ps.StructuredGuide.load(tmp_path / "g.pt", hmm(6))
+    assert isinstance(loaded._amortizer, ChainAmortizer)
+    obs = {f"x_{t}": torch.tensor(0.3 * t) for t in range(6)}
+    z = guide.posterior(obs).sample(4)
+    assert torch.allclose(guide.posterior(obs).log_prob(z), loaded.posterior(obs).log_prob(z))
