@@ -285,37 +285,43 @@ def _step_orders(inverse: InverseStructure, chain: Chain) -> list[int]:
     return list(orders.pop())
 
 
-def _empty(rows: int, cols: int) -> torch.Tensor:
-    return torch.zeros(rows, cols, dtype=torch.bool)
-
-
 def _classify_step(inverse: InverseStructure, chain: Chain, rank: dict, gi: dict, ci: dict, t: int, parts: tuple) -> int:
-    """Fill ``parts = (within, neighbour, globals, observed, summary)`` from step ``t``'s inverse parents; the largest lag."""
+    """Add step ``t``'s inverse parents to ``parts = (within, neighbour, globals, observed, summary)`` (sets of
+    ``(row, column)`` pairs, rows for the summary); return the largest lag of an observation parent."""
     within, neighbour, glob, gobs, summ = parts
-    max_lag = 0
+    first, observed, step_of = t, set(inverse.observed), chain.step_of
     for j in range(len(chain.coords)):
         v = chain.label(t, j)
         i = rank[j]
         for p in inverse.parents(v):
             if p in gi:
-                glob[i, gi[p]] = True
+                glob.add((i, gi[p]))
             elif p in ci:
-                gobs[i, ci[p]] = True
-            elif inverse.bn.graph.nodes[p]["observed"]:
-                tp = chain.step_of[p][0]
+                gobs.add((i, ci[p]))
+            elif p in observed:  # (the hot loop: O(T^2) observation parents in all)
+                tp = step_of[p][0]
                 if tp > t:
                     raise ChainCouplingError(f"{v!r} depends on the later observation {p!r} in the inverse")
-                summ[i] = True
-                max_lag = max(max_lag, t - tp)
+                summ.add(i)
+                if tp < first:
+                    first = tp
             else:
-                tp, jp = chain.step_of[p]
+                tp, jp = step_of[p]
                 if tp == t:
-                    within[i, rank[jp]] = True
+                    within.add((i, rank[jp]))
                 elif tp == t + 1 and neighbour is not None:
-                    neighbour[i, rank[jp]] = True
+                    neighbour.add((i, rank[jp]))
                 else:
                     raise ChainCouplingError(f"{v!r} depends on {p!r} in the inverse (only its own step and the next)")
-    return max_lag
+    return t - first
+
+
+def _mask(pairs, rows: int, cols: int | None = None) -> torch.Tensor:
+    """A bool tensor ``(rows, cols)`` (``(rows,)`` when ``cols`` is ``None``) true at ``pairs``."""
+    out = torch.zeros((rows,) if cols is None else (rows, cols), dtype=torch.bool)
+    for ij in pairs:
+        out[ij] = True
+    return out
 
 
 def chain_inverse(inverse: InverseStructure, chain: Chain) -> ChainInverse:
@@ -335,25 +341,24 @@ def chain_inverse(inverse: InverseStructure, chain: Chain) -> ChainInverse:
     gi = {v: i for i, v in enumerate(global_order)}
     ci = {v: i for i, v in enumerate(chain.global_observed)}
     k, g, cg = len(step_order), len(gi), len(ci)
-    step = (_empty(k, k), _empty(k, k), _empty(k, g), _empty(k, cg), torch.zeros(k, dtype=torch.bool))
-    boundary = (_empty(k, k), None, _empty(k, g), _empty(k, cg), torch.zeros(k, dtype=torch.bool))
+    step, boundary = tuple(set() for _ in range(5)), (set(), None, set(), set(), set())
     max_lag = 0
     for t in range(chain.length):
         max_lag = max(max_lag, _classify_step(inverse, chain, rank, gi, ci, t, boundary if t == chain.length - 1 else step))
-    Ag, pooled = _empty(g, g + cg), torch.zeros(g, dtype=torch.bool)
+    adjacency, pooled = set(), set()
     for v in global_order:
         for p in inverse.parents(v):
-            if p in gi:
-                Ag[gi[v], gi[p]] = True
-            elif p in ci:
-                Ag[gi[v], g + ci[p]] = True
+            if p in gi or p in ci:
+                adjacency.add((gi[v], gi[p] if p in gi else g + ci[p]))
             elif p in chain.step_of and inverse.bn.graph.nodes[p]["observed"]:
-                pooled[gi[v]] = True
+                pooled.add(gi[v])
             else:
                 raise ChainCouplingError(f"the global {v!r} depends on the chain latent {p!r} in the inverse")
-    within, neighbour, sg, so, ss = step
+    sw, sn, sg, so, ss = step
     bw, _, bg, bo, bs = boundary
-    return ChainInverse(chain, step_order, global_order, within, neighbour, sg, so, ss, bw, bg, bo, bs, Ag, pooled, max_lag)
+    return ChainInverse(chain, step_order, global_order, _mask(sw, k, k), _mask(sn, k, k), _mask(sg, k, g), _mask(so, k, cg),
+                        _mask(ss, k), _mask(bw, k, k), _mask(bg, k, g), _mask(bo, k, cg), _mask(bs, k),
+                        _mask(adjacency, g, g + cg), _mask(pooled, g), max_lag)
 
 
 def expand_chain_inverse(template: ChainInverse, length: int) -> dict[str, list[str]]:
