@@ -36,7 +36,7 @@ from pyro_struct.chains import chain_elimination, chain_inverse, detect_chain
 from pyro_struct.inversion import ordered_inverse
 from pyro_struct.models import ar1_state_space, hmm
 
-from .report import write_results
+from .report import RESULTS_DIR, write_results
 from .scaling import _step_time_in_child, _timed
 
 __all__ = ["main", "chain_row"]
@@ -104,6 +104,17 @@ def chain_row(name: str, T: int, args, chains: str | None = "auto") -> dict:
     return row
 
 
+def _earlier_rows(name: str, redone: set) -> tuple[list[dict], dict | None]:
+    """``--merge``: the rows of ``NAME.json`` this run does not redo, and when and with what settings they ran."""
+    path = RESULTS_DIR / f"{name}.json"
+    if not path.exists():
+        return [], None
+    data = json.loads(path.read_text())
+    kept = [r for r in data.get("rows", []) if (r["model"], r["T"]) not in redone]
+    return kept, {"rows": [(r["model"], r["T"]) for r in kept], "date": data.get("environment", {}).get("date"),
+                  "commit": data.get("environment", {}).get("commit"), "load_average": data.get("meta", {}).get("load_average")}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks chains", description=__doc__.splitlines()[0])
     p.add_argument("--hmm", nargs="*", type=int, default=[10, 100, 1000], help="HMM lengths T")
@@ -121,6 +132,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="chains")
+    p.add_argument("--merge", action="store_true", help="keep the rows of the earlier table that this run does not redo")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.flow_options = json.loads(args.flow_options)
@@ -128,13 +140,15 @@ def main(argv=None) -> int:
     columns += [f"ms_per_step_{o}" for o in args.objectives] + ["kl_per_coord", "note"]
     jobs = [("hmm", t, "auto") for t in args.hmm] + [("ar1", t, "auto") for t in args.ar]
     jobs += [("hmm", t, None) for t in args.hmm] if args.flat else []
-    rows = []
+    label = {("hmm", "auto"): "hmm", ("ar1", "auto"): "ar1", ("hmm", None): "hmm (per-coordinate)"}
+    rows, earlier = _earlier_rows(args.out, {(label[n, c], t) for n, t, c in jobs}) if args.merge else ([], None)
     for name, T, chains in jobs:
         rows.append(chain_row(name, T, args, chains))
         print(rows[-1], flush=True)
         write_results(
             args.out, rows, columns,
-            meta={**vars(args), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "load_average": os.getloadavg()},
+            meta={**vars(args), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "load_average": os.getloadavg(),
+                  "merged_from_earlier_run": earlier},
             notes=("Seconds of one compilation per stage; ms_per_step_<objective>: mean wall-clock ms of a training step "
                    f"with batch {args.batch_size} after {args.warmup} warm-up step(s), {args.steps} timed, StrAF step flows, "
                    "default options. Taken on a shared, loaded 2-core machine (load_average in the settings): times are upper "
