@@ -215,3 +215,15 @@ def test_chain_guide_saves_and_loads(tmp_path):
     obs = {f"x_{t}": torch.tensor(0.3 * t) for t in range(6)}
     z = guide.posterior(obs).sample(4)
     assert torch.allclose(guide.posterior(obs).log_prob(z), loaded.posterior(obs).log_prob(z))
+
+
+@pytest.mark.parametrize("flow", ["grf", "cnf"])
+def test_other_families_build_the_chain_flow(flow):
+    """GRF and CNF step flows: the same three flows of that family; samples score consistently at another length."""
+    guides = [ps.StructuredGuide(hmm(T), flow=flow, chains="auto", hidden_sizes=(16,)) for T in (5, 9)]
+    assert all(isinstance(g._amortizer, ChainAmortizer) for g in guides)
+    assert len({sum(p.numel() for p in g.parameters()) for g in guides}) == 1
+    post = guides[0].posterior({f"x_{t}": torch.tensor(0.1 * t) for t in range(12)})
+    z, log_q = post.sample_and_log_prob(3)
+    assert sorted(z) == sorted(f"z_{t}" for t in range(12))
+    assert torch.allclose(post.log_prob(z), log_q, atol=1e-3)
