@@ -35,27 +35,12 @@ import pyro_struct as ps
 from pyro_struct.chains import chain_elimination, chain_inverse, detect_chain
 from pyro_struct.inversion import ordered_inverse
 from pyro_struct.models import ar1_state_space, hmm
+from pyro_struct.models.hmm import hmm_posterior
 
 from .report import RESULTS_DIR, write_results
 from .scaling import _step_time_in_child, _timed
 
 __all__ = ["main", "chain_row"]
-
-A, S, R = 0.9, 0.5, 0.5  # hmm()'s defaults
-
-
-def _hmm_posterior(x: torch.Tensor) -> torch.distributions.MultivariateNormal:
-    T = x.shape[-1]
-    P = torch.eye(T, dtype=torch.float64) / R**2
-    P[0, 0] += 1.0
-    idx = torch.arange(1, T)
-    P[idx, idx] += 1 / S**2
-    P[idx - 1, idx - 1] += A**2 / S**2
-    P[idx, idx - 1] -= A / S**2
-    P[idx - 1, idx] -= A / S**2
-    cov = torch.linalg.inv(P)
-    return torch.distributions.MultivariateNormal(cov @ (x.double() / R**2), covariance_matrix=0.5 * (cov + cov.T))
-
 
 def _kl_per_coord(guide, T: int, seed: int, data_sets: int = 3, samples: int = 1000) -> float:
     torch.manual_seed(seed + 1)
@@ -63,7 +48,7 @@ def _kl_per_coord(guide, T: int, seed: int, data_sets: int = 3, samples: int = 1
     kls = []
     for i in range(data_sets):
         x = torch.stack([sims[f"x_{t}"][i] for t in range(T)])
-        p = _hmm_posterior(x)
+        p = hmm_posterior(x)
         z = p.sample((samples,))
         with torch.no_grad():
             log_q = guide.posterior({f"x_{t}": x[t] for t in range(T)}).log_prob({f"z_{t}": z[:, t].float() for t in range(T)})

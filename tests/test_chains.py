@@ -12,13 +12,10 @@ from pyro_struct.amortizer import ChainAmortizer, FlatAmortizer
 from pyro_struct.chains import chain_elimination, chain_inverse, detect_chain, expand_chain_inverse, truncate_chain
 from pyro_struct.flows.chain import ChainFlow, decayed_scan
 from pyro_struct.inversion import ordered_inverse
-from pyro_struct.models.hmm import hmm
+from pyro_struct.models.hmm import hmm, hmm_posterior
 from pyro_struct.models.state_space import ar1_state_space as ar_model  # AR(1) chain, globals rho and s; z_0 has no global parent
 
 from .test_inversion import violations
-
-A, S, R = 0.9, 0.5, 0.5  # hmm()'s defaults
-
 
 def second_order(T=6):
     def model():
@@ -152,23 +149,9 @@ def test_parameter_count_does_not_depend_on_the_length():
     assert counts[0] == counts[1]
 
 
-def exact_hmm(x: torch.Tensor) -> torch.distributions.MultivariateNormal:
-    """The exact posterior of ``z_0..z_{T-1}`` given ``x`` (linear-Gaussian: from the joint precision)."""
-    T = x.shape[-1]
-    P = torch.eye(T, dtype=torch.float64) / R**2
-    P[0, 0] += 1.0
-    for t in range(1, T):
-        P[t, t] += 1 / S**2
-        P[t - 1, t - 1] += A**2 / S**2
-        P[t, t - 1] -= A / S**2
-        P[t - 1, t] -= A / S**2
-    cov = torch.linalg.inv(P)
-    return torch.distributions.MultivariateNormal(cov @ (x.double() / R**2), covariance_matrix=0.5 * (cov + cov.T))
-
-
 def exact_kl(guide, x: torch.Tensor, num_samples: int = 1000) -> float:
     """``KL(p(z | x) || q)`` by Monte Carlo over exact posterior draws (q's density is exact)."""
-    p, T = exact_hmm(x), x.shape[-1]
+    p, T = hmm_posterior(x), x.shape[-1]
     s = p.sample((num_samples,))
     with torch.no_grad():
         log_q = guide.posterior({f"x_{t}": x[t] for t in range(T)}).log_prob({f"z_{t}": s[:, t].float() for t in range(T)})
@@ -227,3 +210,17 @@ def test_other_families_build_the_chain_flow(flow):
     z, log_q = post.sample_and_log_prob(3)
     assert sorted(z) == sorted(f"z_{t}" for t in range(12))
     assert torch.allclose(post.log_prob(z), log_q, atol=1e-3)
+
+
+def test_hmm_posterior_matches_gaussian_conditioning():
+    """The precision-built posterior equals conditioning the joint covariance of (z, x) (a second derivation)."""
+    T, a, s, r = 6, 0.9, 0.5, 0.5
+    t = torch.arange(T, dtype=torch.float64)
+    M = torch.where(t[:, None] >= t[None, :], a ** (t[:, None] - t[None, :]), torch.zeros(()).double())
+    D = torch.diag(torch.tensor([1.0] + [s**2] * (T - 1), dtype=torch.float64))
+    Szz = M @ D @ M.T
+    Sxx = Szz + r**2 * torch.eye(T, dtype=torch.float64)
+    x = torch.randn(T, dtype=torch.float64)
+    p = hmm_posterior(x)
+    assert torch.allclose(p.mean, Szz @ torch.linalg.solve(Sxx, x), atol=1e-10)
+    assert torch.allclose(p.covariance_matrix, Szz - Szz @ torch.linalg.solve(Sxx, Szz), atol=1e-10)
