@@ -29,6 +29,7 @@ BENCHMARKS = {
     "summary": "the lgbn and circuit tables side by side, checked against the goals",
     "causal": "interventions and counterfactuals: StrAF on the true DAG vs CAREFL vs regression",
     "density": "test NLL at small n: true / learned / dense DAG flows vs zuko MAF and NSF; SHD",
+    "chains": "chain guides (chains='auto'): compile time, parameters, step time and exact KL for HMM / AR(1) T = 10 ... 1,000",
     "vae": "structured VAEs (SIReN-VAE Table 1): test NLL and reconstruction error per encoder, small and full data",
 }
 

@@ -1,11 +1,11 @@
-"""How a guide turns observations into a conditioned flow and samples/scores latents: the per-coordinate and the plate path.
+"""How a guide turns observations into a conditioned flow and samples/scores latents: the per-coordinate, the plate, the nested plate and the chain path.
 
 A :class:`~pyro_struct.StructuredGuide` talks to its compiled flow only through one of these
 objects, so the per-coordinate flow (one flow coordinate per scalar latent, a fixed data-set size),
-the shared-weight plate flow (any number of plate members) and the nested plate flow (any number
-of groups and members) plug into the same guide, objectives and posteriors. All expose the same
+the shared-weight plate flow (any number of plate members), the nested plate flow (any number
+of groups and members) and the shared-weight chain flow (any number of time steps) plug into the same guide, objectives and posteriors. All expose the same
 members; a *context* is whatever :meth:`condition` returns and is passed back unchanged (a tensor,
-a :class:`PlateContext` or a :class:`NestedPlateContext`).
+a :class:`PlateContext`, a :class:`NestedPlateContext` or a :class:`ChainContext`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import torch
 
 from .layout import LatentLayout, NestedPlateLayout, ObservedLayout, PlateLayout
 
-__all__ = ["FlatAmortizer", "PlateAmortizer", "PlateContext", "NestedPlateAmortizer", "NestedPlateContext"]
+__all__ = ["FlatAmortizer", "PlateAmortizer", "PlateContext", "NestedPlateAmortizer", "NestedPlateContext", "ChainAmortizer",
+           "ChainContext"]
 
 
 def _noise(ref: torch.Tensor, n: int, batch_shape: torch.Size, event: tuple, common_noise: bool) -> torch.Tensor:
@@ -272,6 +273,86 @@ class NestedPlateAmortizer:
 
     def set_standardization(self, simulations: Mapping[str, torch.Tensor]) -> None:
         """Standardise per coordinate of each level (shared by the groups / members)."""
+        self.layout.set_statistics(simulations)
+
+    def set_observed_statistics(self, observations: Mapping[str, torch.Tensor]) -> None:
+        """Standardise the context by observations site -> ``(*batch, *shape)``; latents unstandardised."""
+        self.layout.set_observed_statistics(observations)
+
+
+class ChainContext(NamedTuple):
+    """A chain flow's context: global observations ``(*batch, cg)`` (or ``None``), chain observations
+    ``(*batch, T, ko)`` (standardised), ``T``, and the summaries computed once per conditioning
+    (``h_t`` ``(*batch, T, S)`` and the globals' pooled context)."""
+
+    global_context: torch.Tensor | None
+    obs: torch.Tensor
+    length: int
+    summary: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+
+class ChainAmortizer:
+    """The chain path: the shared-weight chain flow, answering chains of any length.
+
+    Args:
+        flow: a :class:`~pyro_struct.flows.chain.ChainFlow`.
+        layout: its :class:`~pyro_struct.chain_layout.ChainLayout`.
+    """
+
+    def __init__(self, flow, layout):
+        self.flow, self.layout = flow, layout
+
+    def latent_dim(self, context: ChainContext) -> int:
+        """Coordinates of the flat unconstrained latent vector for ``context``'s ``T``."""
+        return self.layout.num_globals + context.length * self.layout.step_dim
+
+    def condition(self, observations: Mapping[str, Any], where: str, check_finite: bool):
+        """A :class:`ChainContext` and ``batch``; ``T`` is read from the observed sites' names."""
+        g_ctx, obs, batch, T = self.layout.observe(observations, where, check_finite)
+        summary = self.flow.summaries(obs)
+        return ChainContext(g_ctx, obs, T, summary, self.flow.global_context(g_ctx, obs, summary)), batch
+
+    def _sample(self, context: ChainContext, n: int, batch_shape: torch.Size, common_noise: bool):
+        batch_shape, L = torch.Size(batch_shape), self.layout
+        eps_g = _noise(L.global_loc, n, batch_shape, (L.num_globals,), common_noise)
+        eps_s = _noise(L.global_loc, n, batch_shape, (context.length, L.step_dim), common_noise)
+        c = context
+        y_g, y_s, logdet = self.flow(eps_g, eps_s, c.global_context, c.obs, c.summary, c.pooled)
+        log_q_u = self.flow.base_log_prob(eps_g, eps_s) - logdet - L.log_scale(c.length)
+        values, flat, ladj = L.unpack(y_g, y_s)
+        return values, flat, log_q_u, ladj
+
+    def sample_flat(self, context: ChainContext, n: int, batch_shape: torch.Size, common_noise: bool = False):
+        """Reparameterised ``u`` ``(n, *batch, D_T)`` (the layout's site order) and ``log q(u)`` ``(n, *batch)``."""
+        _, flat, log_q_u, _ = self._sample(context, n, batch_shape, common_noise)
+        return flat, log_q_u
+
+    def flat_log_prob(self, flat: torch.Tensor, context: ChainContext) -> torch.Tensor:
+        """``log q(u | x)`` ``(*batch,)`` of the flat unconstrained vector ``(*batch, D_T)``."""
+        unconstrained = self.layout.unflatten(flat, context.length)
+        values = {k: self.layout.block(k).transform(u) for k, u in unconstrained.items()}
+        return self.log_q(values, context, flat.shape[:-1], _add_jacobian=True)
+
+    def rsample(self, context: ChainContext, n: int, batch_shape: torch.Size, common_noise: bool = False):
+        """Constrained samples site -> ``(n, *batch, *shape)`` (``T`` steps) and ``log q`` ``(n, *batch)``."""
+        values, _, log_q_u, ladj = self._sample(context, n, batch_shape, common_noise)
+        return values, log_q_u - ladj
+
+    def log_q(self, latents: Mapping[str, torch.Tensor], context: ChainContext, batch_shape: torch.Size,
+              _add_jacobian: bool = False) -> torch.Tensor:
+        """``log q(z | x)`` ``(*batch,)`` of constrained latents of ``T`` steps, Jacobians included."""
+        c = context
+        y_g, y_s, ladj = self.layout.pack(latents, batch_shape, c.length)
+        log_q_u = self.flow.log_prob(y_g, y_s, c.global_context, c.obs, c.summary, c.pooled) - self.layout.log_scale(c.length)
+        return log_q_u if _add_jacobian else log_q_u - ladj
+
+    def latent_batch_shapes(self, values: Mapping[str, Any], context: ChainContext, where: str = "log_prob") -> list[torch.Size]:
+        """The common batch shape of the latent values (sites of the context's ``T`` steps)."""
+        return [self.layout.latent_batch_shape(values, context.length, where)]
+
+    def set_standardization(self, simulations: Mapping[str, torch.Tensor]) -> None:
+        """Standardise per global coordinate and per step coordinate (shared by the steps)."""
         self.layout.set_statistics(simulations)
 
     def set_observed_statistics(self, observations: Mapping[str, torch.Tensor]) -> None:

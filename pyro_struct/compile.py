@@ -13,14 +13,17 @@ from .covariates import check_covariates, covariate_model, mark_covariates
 from .errors import ModelStructureError
 from .graph import BayesNet
 from .inversion import INVERSE_KINDS, INVERSION_MODES, InverseStructure, inverse_structure
+from .chain_layout import ChainLayout
+from .chains import ChainCouplingError, ChainInverse, chain_elimination, chain_inverse, detect_chain
+from .inversion import ordered_inverse
 from .layout import LatentLayout, NestedPlateLayout, ObservedLayout, PlateLayout
 from .plates import NestedPlateInverse, PlateCouplingError, PlateInverse, nested_plate_inverse, nested_plates, plate_inverse
 from .threads import torch_threads
 from .trace import find_observed_candidates, trace_model
 from .trace.template import trace_plate_template
 
-__all__ = ["FLOWS", "STRUCTURES", "PLATE_MODES", "PLATE_FLOW_OPTIONS", "CompiledModel", "CompiledPlate", "compile_model",
-           "compile_plate", "flow_class", "build_flow"]
+__all__ = ["FLOWS", "STRUCTURES", "PLATE_MODES", "PLATE_FLOW_OPTIONS", "CHAIN_MODES", "CHAIN_FLOW_OPTIONS", "CompiledModel",
+           "CompiledPlate", "CompiledChain", "compile_model", "compile_plate", "compile_chain", "flow_class", "build_flow"]
 
 #: flow name -> (module, class) of the conditional flow compiled over the inverse structure
 FLOWS: dict[str, tuple[str, str]] = {
@@ -34,6 +37,10 @@ STRUCTURES = INVERSE_KINDS
 PLATE_MODES = (None, "auto")
 #: options of the plate flow's DeepSet pooling (the rest go to its StrAFs)
 PLATE_FLOW_OPTIONS = ("pool_dim", "pool_hidden")
+#: ``chains=``: ``None`` (one flow coordinate per time step) or ``"auto"`` (shared-weight chain flow where it applies)
+CHAIN_MODES = (None, "auto")
+#: options of the chain flow's summaries (the rest go to its step, boundary and globals' flows)
+CHAIN_FLOW_OPTIONS = ("decays", "rnn_hidden", "pool_dim", "pool_hidden")
 
 
 def flow_class(flow: str):
@@ -77,6 +84,8 @@ class CompiledModel:
     options: dict = field(default_factory=dict)
     plate: "CompiledPlate | None" = None
     plate_note: str | None = None
+    chain: "CompiledChain | None" = None
+    chain_note: str | None = None
 
 
 # ---------------------------------------------------------------- plates
@@ -238,7 +247,67 @@ def compile_plate(bn: BayesNet, inverse: InverseStructure, flow: str | None, tra
     return CompiledPlate(template, layout, built), None
 
 
-def _check_options(flow: str | None, structure: str, inversion_mode: str, plates=None) -> None:
+# ---------------------------------------------------------------- chains
+@dataclass
+class CompiledChain:
+    """The shared-weight chain flow of a model with a time chain.
+
+    Attributes:
+        template: the one-step :class:`~pyro_struct.chains.ChainInverse`.
+        layout: the :class:`~pyro_struct.chain_layout.ChainLayout` (site values <-> globals and steps, any ``T``).
+        flow: the :class:`~pyro_struct.flows.chain.ChainFlow`.
+        summarised: what the summaries stand for, in words (which inverse parents they replace).
+    """
+
+    template: ChainInverse
+    layout: ChainLayout
+    flow: torch.nn.Module
+    summarised: str = ""
+
+
+def _summarised(template: ChainInverse) -> str:
+    c = template.chain
+    x0, xt = ("/".join(f"{s}{i}" for s in c.observed_stems) or "(none)" for i in ("0", "t"))
+    z = "/".join(f"{s}t" for s in c.latent_stems)
+    return (f"the inverse's parents {x0}..{xt} of {z} (steps <= t) go through the recurrent summary h_t; "
+            f"the globals' parents among the chain observations go through a pooled summary of all {c.length} steps")
+
+
+def compile_chain(bn: BayesNet, flow: str | None, structure: str = "faithful", **flow_options
+                  ) -> tuple[CompiledChain | None, InverseStructure | None, str | None]:
+    """The shared-weight chain flow of ``bn``, its filtering inverse, or ``None`` and the reason it does not apply.
+
+    Returns:
+        ``(CompiledChain, inverse, None)``; ``(None, None, reason)`` when ``bn`` has indexed sites that do
+        not form a chain, no flow, or another structure than ``"faithful"``; ``(None, None, None)`` without a chain.
+    """
+    from .flows.chain import ChainFlow
+
+    chain, why = detect_chain(bn)
+    if chain is None:
+        return None, None, why
+    sites = f"sites {', '.join(chain.sites[s][0] for s in chain.sites)}.. ({chain.length} steps)"
+    if flow is None or structure != "faithful":
+        return None, None, f"the chain of {sites} needs a flow and structure='faithful' for the chain flow"
+    inverse = ordered_inverse(bn, chain_elimination(chain))
+    try:
+        template = chain_inverse(inverse, chain)
+    except ChainCouplingError as e:
+        return None, None, f"the chain of {sites}: {e}"
+    t = template
+    try:
+        built = ChainFlow(torch.cat([t.within, t.neighbour, t.step_globals, t.step_observed], 1), t.step_summary,
+                          torch.cat([t.boundary_within, t.boundary_globals, t.boundary_observed], 1), t.boundary_summary,
+                          t.global_adjacency, t.global_pooled, obs_dim=len(chain.obs_coords), family=flow_class(flow),
+                          length=chain.length, **flow_options)
+    except TypeError as e:
+        raise ValueError(f"bad option for the chain flow (ChainFlow, flow={flow!r}): {e}") from e
+    return CompiledChain(template, ChainLayout(bn, template), built, _summarised(template)), inverse, None
+
+
+def _check_options(flow: str | None, structure: str, inversion_mode: str, plates=None, chains=None) -> None:
+    if chains not in CHAIN_MODES:
+        raise ValueError(f"unknown chains={chains!r}; use None (one flow coordinate per time step) or 'auto'")
     if plates not in PLATE_MODES:
         raise ValueError(f"unknown plates={plates!r}; use None (one flow coordinate per member) or 'auto'")
     if flow is not None and flow not in FLOWS:
@@ -276,6 +345,7 @@ def compile_model(
     model_kwargs: Mapping | None = None,
     plates: str | None = None,
     covariates: Sequence[str] | str | None = None,
+    chains: str | None = None,
     **flow_options,
 ) -> CompiledModel:
     """Trace ``model(*args, **model_kwargs)``, invert it and build the flow and layouts.
@@ -305,6 +375,11 @@ def compile_model(
             plate, :func:`~pyro_struct.covariates.covariate_model`.)
         covariates: names of tensor model arguments traced as observed, non-random sites of
             the same name (:mod:`pyro_struct.covariates`): conditioning inputs of the flow.
+        chains: ``None`` (default: one flow coordinate per time step) or ``"auto"``: a model whose
+            sites form a time chain (``z_0..z_{T-1}``, ``x_0..x_{T-1}``, :func:`~pyro_struct.chains.detect_chain`)
+            is inverted in filtering order and gets the shared-weight
+            :class:`~pyro_struct.flows.chain.ChainFlow` (parameters independent of ``T``, any ``T`` at
+            ``posterior``); otherwise ``chain_note`` says why not (the plate path, when it applies, comes first).
         **flow_options: passed to the flow class (and ``pool_dim``, ``pool_hidden`` to the plate flow).
 
     Returns:
@@ -315,7 +390,7 @@ def compile_model(
         ModelStructureError: an observed name that is not a site, no latent site, and every
             refusal of the tracer.
     """
-    _check_options(flow, structure, inversion_mode, plates)
+    _check_options(flow, structure, inversion_mode, plates, chains)
     if isinstance(observed, str):
         observed = [observed]
     trace_options = {"granularity": granularity}
@@ -329,7 +404,7 @@ def compile_model(
         observed = observed + [c for c in covariates if c not in observed]
     options = dict(flow=flow, structure=structure, observed=observed, structure_seed=structure_seed,
                    inversion_mode=inversion_mode, num_probes=num_probes, flow_options=dict(flow_options), plates=plates,
-                   covariates=list(covariates))
+                   covariates=list(covariates), chains=chains)
     small, trace_note = (None, None)
     if plates == "auto" and flow is not None:
         # a large plate is traced with a few members and checked against the full size (compile time constant in N)
@@ -356,6 +431,12 @@ def compile_model(
         raise ModelStructureError("the model has no latent sample site: there is nothing to infer")
     if observed is None and not bn.observed_sites:
         _refuse_unobserved(model, args, kwargs)
+    chain, chain_note = None, None
+    if chains == "auto" and not any(s.plates for s in bn.sites.values()):
+        chain, chain_inv, chain_note = compile_chain(bn, flow, structure, **flow_options)
+        if chain is not None:
+            return CompiledModel(bn, chain_inv, chain.flow, LatentLayout(bn, chain_inv.order), ObservedLayout(bn, chain_inv.observed),
+                                 options, chain=chain)
     inverse = inverse_structure(bn, kind=structure, seed=structure_seed, mode=inversion_mode)
     latent_layout = LatentLayout(bn, inverse.order)
     observed_layout = ObservedLayout(bn, inverse.observed)
@@ -365,6 +446,6 @@ def compile_model(
         if trace_note is not None:
             plate.trace_note = f"traced every member of the plate: {trace_note}"
         return CompiledModel(bn, inverse, plate.flow, latent_layout, observed_layout, options, plate, None)
-    flat_options = {k: v for k, v in flow_options.items() if k not in PLATE_FLOW_OPTIONS}
+    flat_options = {k: v for k, v in flow_options.items() if k not in PLATE_FLOW_OPTIONS + CHAIN_FLOW_OPTIONS}
     built = None if flow is None else build_flow(flow, inverse, **flat_options)
-    return CompiledModel(bn, inverse, built, latent_layout, observed_layout, options, None, note)
+    return CompiledModel(bn, inverse, built, latent_layout, observed_layout, options, None, note, None, chain_note)

@@ -21,7 +21,7 @@ from pyro.nn import PyroModule
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import constraints
 
-from .amortizer import FlatAmortizer, NestedPlateAmortizer, PlateAmortizer
+from .amortizer import ChainAmortizer, FlatAmortizer, NestedPlateAmortizer, PlateAmortizer
 from .compile import FLOWS, STRUCTURES, compile_model
 from .covariates import covariate_values
 from .errors import ModelStructureError
@@ -121,6 +121,13 @@ class StructuredGuide(PyroModule):
             to :meth:`posterior` by name (``posterior(y=..., X=...)``); a guide call reads them from
             its arguments. Rows of a covariate inside the data plate are per-member inputs of a plate
             guide. ``fit(simulate_with={"X": ...})`` trains over designs; without it, over the traced one.
+        chains: ``None`` (default) or ``"auto"``: a model whose sites form a time chain (a Python loop
+            of sites ``z_0..z_{T-1}``, ``x_0..x_{T-1}``, with or without ``pyro.markov``) gets the
+            shared-weight chain flow (:mod:`pyro_struct.flows.chain`): one step flow for every ``t``,
+            conditioned on the next step, the globals and a recurrent summary of the observations, so
+            its parameters do not depend on ``T`` and :meth:`posterior` answers chains of any length
+            (``guide.chain_summarised`` says which inverse parents the summaries replace). Where the sites do not form
+            such a chain, a one-time warning names them and ``guide.chain_note`` says why.
         **flow_options: passed to the flow class (e.g. ``num_layers``, ``hidden_sizes``).
 
     Shapes: :meth:`posterior` answers observations of shape ``(*batch, *site_shape)``;
@@ -147,6 +154,7 @@ class StructuredGuide(PyroModule):
         num_probes: int | None = None,
         plates: str | None = None,
         covariates: Sequence[str] | str | None = None,
+        chains: str | None = None,
         **flow_options,
     ):
         if not callable(model):
@@ -157,7 +165,7 @@ class StructuredGuide(PyroModule):
         compiled = compile_model(
             model, *model_args, flow=flow, structure=structure, observed=observed, structure_seed=structure_seed,
             inversion_mode=inversion_mode, num_probes=num_probes, model_kwargs=model_kwargs, plates=plates,
-            covariates=covariates, **flow_options,
+            covariates=covariates, chains=chains, **flow_options,
         )
         # a tuple keeps a PyroModule/nn.Module model out of this module's parameters
         self._model = (model,)
@@ -176,13 +184,21 @@ class StructuredGuide(PyroModule):
         full = None if compiled.plate is None else compiled.plate.site_shapes
         self.site_shapes = dict(full) if full else {name: tuple(info.shape) for name, info in self.bn.sites.items()}
         self.plate_trace_note = None if compiled.plate is None else compiled.plate.trace_note
-        if compiled.plate is None:
+        # ---- time chains: the shared-weight chain flow behind the same interface
+        self.chain_note = compiled.chain_note
+        self.chain_layout = None if compiled.chain is None else compiled.chain.layout
+        self.chain_summarised = None if compiled.chain is None else compiled.chain.summarised
+        if compiled.chain is not None:
+            self._amortizer = ChainAmortizer(self.flow, self.chain_layout)
+        elif compiled.plate is None:
             self._amortizer = FlatAmortizer(self.flow, self.latent_layout, self.observed_layout)
         else:  # (nested plates: a layout of groups and members)
             nested = hasattr(self.plate_layout, "inner_plate")
             self._amortizer = (NestedPlateAmortizer if nested else PlateAmortizer)(self.flow, self.plate_layout)
         if self.plate_note is not None:
             warnings.warn(f"{self.plate_note}; the guide uses one flow coordinate per plate member instead", stacklevel=2)
+        if self.chain_note is not None:
+            warnings.warn(f"{self.chain_note}; the guide uses one flow coordinate per time step instead", stacklevel=2)
         # ----
         self.register_buffer("standardized", torch.tensor(False))
         self.history: list[float] = []
@@ -516,6 +532,7 @@ class StructuredGuide(PyroModule):
             "state_dict": {k: v.detach().cpu().clone() for k, v in self.state_dict().items()},
             "history": [float(h) for h in self.history],
             "plates": o.get("plates"),
+            "chains": o.get("chains"),
             "covariates": list(self.covariates),
         }
 
@@ -549,7 +566,7 @@ class StructuredGuide(PyroModule):
             model, flow=payload["flow"], structure=payload["structure"], observed=payload["observed"],
             model_args=model_args, model_kwargs=model_kwargs, structure_seed=payload["structure_seed"],
             inversion_mode=payload["inversion_mode"], plates=payload.get("plates"),
-            covariates=payload.get("covariates"), **payload["flow_options"],
+            covariates=payload.get("covariates"), chains=payload.get("chains"), **payload["flow_options"],
         )
         guide.load_payload(payload)
         return guide.to(device) if device is not None else guide

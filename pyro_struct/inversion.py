@@ -15,7 +15,7 @@ from . import dag
 from .errors import ModelStructureError
 from .graph import BayesNet
 
-__all__ = ["InverseStructure", "faithful_inverse", "inverse_structure", "INVERSE_KINDS", "INVERSION_MODES"]
+__all__ = ["InverseStructure", "faithful_inverse", "inverse_structure", "ordered_inverse", "INVERSE_KINDS", "INVERSION_MODES"]
 
 INVERSE_KINDS = ("faithful", "dense", "moralized", "random", "meanfield")
 INVERSION_MODES = ("top", "bottom", "auto")
@@ -522,6 +522,58 @@ def faithful_inverse(bn: BayesNet, mode: str = "auto") -> InverseStructure:
         parents[b] = list(bn.graph.predecessors(b))
     used_mode = run.mode if run is not None else ("top" if mode == "auto" else mode)
     return InverseStructure(bn, order, parents, kind="faithful", mode=used_mode, barren=barren)
+
+
+def ordered_inverse(bn: BayesNet, elimination: Sequence[str]) -> InverseStructure:
+    """The faithful inverse of ``bn`` obtained by eliminating its latents in a given order (no min-fill search).
+
+    Elimination with fill-in in *any* order gives a faithful inverse (each latent's parents, its
+    neighbours in the filled moral graph when it is eliminated, separate it from every latent
+    eliminated after it); the order decides how sparse it is and which factorisation it is. A
+    time chain eliminated from its first step to its last, then its globals, gives the filtering
+    factorisation ``q(theta | x) prod_t q(z_t | z_{t+1}, theta, x_0..x_t)``
+    (:mod:`pyro_struct.chains`). Barren latents are handled as by :func:`faithful_inverse`.
+
+    Args:
+        bn: the traced model.
+        elimination: every non-barren latent node once, in elimination order (barren ones may be listed; they are skipped).
+
+    Returns:
+        An :class:`InverseStructure` with ``kind="faithful"`` and ``mode="ordered"``; latents are
+        sampled in reverse elimination order.
+
+    Raises:
+        ValueError: ``elimination`` misses or repeats a latent node.
+
+    Example:
+        >>> bn = BayesNet.from_edges([("z1", "z2"), ("z1", "x1"), ("z2", "x2")], observed=["x1", "x2"])
+        >>> inv = ordered_inverse(bn, ["z1", "z2"])
+        >>> inv.order, inv.parents("z1")
+        (['z2', 'z1'], ['x1', 'z2'])
+    """
+    _check_bn(bn)
+    problem = _Problem(bn)
+    label = problem.label
+    ids = {n: i for i, n in label.items()}
+    wanted = [ids[n] for n in elimination if n in ids and ids[n] in problem.ladj]
+    if len(set(wanted)) != len(wanted) or set(wanted) != set(problem.latents):
+        missing = sorted({label[i] for i in problem.latents} - {label[i] for i in wanted})[:3]
+        raise ValueError(f"elimination must list every non-barren latent node once (missing or repeated: {missing})")
+    ladj, oadj = problem.ladj, problem.oadj
+    parents: dict[str, list[str]] = {}
+    for v in wanted:
+        L, O = ladj.pop(v), oadj.pop(v)
+        for a in L:
+            ladj[a].discard(v)
+            ladj[a] |= L - {a}
+            oadj[a] |= O
+        parents[label[v]] = [label[p] for p in L] + [label[p] for p in O]
+    order = [label[v] for v in reversed(wanted)]
+    barren = _barren_order(bn, problem.barren, label)
+    for b in barren:
+        order.append(b)
+        parents[b] = list(bn.graph.predecessors(b))
+    return InverseStructure(bn, order, parents, kind="faithful", mode="ordered", barren=barren)
 
 
 # ----------------------------------------------------------------------------- baselines

@@ -159,7 +159,20 @@ class StrAF(ConditionalFlow):
         """Base noise ``(*batch, d)`` -> ``z`` and ``log|det dz/deps|`` ``(*batch,)``; ``depth + 1`` passes per layer."""
         if not torch.is_grad_enabled() and eps.device.type != "meta" and eps.dim() > 1:
             return self._forward_levels(eps, x)
+        if self.depth == 0:
+            return self._forward_context_only(eps, x)
         return self._forward_rows(eps, x)
+
+    def _forward_context_only(self, eps: torch.Tensor, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Depth 0 (no latent depends on another): each layer's parameters come from the context alone, one
+        sample-major pass per layer (no row plans: a chain flow calls its step flow once per time step)."""
+        u, logdet = eps, eps.new_zeros(eps.shape[:-1])
+        inputs = self._inputs(torch.zeros_like(eps), x)  # (the latent columns feed no output)
+        for net, normalizer in zip(self.conditioners, self.normalizers):
+            u, log_grad = normalizer.to_latent(u, net(inputs))
+            logdet = logdet + log_grad.sum(-1)
+        self.last_stats["forward"] = {"evaluations": self.num_layers, "passes_per_layer": 1}
+        return u, logdet
 
     def _level_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(order, level, input_ready)``: the latents in level order ``(d,)``, each latent's level

@@ -4,7 +4,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-__all__ = ["hmm"]
+__all__ = ["hmm", "hmm_posterior"]
 
 
 def hmm(T: int, transition: float = 0.9, process_scale: float = 0.5, noise_scale: float = 0.5):
@@ -30,3 +30,22 @@ def hmm(T: int, transition: float = 0.9, process_scale: float = 0.5, noise_scale
     model.__name__ = f"hmm_{T}"
     model.observed_sites = [f"x_{t}" for t in range(T)]
     return model
+
+
+def hmm_posterior(x: torch.Tensor, transition: float = 0.9, process_scale: float = 0.5, noise_scale: float = 0.5):
+    """The exact posterior of ``z_0..z_{T-1}`` given ``x`` ``(T,)`` of :func:`hmm` (linear-Gaussian: from the joint precision).
+
+    Returns:
+        a float64 ``MultivariateNormal`` over ``(T,)``.
+    """
+    T = x.shape[-1]
+    a, s2, r2 = transition, process_scale**2, noise_scale**2
+    P = torch.eye(T, dtype=torch.float64) / r2
+    P[0, 0] += 1.0
+    idx = torch.arange(1, T)
+    P[idx, idx] += 1 / s2
+    P[idx - 1, idx - 1] += a**2 / s2
+    P[idx, idx - 1] -= a / s2
+    P[idx - 1, idx] -= a / s2
+    cov = torch.linalg.inv(P)
+    return torch.distributions.MultivariateNormal(cov @ (x.double() / r2), covariance_matrix=0.5 * (cov + cov.T))
