@@ -121,8 +121,8 @@ class RobustSymmetrizedKL:
        at (far-tail simulations the guide never fits stay down-weighted). The reported loss is the
        compressed one, so it is at most the plain estimate's size.
     3. **Masking**: a simulation whose ``f`` or ``r`` is not finite (``log p(z', x) = -inf``: a guide
-       sample at the edge of a support, a scale that underflowed) is dropped from that step's mean;
-       its guide sample is replaced by the simulated latents and its term re-evaluated, so its
+       sample at the edge of a support, a scale that underflowed) is dropped from that step's mean,
+       and its guide sample is detached before the model's density is evaluated again, so its
        gradient is 0 rather than NaN. *Bias*: it drops the samples with the worst reverse term;
        such samples have vanishing probability under a converged guide. A step where every
        simulation is dropped has a non-finite loss (and the training guard stops).
@@ -163,7 +163,7 @@ class RobustSymmetrizedKL:
         ok = torch.isfinite(forward)
         s = forward
         if w > 0:
-            reverse, ok_reverse = _reverse_term_masked(guide, simulator, context, observed, latents, n, self.mask_nonfinite)
+            reverse, ok_reverse = _reverse_term_masked(guide, simulator, context, observed, n, self.mask_nonfinite)
             ok = ok & ok_reverse
             s = forward + w * reverse
         if self.mask_nonfinite:
@@ -182,20 +182,20 @@ class RobustSymmetrizedKL:
         return 0.5 * loss
 
 
-def _reverse_term_masked(guide, simulator, context, observed, latents, n: int, mask: bool):
-    """The reverse log-ratios ``(n,)`` and which are finite ``(n,)``; with ``mask``, rows with a non-finite
-    term are re-evaluated at the simulated latents (finite, in the support) so that their masked terms
-    back-propagate 0, not ``0 * inf = NaN``."""
+def _reverse_term_masked(guide, simulator, context, observed, n: int, mask: bool):
+    """The reverse log-ratios ``(n,)`` at one guide sample per simulation and which are finite ``(n,)``.
+
+    With ``mask``, a step with a non-finite term evaluates the model's density again with those rows'
+    samples detached: their (masked) terms then back-propagate into nothing instead of sending
+    ``0 * inf = NaN`` into the flow (a density of ``-inf`` usually has an infinite derivative too).
+    """
     z, log_q = guide.rsample_q(context, 1, torch.Size((n,)))
     z, log_q = {k: v.squeeze(0) for k, v in z.items()}, log_q.squeeze(0)
     reverse = log_q - simulator.log_joint({**z, **observed})
     ok = torch.isfinite(reverse)
     if mask and not bool(ok.all()):
-        # (log q of the guide's own sample is finite: the flow's output is finite and held inside the
-        # transforms' range by LatentLayout.constrain; so only log p needs the second evaluation)
-        keep = {k: torch.where(ok.reshape((n,) + (1,) * (v.dim() - 1)), v, latents[k].to(v.dtype)) for k, v in z.items()}
-        reverse = torch.where(ok, log_q, log_q.detach()) - simulator.log_joint({**keep, **observed})
-        ok = ok & torch.isfinite(reverse)
+        cut = {k: torch.where(ok.reshape((n,) + (1,) * (v.dim() - 1)), v, v.detach()) for k, v in z.items()}
+        reverse = torch.where(ok, log_q, log_q.detach()) - simulator.log_joint({**cut, **observed})
     return reverse, ok
 
 
