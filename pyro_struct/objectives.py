@@ -107,12 +107,15 @@ class RobustSymmetrizedKL:
     ``f = log p(z, x) - log q(z | x)`` and the reverse one ``r = log q(z' | x) - log p(z', x)``; their
     sum ``s = f + r = log[p(z|x) / q(z|x)] + log[q(z'|x) / p(z'|x)]`` does not contain ``log p(x)``,
     is 0 for every sample when ``q = p``, and ``E[s] / 2`` is the symmetrised KL. The loss is
-    ``0.5 * mean(compress(f + w r))`` over the simulations whose terms are finite:
+    ``0.5 * mean(compress(s))`` over the simulations whose terms are finite, with the gradient of
+    ``r`` scaled by a warm-up weight ``w``:
 
-    1. **Warm-up** (``w``): the first ``warmup_steps`` steps train the forward term only (``w = 0``,
-       the ``"fkl"`` objective, which never evaluates the model at guide samples); over the next
-       ``ramp_steps`` steps ``w`` rises linearly to 1. The step is the guide's global step
-       ``len(guide.history)``, so a resumed fit continues the same schedule.
+    1. **Warm-up** (``w``): for the first ``warmup_steps`` steps only the forward term is trained
+       (``w = 0``: the gradient of ``"fkl"``, which never differentiates the model's density at guide
+       samples, weighted per sample by the compression below); over the next ``ramp_steps`` steps ``w``
+       rises linearly to 1. The step is the guide's global step ``len(guide.history)``, so a resumed
+       fit continues the same schedule. The reported value is the (compressed) estimate of the
+       symmetrised KL throughout.
     2. **Soft clipping** (``compress``): ``s`` beyond ``+-log_ratio_bound`` nats is compressed
        logarithmically (:func:`compress_log_ratio`); a sample 1e20 nats out then moves the
        parameters about as much as one a few nats out, instead of deciding the whole step.
@@ -160,12 +163,12 @@ class RobustSymmetrizedKL:
         n, latents, observed, context = _split(guide, sims)
         w = self.reverse_weight(len(getattr(guide, "history", ())))
         forward = sims.log_joint - guide.log_q(latents, context, torch.Size((n,)))
-        ok = torch.isfinite(forward)
-        s = forward
-        if w > 0:
-            reverse, ok_reverse = _reverse_term_masked(guide, simulator, context, observed, n, self.mask_nonfinite)
-            ok = ok & ok_reverse
-            s = forward + w * reverse
+        # the reverse term is always evaluated, so the value compressed is always the evidence-free
+        # s = f + r; the warm-up only scales its gradient (by w), without one in the warm-up itself
+        with torch.set_grad_enabled(torch.is_grad_enabled() and w > 0):
+            reverse, ok = _reverse_term_masked(guide, simulator, context, observed, n, self.mask_nonfinite)
+        ok = ok & torch.isfinite(forward)
+        s = forward + (reverse if w == 1 else w * reverse + (1 - w) * reverse.detach())
         if self.mask_nonfinite:
             # masked before the compression: a NaN inside it would back-propagate NaN through the mask
             s = torch.where(ok, s, torch.zeros_like(s))
