@@ -155,6 +155,11 @@ class LatentLayout(nn.Module):
     def sites(self) -> list[str]:
         return [b.name for b in self.blocks]
 
+    @property
+    def constrained(self) -> bool:
+        """Whether some latent site has a support other than the reals (a nonlinear ``biject_to``)."""
+        return any(not _is_identity(b.transform) for b in self.blocks)
+
     def pack(self, values: Mapping[str, torch.Tensor], batch_shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
         """Constrained values site -> ``(*batch, *shape)`` -> ``u`` ``(*batch, d)`` (trace order) and
         ``log|d value / d u|`` ``(*batch,)``. Values outside a site's support give ``-inf`` there."""

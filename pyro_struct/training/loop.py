@@ -11,7 +11,7 @@ from tqdm import tqdm
 from .batches import BatchSource
 from .checkpoint import Checkpointer
 from .guard import NonFiniteGuard
-from .schedule import Schedule
+from .schedule import UNBOUNDED_STEPS, Schedule
 
 __all__ = ["FitResult", "train", "make_optimizer"]
 
@@ -157,7 +157,9 @@ def train(
     reduce = float if sync is None else sync.mean
     validate = _Validation(loss_fn, source.validation, params, validation_history, reduce) if source.validation is not None else None
     show = progress and (sync is None or sync.is_main)
-    bar = tqdm(total=num_steps, initial=min(start_step, num_steps), disable=not show, desc=desc, dynamic_ncols=True)
+    # (a fit bounded by its time budget only has no step total to show)
+    total = None if num_steps >= UNBOUNDED_STEPS else num_steps
+    bar = tqdm(total=total, initial=min(start_step, num_steps), disable=not show, desc=desc, dynamic_ncols=True)
     end_step, stopped_by, smoothed, local = num_steps, "num_steps", None, []
     was_training = module.training
     module.train(True)
