@@ -121,8 +121,8 @@ class StructuredGuide(PyroModule):
             guide. ``fit(simulate_with={"X": ...})`` trains over designs; without it, over the traced one.
         **flow_options: passed to the flow class (e.g. ``num_layers``, ``hidden_sizes``). The default
             StrAF has one affine layer, or, where a latent site is constrained (a positive scale, an
-            interval, a simplex) and neither ``normalizer`` nor ``num_layers`` is given, an affine
-            then a spline layer (:data:`~pyro_struct.compile.CONSTRAINED_NORMALIZERS`): measured on
+            interval, a simplex) and neither ``normalizer`` nor ``num_layers`` is given, a spline layer
+            on the base noise then an affine layer (:data:`~pyro_struct.compile.CONSTRAINED_NORMALIZERS`): measured on
             eight schools, the affine flow alone cannot skew ``log tau`` (its sd stayed 1.7x NUTS's).
 
     Shapes: :meth:`posterior` answers observations of shape ``(*batch, *site_shape)``;
