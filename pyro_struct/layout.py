@@ -30,6 +30,10 @@ def _sum_to_batch(t: torch.Tensor, batch_shape: torch.Size) -> torch.Tensor:
     return t.reshape(t.shape[:k] + (-1,)).sum(-1).expand(batch_shape)
 
 
+#: rows whose quantiles :func:`robust_moments` computes at most
+_QUANTILE_ROWS = 1 << 16
+
+
 def robust_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-column location and scale of the finite rows of ``x`` ``(n, k)``: the median and half the
     central 68.3% range (the mean and sd of a normal column); a constant or missing column gets scale 1.
@@ -38,12 +42,19 @@ def robust_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     simulations of size 1e4 made the sd 1,000 times the typical value, which squashed every
     ordinary observation to a context of about 0 (and the flow could not tell them apart).
     """
+    if x.shape[-1] == 0:
+        return x.new_zeros(0), x.new_ones(0)
     finite = torch.isfinite(x).all(-1)
     x = x[finite] if finite.any() else torch.zeros_like(x)
     if x.shape[0] < 2:
         return x.mean(0), torch.ones_like(x[0])
     q = torch.tensor([0.15865525, 0.5, 0.84134475], dtype=x.dtype, device=x.device)
-    lo, loc, hi = torch.quantile(x, q, dim=0)
+    # (torch.quantile refuses inputs over 2^24 elements: pooled plate members or 10^5 observed
+    # coordinates exceed that; an evenly strided subset of rows estimates the quantiles as well for a
+    # standardisation, and the columns go in chunks)
+    rows = x[:: max(1, -(-x.shape[0] // _QUANTILE_ROWS))]
+    width = max(1, (1 << 24) // rows.shape[0])
+    lo, loc, hi = torch.cat([torch.quantile(rows[:, j : j + width], q, dim=0) for j in range(0, x.shape[1], width)], -1)
     scale = (hi - lo) / 2
     # constant coordinates (or a discrete one with most of its mass at one value) would divide by ~zero
     sd = x.std(0)
