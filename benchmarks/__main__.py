@@ -28,6 +28,7 @@ BENCHMARKS = {
     "summary": "the lgbn and circuit tables side by side, checked against the goals",
     "causal": "interventions and counterfactuals: StrAF on the true DAG vs CAREFL vs regression",
     "density": "test NLL at small n: true / learned / dense DAG flows vs zuko MAF and NSF; SHD",
+    "zoo": "the default fit on 12 ordinary Pyro models (tests/zoo) against NUTS: worst mean error and sd ratio",
     "vae": "structured VAEs (SIReN-VAE Table 1): test NLL and reconstruction error per encoder, small and full data",
 }
 
