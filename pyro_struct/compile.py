@@ -116,8 +116,8 @@ def _plate_refusal(bn: BayesNet, inverse: InverseStructure, flow: str | None) ->
                               "the shared-weight plate flow yet (one plate level only)")
         return names[0], f"the model has the plates {names}; the shared-weight plate flow handles one plate"
     plate = names[0]
-    if flow != "straf":
-        return plate, f"shared-weight plate conditioners exist for flow='straf' only (got flow={flow!r})"
+    if flow is None:
+        return plate, "no flow (flow=None) to share across the plate's members"
     for s in bn.sites.values():
         if s.plate_position(plate) is not None and (s.block or s.node_shape != s.shape):
             return plate, f"site {s.name!r} in plate {plate!r} is a joint block (its coordinates are not elementwise)"
@@ -154,7 +154,7 @@ def compile_plate(bn: BayesNet, inverse: InverseStructure, flow: str | None, tra
 
     Returns:
         ``(CompiledPlate, None)``; ``(None, reason)`` (the reason names the plate) when the model
-        has several plates, the flow is not StrAF, or the inverse couples members or treats them
+        has several plates, no flow, or the inverse couples members or treats them
         differently (:class:`~pyro_struct.plates.PlateCouplingError`); ``(None, None)`` without plates.
     """
     from .flows.plated import PlatedStrAF
@@ -173,9 +173,9 @@ def compile_plate(bn: BayesNet, inverse: InverseStructure, flow: str | None, tra
     layout = PlateLayout(bn, template)
     Ag, P, Am = _plate_adjacencies(template, layout)
     try:
-        built = PlatedStrAF(Ag, P, Am, member_obs_dim=P.shape[1], **flow_options)
+        built = PlatedStrAF(Ag, P, Am, member_obs_dim=P.shape[1], family=flow_class(flow), **flow_options)
     except TypeError as e:
-        raise ValueError(f"bad option for the plate flow (PlatedStrAF): {e}") from e
+        raise ValueError(f"bad option for the plate flow (PlatedStrAF, flow={flow!r}): {e}") from e
     return CompiledPlate(template, layout, built), None
 
 
@@ -235,13 +235,14 @@ def compile_model(
         granularity: ``"element"`` or ``"site"`` (see :func:`~pyro_struct.trace_model`).
         plates: ``None`` (default: one flow coordinate per plate member) or ``"auto"``: a model
             with one data plate whose inverse has a one-member template gets the shared-weight
-            :class:`~pyro_struct.flows.plated.PlatedStrAF` (``flow="straf"``), which answers data
+            :class:`~pyro_struct.flows.plated.PlatedStrAF` (stages of the ``flow`` family), which answers data
             sets of any size; otherwise ``plate_note`` says why not and the per-coordinate flow is built
-            (StrAF only: GRF/CNF, nested and several plates fall back). A plate of more than
+            (every family; nested and several plates fall back). A plate of more than
             :data:`~pyro_struct.trace.template.TEMPLATE_MEMBERS` members is traced with that many
             and checked against the full size (:func:`~pyro_struct.trace.template.trace_plate_template`);
             ``bn`` and ``inverse`` are then the template's and ``plate.site_shapes`` the full shapes.
-            (A model with covariates is traced at full size: its design is cut by no messenger.)
+            (A covariate whose rows are the plate's members is cut to the template's rows with the
+            plate, :func:`~pyro_struct.covariates.covariate_model`.)
         covariates: names of tensor model arguments traced as observed, non-random sites of
             the same name (:mod:`pyro_struct.covariates`): conditioning inputs of the flow.
         **flow_options: passed to the flow class (and ``pool_dim``, ``pool_hidden`` to the plate flow).
@@ -270,10 +271,12 @@ def compile_model(
                    inversion_mode=inversion_mode, num_probes=num_probes, flow_options=dict(flow_options), plates=plates,
                    covariates=list(covariates))
     small, trace_note = (None, None)
-    if plates == "auto" and flow == "straf" and not covariates:
+    if plates == "auto" and flow is not None:
         # a large plate is traced with a few members and checked against the full size (compile time constant in N)
         with torch_threads():  # (small tensors: extra threads only wait on each other, as in training)
-            small, trace_note = trace_plate_template(model, args, kwargs, observed=observed, **trace_options)
+            small, trace_note = trace_plate_template(traced, args, kwargs, observed=observed, **trace_options)
+        if small is not None:
+            mark_covariates(small.bn, covariates)
     if small is not None and (not small.bn.latent_sites or (observed is None and not small.bn.observed_sites)):
         small = None  # the full trace below says what is missing
     if small is not None:

@@ -10,7 +10,9 @@ the simulations (:func:`covariate_values`), so the flow's context includes them.
 
 A covariate whose leading dimension has the size of one of the model's vectorised plates is taken
 as one row per member of that plate (``X`` of shape ``(N, p)`` in ``pyro.plate("data", N)``): its
-rows then feed the member's conditioner of a plate guide, like the member's observations.
+rows then feed the member's conditioner of a plate guide, like the member's observations. When
+the plate runs with fewer members (a plate template, a subsample) the site takes those members'
+rows, so a design of any size is traced through the few-member template.
 """
 
 from __future__ import annotations
@@ -172,7 +174,10 @@ def covariate_model(model: Callable, names: Sequence[str], args: Sequence, kwarg
             if plate is None:
                 site = pyro.sample(name, CovariateValue(value).to_event(value.dim()), obs=value)
             else:
-                with pyro.plate(plate[0], plate[2], dim=plate[1]):
+                with pyro.plate(plate[0], plate[2], dim=plate[1]) as members:
+                    # a plate run with fewer members (a template, a subsample) takes their rows
+                    if members.numel() != value.shape[0]:
+                        value = value.index_select(0, members.to(value.device))
                     site = pyro.sample(name, CovariateValue(value).to_event(value.dim() + plate[1]), obs=value)
             updates[name] = site
         a, kw = with_arguments(model, a, kw, updates)

@@ -105,11 +105,11 @@ class StructuredGuide(PyroModule):
             (default: the tracer's).
         plates: ``None`` (default: one flow coordinate per plate member, the traced data-set
             size only) or ``"auto"``: a model with one data plate whose inverse has a one-member
-            template gets the shared-weight plate flow (``flow="straf"``), whose parameters do not
+            template gets the shared-weight plate flow (of the ``flow`` family), whose parameters do not
             depend on the plate's size and whose :meth:`posterior` answers observations with any
             number of members; where that does not apply, a one-time warning names the plate and
-            ``guide.plate_note`` says why (the per-coordinate flow is built instead). Per flow
-            family: StrAF only; ``flow="grf"``/``"cnf"``, nested plates and several plates fall
+            ``guide.plate_note`` says why (the per-coordinate flow is built instead). Every flow
+            family (StrAF, GRF, CNF) has a plate flow; nested plates and several plates fall
             back with that warning. A plate of more than 4 members is traced with 4 (its
             subsample indices shrunk) and checked against every member, so compiling does not
             grow with the plate's size (``guide.plate_trace_note`` says how it was traced;

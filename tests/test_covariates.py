@@ -159,9 +159,10 @@ def test_guide_trained_over_random_designs_gives_each_design_its_exact_posterior
 
 def test_plate_guide_trained_over_designs_of_any_size():
     torch.manual_seed(0)
-    guide = ps.StructuredGuide(unit_noise_regression, covariates=["X"], model_args=(torch.randn(4, D),), observed=["y"],
+    # traced at 12 members: the template path (4 rows of the design) with the full-size check
+    guide = ps.StructuredGuide(unit_noise_regression, covariates=["X"], model_args=(torch.randn(12, D),), observed=["y"],
                                plates="auto")
-    assert guide.plate_note is None
+    assert guide.plate_note is None and guide.plate_trace_note.startswith("traced with plate 'data' shrunk to 4")
 
     def design(rng):  # N in [3, 12]: rows of X are plate members
         return torch.randn(int(torch.randint(3, 13, (), generator=rng)), D, generator=rng)
@@ -174,6 +175,23 @@ def test_plate_guide_trained_over_designs_of_any_size():
     # importance weights at a size and design other than the traced ones: the closed-form evidence
     evidence = dist.MultivariateNormal(torch.zeros(9), Xa @ Xa.T + torch.eye(9)).log_prob(y)
     assert abs(float(guide.posterior(X=Xa, y=y).importance(4000).log_evidence) - float(evidence)) < 0.05
+
+
+def test_a_design_is_traced_as_a_plate_template_with_the_structure_of_the_full_trace():
+    # a regression with 4 rows is traced member by member, one with 5,000 through the 4-member
+    # template (its design's rows cut with the plate): the same plate flow, compiled in a fraction
+    full = ps.StructuredGuide(regression, covariates=["X"], model_args=(torch.randn(4, D),), observed=["y"], plates="auto")
+    big = ps.StructuredGuide(regression, covariates=["X"], model_args=(torch.randn(5000, D),), observed=["y"], plates="auto")
+    assert full.plate_trace_note is None and "shrunk to 4 of its 5000 members" in big.plate_trace_note
+    assert big.bn.sites["X"].covariate and big.site_shapes["X"] == (5000, D)
+    assert full.flow.member_flow is None and big.flow.member_flow is None  # (w and s are globals)
+    assert torch.equal(full.flow.global_flow.adjacency, big.flow.global_flow.adjacency)
+    assert torch.equal(full.flow.pooled, big.flow.pooled)
+    assert sum(p.numel() for p in full.parameters()) == sum(p.numel() for p in big.parameters())
+    # the design's rows reach the members' conditioners: the posterior of w moves with X at fixed y
+    y = torch.randn(5000)
+    means = [big.posterior(X=X, y=y).sample(200)["w"].mean(0) for X in (torch.randn(5000, D), torch.randn(5000, D))]
+    assert not torch.allclose(means[0], means[1])
 
 
 def test_save_load_and_amortize_keep_the_covariates(tmp_path):

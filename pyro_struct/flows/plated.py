@@ -1,21 +1,29 @@
-"""A StrAF over one plate: the globals' flow pools the members (a DeepSet), one member flow is shared by every member.
+"""A flow over one plate: the globals' flow pools the members (a DeepSet), one member flow is shared by every member.
 
 The flow is the amortised factorisation ``q(theta | x_1..N) prod_i q(z_i | theta, x_i)`` of a
 plate template (:class:`~pyro_struct.plates.PlateInverse`):
 
-- the globals ``theta`` ``(*batch, g)`` follow a :class:`~pyro_struct.flows.StrAF` whose context is
+- the globals ``theta`` ``(*batch, g)`` follow a conditional flow (a
+  :class:`~pyro_struct.flows.StrAF` by default; ``family=`` any
+  :class:`~pyro_struct.flows.base.ConditionalFlow`: GRF, CNF) whose context is
   the global observations and, per global ``j``, a permutation-invariant summary of the member
   coordinates the template lists as ``j``'s pooled parents: the DeepSet mean
   ``(1/N) sum_i phi_j(x_i)`` plus the linear path ``(1/N) sum_i x_i`` and ``log N`` (so that a
   linear-Gaussian posterior, whose mean is linear in ``sum_i x_i`` at fixed ``N``, stays exactly
   representable by the affine normaliser's linear skip);
-- every member's latents ``z_i`` ``(*batch, N, k)`` follow one StrAF (weights shared by all
+- every member's latents ``z_i`` ``(*batch, N, k)`` follow one flow of the same family (weights shared by all
   members) conditioned on the globals it lists, the global observations and its own member's
   observations ``x_i``, evaluated for all members as one batch.
 
 The parameter count does not depend on ``N``; sampling is the globals' pass, then one batched
 pass over the members. Masks keep the template's structure: a global sees only its pooled
 coordinates, a member's latents only its own member.
+
+The construction holds for every family because the two stages are separate flows: the globals'
+flow sees the members only through its context (the pooled observations), and the member flow
+maps each member's row on its own, so a GRF's contraction and a CNF's ODE are per member (a
+GRF's Lipschitz bound does not grow with ``N``, and the CNF's solver steps do not depend on it
+beyond the batch's stiffest member).
 
 Example:
     >>> import torch
@@ -36,6 +44,7 @@ import torch
 from torch import nn
 
 from ..nn import MaskedStructure
+from .base import ConditionalFlow
 from .straf import StrAF
 
 __all__ = ["PlatedStrAF", "broadcast_cat"]
@@ -49,7 +58,7 @@ def broadcast_cat(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
 
 
 class PlatedStrAF(MaskedStructure, nn.Module):
-    """The plate flow over globals ``(*batch, g)`` and members ``(*batch, N, k)``.
+    """The plate flow over globals ``(*batch, g)`` and members ``(*batch, N, k)`` (StrAF stages by default).
 
     Args:
         global_adjacency: ``(g, g + cg)`` bool: global ``j`` depends on global latent ``l < j``
@@ -60,8 +69,10 @@ class PlatedStrAF(MaskedStructure, nn.Module):
         member_obs_dim: ``ko``, observed coordinates per member.
         pool_dim: DeepSet embedding size per global.
         pool_hidden: hidden widths of the DeepSet's per-member network ``phi``.
-        **straf_options: passed to both :class:`~pyro_struct.flows.StrAF` s (``num_layers``,
-            ``hidden_sizes``, ``normalizer``, ...).
+        family: the class of both stages' flows: :class:`~pyro_struct.flows.StrAF` (default),
+            :class:`~pyro_struct.flows.GraphicalResidualFlow` or :class:`~pyro_struct.flows.StructuredCNF`.
+        **flow_options: passed to both stages' flows (``num_layers``, ``hidden_sizes``,
+            ``normalizer``, ...).
 
     Shapes: global context ``(*batch, cg)`` or ``None``; member observations ``(*batch, N, ko)``;
     every method broadcasts leading dimensions (e.g. samples before the data-set batch).
@@ -75,7 +86,8 @@ class PlatedStrAF(MaskedStructure, nn.Module):
         member_obs_dim: int,
         pool_dim: int = 8,
         pool_hidden: Sequence[int] = (32,),
-        **straf_options,
+        family: type[ConditionalFlow] = StrAF,
+        **flow_options,
     ):
         super().__init__()
         Ag, P, Am = (torch.as_tensor(a).bool() for a in (global_adjacency, pooled, member_adjacency))
@@ -91,16 +103,19 @@ class PlatedStrAF(MaskedStructure, nn.Module):
             raise ValueError("a plate flow needs at least one global or member latent")
         self.embedding_dim = int(pool_dim)
         self.register_buffer("pooled", P, persistent=False)
-        self.global_flow = self._global_flow(Ag, P, straf_options) if g else None
-        self.member_flow = StrAF(Am, context_dim=Am.shape[1] - self.member_dim, **straf_options) if self.member_dim else None
+        if not (isinstance(family, type) and issubclass(family, ConditionalFlow)):
+            raise ValueError(f"family must be a ConditionalFlow class (StrAF, GRF, StructuredCNF); got {family!r}")
+        self.family = family
+        self.global_flow = self._global_flow(Ag, P, flow_options) if g else None
+        self.member_flow = family(Am, context_dim=Am.shape[1] - self.member_dim, **flow_options) if self.member_dim else None
         sizes = [ko + g] + [int(h) for h in pool_hidden]
         layers: list[nn.Module] = []
         for a, b in zip(sizes[:-1], sizes[1:]):
             layers += [nn.Linear(a, b), nn.ReLU()]
         self.phi = nn.Sequential(*layers, nn.Linear(sizes[-1], self.embedding_dim)) if g else None
 
-    def _global_flow(self, Ag: torch.Tensor, P: torch.Tensor, options: dict) -> StrAF:
-        """The globals' StrAF over ``[globals | global obs | per global: (e embeddings, ko means) | log N]``."""
+    def _global_flow(self, Ag: torch.Tensor, P: torch.Tensor, options: dict) -> ConditionalFlow:
+        """The globals' flow over ``[globals | global obs | per global: (e embeddings, ko means) | log N]``."""
         g, ko, e = P.shape[0], P.shape[1], self.embedding_dim
         blocks = torch.zeros(g, g, e + ko, dtype=torch.bool)
         pools = P.any(1)
@@ -108,7 +123,7 @@ class PlatedStrAF(MaskedStructure, nn.Module):
             blocks[j, j, :e] = pools[j]
             blocks[j, j, e:] = P[j]
         A = torch.cat([Ag, blocks.reshape(g, -1), pools.unsqueeze(1)], 1)
-        return StrAF(A, context_dim=A.shape[1] - g, **options)
+        return self.family(A, context_dim=A.shape[1] - g, **options)
 
     # ------------------------------------------------------------------ pieces
     def summary(self, member_obs: torch.Tensor, num_members: int | None = None) -> torch.Tensor:
@@ -206,5 +221,5 @@ class PlatedStrAF(MaskedStructure, nn.Module):
         return sum(f.num_passes for f in (self.global_flow, self.member_flow) if f is not None)
 
     def extra_repr(self) -> str:
-        return (f"globals={self.num_globals}, member_latents={self.member_dim}, member_obs={self.member_obs_dim}, "
+        return (f"family={self.family.__name__}, globals={self.num_globals}, member_latents={self.member_dim}, member_obs={self.member_obs_dim}, "
                 f"global_context={self.global_context_dim}, embedding_dim={self.embedding_dim}")
