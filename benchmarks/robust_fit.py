@@ -26,14 +26,16 @@ Usage: ``python -m benchmarks robust_fit [--models eight_schools_noncentered fun
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import time
+from pathlib import Path
 
 import pyro
 import torch
 
-from benchmarks.report import write_results
+from benchmarks.report import RESULTS_DIR, write_results
 from pyro_struct.objectives import RobustSymmetrizedKL
 from pyro_struct.training import TrainingError
 
@@ -111,35 +113,42 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=30.0, help="seconds of training per run (time_budget)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--num-samples", type=int, default=4000, help="posterior draws per evaluation")
+    p.add_argument("--references", default=None, help="reference moments file (default tests/zoo/references.json)")
+    p.add_argument("--append", action="store_true", help="keep the rows already in the table (other models/options)")
     p.add_argument("--out", default="robust_fit")
     p.add_argument("--results-dir", default=None)
     args = p.parse_args(argv)
-    references = load_references()["models"]
+    references = (load_references() if args.references is None else load_references(args.references))["models"]
     missing = [n for n in args.models if n not in references]
     if missing:
         raise SystemExit(f"no NUTS reference for {missing}; run python -m tests.zoo.references --models {' '.join(missing)}")
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    rows = []
+    rows, previous = [], Path(args.results_dir or RESULTS_DIR) / f"{args.out}.json"
+    if args.append and previous.exists():
+        old = json.loads(previous.read_text())
+        done = {(m, o, s) for m in args.models for o in args.options for s in args.seeds}
+        rows = [r for r in old["rows"] if (r["model"], r["option"], r["seed"]) not in done]
     for name in args.models:
         for option in args.options:
             for seed in args.seeds:
                 pyro.clear_param_store()
+                load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
                 row = run_one(name, option, args.budget, seed, args.num_samples, references[name])
+                row["load"] = round(load, 1)
                 print(row, flush=True)
                 rows.append(row)
-    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     meta = {"budget_s": args.budget, "seeds": args.seeds, "num_samples": args.num_samples, "torch_threads": torch.get_num_threads(),
-            "load_1min_before": round(load, 2), "load_1min_after": round(load_after, 2)}
+            "references": args.references or "tests/zoo/references.json"}
     notes = (
         "Each row: a fresh guide, `fit(time_budget=budget, seed=seed)` with only the objective/flow of the option changed, "
         "then 4,000 posterior draws at the zoo model's fixed observation against the NUTS reference "
         "(tests/zoo/references.json). worst_mean_err: the largest |mean - NUTS mean| / NUTS sd over scalar latents "
         "(at: where); worst_sd_ratio: the sd ratio farthest from 1 (sd_at: where). Goal (issue #14): 0.1 and within 10% "
         "in <= 2 CPU-minutes. Timings were taken on a shared, loaded machine (2 cores, several jobs): steps per "
-        "budget vary with the load, so the same budget gives fewer steps than on an idle machine."
+        "budget vary with the load (load: the 1-minute load average when the run started), so the same budget gives "
+        "fewer steps than on an idle machine."
     )
     write_results(args.out, rows, ["model", "option", "seed", "status", "steps", "seconds", "worst_mean_err", "at",
-                                   "worst_sd_ratio", "sd_at", "nonfinite", "final_loss", "within_goal"],
+                                   "worst_sd_ratio", "sd_at", "nonfinite", "final_loss", "within_goal", "load"],
                   meta=meta, notes=notes, results_dir=args.results_dir)
     return 0
 

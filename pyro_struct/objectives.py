@@ -7,9 +7,8 @@ any object with those members can be trained (the objectives never import the gu
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Protocol, Sequence
-
 import math
+from typing import Callable, Mapping, Protocol, Sequence
 
 import torch
 

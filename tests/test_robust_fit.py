@@ -147,3 +147,20 @@ def test_context_tails_are_compressed_and_standardisation_is_robust():
     loc, scale = robust_moments(x)
     assert abs(loc.item()) < 0.15 and 0.85 < scale.item() < 1.15
     assert robust_moments(torch.ones(10, 1))[1].item() == 1.0
+
+
+def test_a_time_budget_alone_sets_no_step_limit():
+    from pyro_struct.training.schedule import DEFAULT_NUM_STEPS, UNBOUNDED_STEPS, resolve_num_steps
+
+    assert resolve_num_steps(None, None) == DEFAULT_NUM_STEPS and resolve_num_steps(None, 5.0) == UNBOUNDED_STEPS
+    assert resolve_num_steps(7, 5.0) == 7
+    guide = StructuredGuide(eight_schools, observed=["y"], hidden_sizes=(4,), normalizer="affine")
+    result = guide.fit(time_budget=1.0, batch_size=8, progress=False)
+    assert result.stopped_by == "time_budget" and result.num_steps > 1
+
+
+def test_constrained_models_get_a_spline_layer_by_default():
+    guide = StructuredGuide(eight_schools, observed=["y"], hidden_sizes=(8,))
+    assert guide.flow.normalizer_name == "spline+affine"
+    assert StructuredGuide(truncated, observed=["x"], hidden_sizes=(8,)).flow.normalizer_name == "affine"
+    assert StructuredGuide(eight_schools, observed=["y"], hidden_sizes=(8,), num_layers=2).flow.normalizer_name == "affine"
