@@ -15,6 +15,8 @@ Options (``--options``):
 * ``affine``: the default objective with the one-layer affine StrAF (the default flow before);
 * ``plain_affine``: the plain estimator with the one-layer affine StrAF (main before this change,
   apart from the context standardisation and the finite-value guard, which are not options);
+* ``before``: ``plain_affine`` with the context standardisation (mean/sd, no tail compression) and
+  the unguarded constrained values of main before this change, patched back in for the run;
 * ``no_warmup`` / ``no_clip``: the default without its warm-up / without its soft clip;
 * ``spline``, ``affine_spline``, ``affine3``: the default objective with a one-layer spline StrAF,
   an affine layer then a spline layer, or three affine layers.
@@ -26,6 +28,7 @@ Usage: ``python -m benchmarks robust_fit [--models eight_schools_noncentered fun
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -37,6 +40,7 @@ import torch
 
 from benchmarks.report import RESULTS_DIR, write_results
 from pyro_struct.objectives import RobustSymmetrizedKL
+from pyro_struct.threads import DEFAULT_NUM_THREADS
 from pyro_struct.training import TrainingError
 
 __all__ = ["OPTIONS", "DEFAULT_MODELS", "evaluate", "run_one", "main"]
@@ -48,12 +52,39 @@ OPTIONS = {
     "robust": (lambda: "skl", {}),
     "affine": (lambda: "skl", {"normalizer": "affine"}),
     "plain_affine": (lambda: RobustSymmetrizedKL(0, 0, log_ratio_bound=None, mask_nonfinite=False), {"normalizer": "affine"}),
+    "before": (lambda: RobustSymmetrizedKL(0, 0, log_ratio_bound=None, mask_nonfinite=False), {"normalizer": "affine"}),
     "no_warmup": (lambda: RobustSymmetrizedKL(warmup_steps=0, ramp_steps=0), {}),
     "no_clip": (lambda: RobustSymmetrizedKL(log_ratio_bound=None), {}),
     "spline": (lambda: "skl", {"normalizer": "spline"}),
     "affine_spline": (lambda: "skl", {"normalizer": ["affine", "spline"]}),
     "affine3": (lambda: "skl", {"num_layers": 3}),
 }
+
+def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """main's standardisation before this change: the mean and sd of the finite rows."""
+    finite = torch.isfinite(x).all(-1)
+    x = x[finite] if finite.any() else torch.zeros_like(x)
+    loc = x.mean(0)
+    scale = x.std(0) if x.shape[0] > 1 else torch.ones_like(loc)
+    return loc, torch.where(torch.isfinite(scale) & (scale > 1e-6), scale, torch.ones_like(scale))
+
+
+@contextlib.contextmanager
+def _as_before():
+    """The context standardisation and constrained values of main before the robust default (for ``before``)."""
+    from pyro_struct import layout
+
+    def unguarded(block, u):
+        v = block.transform(u)
+        return v, block.transform.log_abs_det_jacobian(u, v)
+
+    saved = layout.robust_moments, layout.CONTEXT_TAIL, layout.SiteBlock.constrain
+    layout.robust_moments, layout.CONTEXT_TAIL, layout.SiteBlock.constrain = _moments, math.inf, unguarded
+    try:
+        yield
+    finally:
+        layout.robust_moments, layout.CONTEXT_TAIL, layout.SiteBlock.constrain = saved
+
 
 DEFAULT_MODELS = ("eight_schools_noncentered", "eight_schools_centered", "funnel", "ar1", "stochastic_volatility")
 
@@ -86,20 +117,21 @@ def run_one(name: str, option: str, budget: float | None, seed: int, num_samples
 
     m = get(name)
     make_objective, flow_options = OPTIONS[option]
-    torch.manual_seed(seed)
-    guide = m.guide(**flow_options)
-    t0, c0 = time.perf_counter(), time.process_time()
-    status = "ok"
-    try:
-        guide.fit(num_steps=num_steps, time_budget=budget, seed=seed, progress=False, objective=make_objective())
-    except TrainingError as e:
-        status = "TrainingError at step " + str(len(guide.history))
-        print(f"  {name}/{option}: {str(e)[:160]}")
-    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    with _as_before() if option == "before" else contextlib.nullcontext():
+        torch.manual_seed(seed)
+        guide = m.guide(**flow_options)
+        t0, c0 = time.perf_counter(), time.process_time()
+        status = "ok"
+        try:
+            guide.fit(num_steps=num_steps, time_budget=budget, seed=seed, progress=False, objective=make_objective())
+        except TrainingError as e:
+            status = "TrainingError at step " + str(len(guide.history))
+            print(f"  {name}/{option}: {str(e)[:160]}")
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        with torch.no_grad():
+            samples = guide.posterior(dict(m.observations)).sample(num_samples)
     row = {"model": name, "option": option, "seed": seed, "status": status, "steps": len(guide.history),
            "seconds": round(seconds, 1), "cpu_s": round(cpu, 1)}
-    with torch.no_grad():
-        samples = guide.posterior(dict(m.observations)).sample(num_samples)
     if reference is not None:
         row.update(evaluate(samples, m.latent_shapes(), reference))
     else:
@@ -147,7 +179,7 @@ def main(argv=None) -> int:
                 row["load"] = round(load, 1)
                 print(row, flush=True)
                 rows.append(row)
-    meta = {"budget": f"{args.steps} steps" if args.steps else f"{args.budget} s", "seeds": args.seeds, "num_samples": args.num_samples, "torch_threads": torch.get_num_threads(),
+    meta = {"budget": f"{args.steps} steps" if args.steps else f"{args.budget} s", "seeds": args.seeds, "num_samples": args.num_samples, "fit_threads": DEFAULT_NUM_THREADS,
             "references": args.references or "tests/zoo/references.json"}
     notes = (
         "Each row: a fresh guide, `fit(time_budget=budget, seed=seed)` (or `fit(num_steps=...)` where the budget is in "
