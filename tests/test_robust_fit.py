@@ -9,7 +9,8 @@ import torch
 
 from pyro_struct.guide import StructuredGuide
 from pyro_struct.layout import compress_tails, robust_moments
-from pyro_struct.objectives import RobustSymmetrizedKL, compress_log_ratio, get_objective, symmetrized_kl
+from pyro_struct.objectives import RobustSymmetrizedKL, compress_log_ratio, forward_kl, get_objective, symmetrized_kl
+from pyro_struct.training import TrainingError
 
 SIGMA = torch.tensor([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
 Y = torch.tensor([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
@@ -71,6 +72,25 @@ def test_minus_infinite_log_p_at_guide_samples_gives_a_finite_gradient():
     # and training on it neither stops nor leaves non-finite parameters
     guide.fit(num_steps=20, batch_size=64, progress=False, seed=1)
     assert all(torch.isfinite(p).all() for p in guide.parameters())
+
+
+def test_a_step_with_a_non_finite_gradient_is_skipped_and_eleven_in_a_row_stop():
+    # a finite loss whose gradient is NaN at chosen steps (sqrt at 0 times a zero derivative), as a
+    # density that is finite at a sample but overflows in the backward pass (stochastic volatility)
+    guide = StructuredGuide(eight_schools, observed=["y"], hidden_sizes=(8,), normalizer="affine")
+    bad = {3}
+    def spiky(g, simulator, sims):
+        loss = forward_kl(g, simulator, sims)
+        if len(g.history) in bad:
+            loss = loss + torch.sqrt(next(g.parameters()).sum() * 0)
+        return loss
+    result = guide.fit(num_steps=6, objective=spiky, batch_size=16, progress=False, seed=0)
+    assert len(result) == 6 and result.skipped_steps == 1 and "1 skipped" in result.report()
+    good = [p.detach().clone() for p in guide.parameters()]
+    bad.update(range(6, 40))
+    with pytest.raises(TrainingError, match="11 steps in a row"):
+        guide.fit(num_steps=40, objective=spiky, batch_size=16, progress=False)
+    assert len(guide.history) == 16 and all(torch.equal(p, q) for p, q in zip(guide.parameters(), good))
 
 
 def test_guide_samples_beyond_exp_range_stay_finite():
