@@ -426,9 +426,9 @@ class PlateLayout(nn.Module):
         return self._shapes(self.latent, {k: torch.as_tensor(v) for k, v in values.items()}, where, "the value", n_members)[0]
 
     # ------------------------------------------------------------ observed
-    def observe(self, values: Mapping[str, Any], where: str = "posterior", check_finite: bool = True):
+    def observe(self, values: Mapping[str, Any], where: str = "posterior", check_finite: bool = True, compress: bool = True):
         """Observed values site -> ``(*batch, *shape)`` (any ``N``) -> ``(global context (*batch, cg) or None,
-        member observations (*batch, N, ko), batch, N)``, standardised. Errors name the site."""
+        member observations (*batch, N, ko), batch, N)``, standardised and (``compress``) tail-compressed. Errors name the site."""
         known = {s.name for s in self.observed}
         unknown = [k for k in values if k not in known]
         if unknown:
@@ -446,9 +446,11 @@ class PlateLayout(nn.Module):
         glob = [tensors[s.name].expand(batch + s.shape).reshape(batch + (s.width,)) for s in self.observed if s.pos is None]
         memb = [s.to_matrix(tensors[s.name].expand(batch + tensors[s.name].shape[tensors[s.name].dim() - len(s.shape):]), len(batch))
                 for s in self.observed if s.pos is not None]
-        g_ctx = compress_tails((torch.cat(glob, -1) - self.global_obs_loc) / self.global_obs_scale) if glob else None
+        # (compress=False: the raw standardised values, which the statistics are computed from)
+        squash = compress_tails if compress else (lambda t: t)
+        g_ctx = squash((torch.cat(glob, -1) - self.global_obs_loc) / self.global_obs_scale) if glob else None
         m_obs = torch.cat(memb, -1) if memb else ref.new_zeros(batch + (n, 0))
-        return g_ctx, compress_tails((m_obs - self.member_obs_loc) / self.member_obs_scale), batch, n
+        return g_ctx, squash((m_obs - self.member_obs_loc) / self.member_obs_scale), batch, n
 
     # ------------------------------------------------------------ latent
     def pack(self, values: Mapping[str, torch.Tensor], batch_shape: torch.Size, n_members: int):
@@ -518,7 +520,7 @@ class PlateLayout(nn.Module):
         for name in ("global", "member", "global_obs", "member_obs"):
             getattr(self, f"{name}_loc").zero_()
             getattr(self, f"{name}_scale").fill_(1.0)
-        g_ctx, m_obs, batch, n = self.observe({s.name: simulations[s.name] for s in self.observed}, "standardisation", False)
+        g_ctx, m_obs, batch, n = self.observe({s.name: simulations[s.name] for s in self.observed}, "standardisation", False, False)
         y_g, y_m, _ = self.pack({s.name: simulations[s.name] for s in self.latent}, batch, n)
         self._copy_moments((("global", y_g), ("member", y_m), ("global_obs", g_ctx), ("member_obs", m_obs)))
 
@@ -537,5 +539,5 @@ class PlateLayout(nn.Module):
         for name in ("global", "member", "global_obs", "member_obs"):
             getattr(self, f"{name}_loc").zero_()
             getattr(self, f"{name}_scale").fill_(1.0)
-        g_ctx, m_obs, _, _ = self.observe(observations, "standardisation", False)
+        g_ctx, m_obs, _, _ = self.observe(observations, "standardisation", False, False)
         self._copy_moments((("global_obs", g_ctx), ("member_obs", m_obs)))
