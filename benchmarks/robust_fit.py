@@ -156,6 +156,7 @@ def main(argv=None) -> int:
     p.add_argument("--num-samples", type=int, default=4000, help="posterior draws per evaluation")
     p.add_argument("--references", default=None, help="reference moments file (default tests/zoo/references.json)")
     p.add_argument("--append", action="store_true", help="keep the rows already in the table (other models/options)")
+    p.add_argument("--table-only", action="store_true", help="rewrite the table from its JSON rows, running nothing")
     p.add_argument("--out", default="robust_fit")
     p.add_argument("--results-dir", default=None)
     args = p.parse_args(argv)
@@ -165,6 +166,8 @@ def main(argv=None) -> int:
         print(f"no NUTS reference for {missing} (python -m tests.zoo.references --models {' '.join(missing)}): "
               "their accuracy columns stay empty")
     rows, previous = [], Path(args.results_dir or RESULTS_DIR) / f"{args.out}.json"
+    if args.table_only:
+        args.append, args.models = True, []
     if args.append and previous.exists():
         old = json.loads(previous.read_text())
         done = {(m, o, s) for m in args.models for o in args.options for s in args.seeds}
@@ -179,8 +182,13 @@ def main(argv=None) -> int:
                 row["load"] = round(load, 1)
                 print(row, flush=True)
                 rows.append(row)
-    meta = {"budget": f"{args.steps} steps" if args.steps else f"{args.budget} s", "seeds": args.seeds, "num_samples": args.num_samples, "fit_threads": DEFAULT_NUM_THREADS,
+    meta = {"budget": f"{args.steps} steps" if args.steps else f"{args.budget} s", "seeds": args.seeds,
+            "num_samples": args.num_samples, "fit_threads": DEFAULT_NUM_THREADS,
             "references": args.references or "tests/zoo/references.json"}
+    if args.table_only and previous.exists():
+        meta = old["meta"]
+    if args.append and not args.table_only and previous.exists() and old["meta"] != meta:
+        meta["earlier_rows"] = old["meta"]  # (rows kept from a run with other settings)
     notes = (
         "Each row: a fresh guide, `fit(time_budget=budget, seed=seed)` (or `fit(num_steps=...)` where the budget is in "
         "steps) with only the objective/flow of the option changed; cpu_s: the process's CPU seconds, "
@@ -189,7 +197,13 @@ def main(argv=None) -> int:
         "(at: where); worst_sd_ratio: the sd ratio farthest from 1 (sd_at: where). Goal (issue #14): 0.1 and within 10% "
         "in <= 2 CPU-minutes. Timings were taken on a shared, loaded machine (2 cores, several jobs): steps per "
         "budget vary with the load (load: the 1-minute load average when the run started), so the same budget gives "
-        "fewer steps than on an idle machine."
+        "fewer steps than on an idle machine. Options: `before` is main before the robust default (the plain "
+        "estimator, mean/sd context standardisation, no guard on constrained values, one affine layer); "
+        "`plain_affine` the plain estimator with the new context and guard; `affine` the robust objective with one "
+        "affine layer; `robust` the default (robust objective; a spline layer before the affine one where a latent is "
+        "constrained: for the funnel, whose latents are real, it is the `affine` configuration). Rows without a "
+        "NUTS reference (accuracy columns empty) measure whether training holds. One seed: differences of a few "
+        "hundredths are within seed noise."
     )
     write_results(args.out, rows, ["model", "option", "seed", "status", "steps", "seconds", "cpu_s", "worst_mean_err", "at",
                                    "worst_sd_ratio", "sd_at", "nonfinite", "final_loss", "within_goal", "load"],
