@@ -19,8 +19,8 @@ from .threads import torch_threads
 from .trace import find_observed_candidates, trace_model
 from .trace.template import trace_plate_template
 
-__all__ = ["FLOWS", "STRUCTURES", "PLATE_MODES", "PLATE_FLOW_OPTIONS", "CONSTRAINED_NORMALIZERS", "CompiledModel", "CompiledPlate", "compile_model",
-           "compile_plate", "flow_class", "build_flow"]
+__all__ = ["FLOWS", "STRUCTURES", "PLATE_MODES", "PLATE_FLOW_OPTIONS", "CONSTRAINED_NORMALIZERS", "CompiledModel",
+           "CompiledPlate", "compile_model", "compile_plate", "flow_class", "build_flow"]
 
 #: flow name -> (module, class) of the conditional flow compiled over the inverse structure
 FLOWS: dict[str, tuple[str, str]] = {

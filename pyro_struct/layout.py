@@ -67,8 +67,8 @@ CONTEXT_TAIL = 5.0
 
 
 def compress_tails(s: torch.Tensor, bound: float | None = None) -> torch.Tensor:
-    """The identity on ``[-bound, bound]`` (default :data:`CONTEXT_TAIL`), ``sign(s) (bound + asinh(|s| - bound))`` outside: a smooth
-    (twice differentiable), strictly increasing map, so no information is lost, that keeps a
+    """The identity on ``[-bound, bound]`` (default :data:`CONTEXT_TAIL`) and
+    ``sign(s) (bound + asinh(|s| - bound))`` outside: a smooth (twice differentiable), strictly increasing map, so no information is lost, that keeps a
     standardised context of any size ``(*batch, c)`` below ``bound + 90`` in float32.
 
     Why: a simulation far in a heavy tail (a ``HalfCauchy`` scale of 2e4 gave an observation of

@@ -184,3 +184,23 @@ def test_constrained_models_get_a_spline_layer_by_default():
     assert guide.flow.normalizer_name == "spline+affine"
     assert StructuredGuide(truncated, observed=["x"], hidden_sizes=(8,)).flow.normalizer_name == "affine"
     assert StructuredGuide(eight_schools, observed=["y"], hidden_sizes=(8,), num_layers=2).flow.normalizer_name == "affine"
+
+
+def test_straf_takes_one_normaliser_per_layer():
+    from pyro_struct.flows.straf import StrAF
+
+    A = torch.tensor([[0, 0, 1], [1, 0, 1]], dtype=torch.bool)
+    torch.manual_seed(0)
+    flow = StrAF(A, context_dim=1, normalizer=["spline", "affine"], hidden_sizes=(8,))
+    assert flow.num_layers == 2 and flow.normalizer_name == "spline+affine"
+    for p in flow.parameters():
+        p.data += 0.1 * torch.randn_like(p)
+    eps, x = torch.randn(50, 2), torch.randn(50, 1)
+    z, logdet = flow(eps, x)
+    assert torch.allclose(flow.log_prob(z, x), flow.base_log_prob(eps) - logdet, atol=1e-4)
+    with torch.no_grad():  # the level-by-level sampler agrees
+        assert torch.allclose(flow(eps, x)[0], z, atol=1e-4)
+    with pytest.raises(ValueError, match="one normaliser per layer"):
+        StrAF(A, context_dim=1, normalizer=["spline", "affine"], num_layers=3)
+    with pytest.raises(ValueError, match="unknown normalizer 'splin'"):
+        StrAF(A, context_dim=1, normalizer=["splin"])

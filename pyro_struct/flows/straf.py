@@ -121,7 +121,8 @@ class StrAF(ConditionalFlow):
             raise ValueError(f"num_layers must be >= 1; got {num_layers}")
         names = [normalizer] * int(num_layers) if isinstance(normalizer, str) else list(normalizer)
         if not isinstance(normalizer, str) and int(num_layers) not in (1, len(names)) or not names:
-            raise ValueError(f"normalizer {normalizer!r} names one normaliser per layer: {len(names)}, not num_layers={num_layers}")
+            raise ValueError(
+                f"normalizer {normalizer!r} names one normaliser per layer: {len(names)}, not num_layers={num_layers}")
         makers = {
             "affine": lambda: AffineNormalizer(min_scale=min_scale),
             "spline": lambda: SplineNormalizer(num_bins=num_bins, bound=bound),
@@ -129,7 +130,8 @@ class StrAF(ConditionalFlow):
         }
         unknown = [n for n in names if n not in makers]
         if unknown:
-            raise ValueError(f"unknown normalizer {unknown[0]!r}; use 'affine', 'spline' or 'umnn' (or a list of them, one per layer)")
+            raise ValueError(
+                f"unknown normalizer {unknown[0]!r}; use 'affine', 'spline' or 'umnn' (or a list of them, one per layer)")
         # one normaliser per layer (a UMNN's integrand network has parameters of its own)
         self.normalizers = nn.ModuleList(makers[n]() for n in names)
         self.normalizer_name = normalizer if isinstance(normalizer, str) else "+".join(names)
