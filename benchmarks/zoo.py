@@ -128,6 +128,24 @@ def _notes(rows: list[dict], budget: float, refs: dict) -> str:
     )
 
 
+def _merged(rows: list[dict], args) -> list[dict]:
+    """These rows with the rows of the existing ``--out`` table for the other models, in registry order."""
+    import json
+    from pathlib import Path
+
+    from benchmarks.report import RESULTS_DIR
+
+    path = Path(args.results_dir or RESULTS_DIR) / f"{args.out}.json"
+    if not path.exists():
+        return rows
+    old = json.loads(path.read_text())
+    if old["meta"].get("budget_s") != args.budget:
+        raise SystemExit(f"--merge: {path} was run with budget {old['meta'].get('budget_s')} s, not {args.budget} s")
+    by_model = {r["model"]: r for r in old["rows"]}
+    by_model.update({r["model"]: r for r in rows})
+    return [by_model[n] for n in MODELS if n in by_model]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--budget", type=float, default=120.0, help="training seconds per model (default 120)")
@@ -136,6 +154,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="zoo", help="file stem under benchmarks/results")
     p.add_argument("--results-dir", default=None)
+    p.add_argument("--merge", action="store_true", help="keep the other models' rows of an existing table (same budget)")
     p.add_argument("--references", default=None, help="reference file (default tests/zoo/references.json)")
     args = p.parse_args(argv)
     names = args.models or list(MODELS)
@@ -150,7 +169,10 @@ def main(argv=None) -> int:
         row = run_model(MODELS[name], args.budget, refs["models"][name], args.num_samples, args.seed)
         rows.append(row)
         print({k: row.get(k) for k in ("model", "train_s", "mean_error", "sd_ratio", "pass", "error")}, flush=True)
+    if args.merge:
+        rows = _merged(rows, args)
     meta = {"budget_s": args.budget, "num_samples": args.num_samples, "seed": args.seed,
-            "load_average_at_start": round(load, 2), "load_average_at_end": round(os.getloadavg()[0], 2)}
+            "load_average_at_start": round(load, 2), "load_average_at_end": round(os.getloadavg()[0], 2),
+            "rows_of_earlier_runs_merged": bool(args.merge)}
     write_results(args.out, rows, COLUMNS, meta, _notes(rows, args.budget, refs), args.results_dir)
     return 0

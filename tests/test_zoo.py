@@ -5,6 +5,7 @@ import math
 import pyro
 import pytest
 import torch
+from pyro.poutine.util import site_is_subsample
 
 from benchmarks.zoo import compare, passes, run_model
 from tests.zoo import MODELS, coordinate_names, flatten_latents, get
@@ -89,3 +90,32 @@ def test_an_untrained_guide_fails_the_loose_tolerances():
             draws = guide.posterior(**m.observations).sample(2000)
         s = compare(draws, m.latent_shapes(), REFS["models"][name])
         assert s["mean_error"] >= LOOSE_MEAN_ERROR or not LOOSE_SD_RATIO[0] < s["sd_ratio"] < LOOSE_SD_RATIO[1], (name, s)
+
+
+@pytest.mark.parametrize("name", [n for n, m in MODELS.items() if m.nuts_model is not None])
+def test_the_reparametrised_form_nuts_samples_has_the_same_posterior(name):
+    """``p_nuts(u, x) = p_model(f(u), x) |det df/du|`` for the map ``f = to_latents`` at prior draws ``u``."""
+    m = get(name)
+    nuts = m.conditioned(reparametrised=True)
+    for seed in range(3):
+        pyro.set_rng_seed(seed)
+        tr = pyro.poutine.trace(nuts).get_trace(*m.args, **m.kwargs)
+        sites = [s for s, n in tr.nodes.items() if n["type"] == "sample" and not n["is_observed"] and not site_is_subsample(n)]
+        shapes = {s: tuple(tr.nodes[s]["value"].shape) for s in sites}
+        sizes = [math.prod(v) for v in shapes.values()]
+        u = torch.cat([tr.nodes[s]["value"].reshape(-1) for s in sites]).double()
+
+        def unflatten(vec):
+            parts = torch.split(vec, sizes)
+            return {s: p.reshape((1,) + shapes[s]) for (s, p) in zip(sites, parts)}
+
+        def f(vec):
+            z = m.to_latents(unflatten(vec))
+            return torch.cat([z[s].reshape(-1) for s in m.latents])
+
+        _, logdet = torch.linalg.slogdet(torch.autograd.functional.jacobian(f, u))
+        z = m.to_latents(unflatten(u))
+        latents = {s: z[s][0].float() for s in m.latents}
+        model_lp = pyro.poutine.trace(pyro.poutine.condition(m.conditioned(), data=latents)).get_trace(
+            *m.args, **m.kwargs).log_prob_sum()
+        assert float(tr.log_prob_sum()) == pytest.approx(float(model_lp) + float(logdet), abs=1e-3 * (1 + abs(float(model_lp))))

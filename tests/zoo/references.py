@@ -4,8 +4,9 @@ Run once (``python -m tests.zoo.references [--models a b] [--chains 2 --warmup 5
 the file is committed. For each model: the mean and sd of every scalar latent coordinate in the
 model's constrained space over all chains' draws, the split R-hat and effective sample size of each
 coordinate, the divergent transitions, the settings and the seconds NUTS took. Models with a
-``nuts_model`` (centred eight schools, the funnel, baseball) are sampled in their non-centred form,
-which has the same posterior and no funnel for NUTS to diverge in, and mapped back.
+``nuts_model`` (centred eight schools, the funnel, baseball, and the two ``pyro.markov`` loops as
+one vectorised site) are sampled in their non-centred form, which has the same posterior and no
+funnel for NUTS to diverge in, and mapped back.
 Re-running for some ``--models`` updates their entries and keeps the others.
 """
 

@@ -26,6 +26,8 @@ class ZooModel:
         nuts_model, to_latents: optional: an equivalent reparametrised model that NUTS samples
             better (a non-centred funnel, say), with the same arguments and observed sites, and
             ``to_latents(samples) -> {latent: (n, *shape)}`` mapping its draws to this model's latents.
+        nuts_data: optional: the fixed observations as ``nuts_model``'s observed sites (when it names
+            them differently, e.g. one vectorised site for a loop's ``y_0 ... y_{T-1}``).
         nuts_options: extra ``pyro.infer.NUTS`` options (``target_accept_prob``, ``max_tree_depth``).
     """
 
@@ -38,6 +40,7 @@ class ZooModel:
     kwargs: Mapping = field(default_factory=dict)
     nuts_model: Callable | None = None
     to_latents: Callable | None = None
+    nuts_data: Callable | None = None
     nuts_options: Mapping = field(default_factory=dict)
 
     def guide(self, **options):
@@ -49,8 +52,10 @@ class ZooModel:
 
     def conditioned(self, reparametrised: bool = False) -> Callable:
         """The model (or its ``nuts_model``) conditioned on the fixed observations, for MCMC."""
-        fn = self.nuts_model if reparametrised and self.nuts_model is not None else self.model
-        return pyro.poutine.condition(fn, data=dict(self.observations))
+        if reparametrised and self.nuts_model is not None:
+            data = self.nuts_data(self.observations) if self.nuts_data is not None else dict(self.observations)
+            return pyro.poutine.condition(self.nuts_model, data=data)
+        return pyro.poutine.condition(self.model, data=dict(self.observations))
 
     def latent_shapes(self) -> dict[str, tuple]:
         """Latent site -> its value's shape at the fixed observation (one prior run of the model)."""
