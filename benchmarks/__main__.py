@@ -30,6 +30,8 @@ BENCHMARKS = {
     "causal": "interventions and counterfactuals: StrAF on the true DAG vs CAREFL vs regression",
     "density": "test NLL at small n: true / learned / dense DAG flows vs zuko MAF and NSF; SHD",
     "chains": "chain guides (chains='auto'): compile time, parameters, step time and exact KL for HMM / AR(1) T = 10 ... 1,000",
+    "robust_fit": "the default fit on eight schools, the funnel and state spaces: skl options and flows vs NUTS moments",
+    "zoo": "the default fit on 12 ordinary Pyro models (tests/zoo) against NUTS: worst mean error and sd ratio",
     "vae": "structured VAEs (SIReN-VAE Table 1): test NLL and reconstruction error per encoder, small and full data",
 }
 

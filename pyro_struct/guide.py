@@ -128,7 +128,11 @@ class StructuredGuide(PyroModule):
             its parameters do not depend on ``T`` and :meth:`posterior` answers chains of any length
             (``guide.chain_summarised`` says which inverse parents the summaries replace). Where the sites do not form
             such a chain, a one-time warning names them and ``guide.chain_note`` says why.
-        **flow_options: passed to the flow class (e.g. ``num_layers``, ``hidden_sizes``).
+        **flow_options: passed to the flow class (e.g. ``num_layers``, ``hidden_sizes``). The default
+            StrAF has one affine layer, or, where a latent site is constrained (a positive scale, an
+            interval, a simplex) and neither ``normalizer`` nor ``num_layers`` is given, a spline layer
+            on the base noise then an affine layer (:data:`~pyro_struct.compile.CONSTRAINED_NORMALIZERS`): measured on
+            eight schools, the affine flow alone cannot skew ``log tau`` (its sd stayed 1.7x NUTS's).
 
     Shapes: :meth:`posterior` answers observations of shape ``(*batch, *site_shape)``;
     ``posterior(...).sample(n)`` returns ``(n, *batch, *site_shape)`` per latent site.
@@ -485,7 +489,7 @@ class StructuredGuide(PyroModule):
         context, batch_shape = self.condition(values, "posterior", check_finite=True)
         return Posterior(self, context, batch_shape, values, num_moment_samples)
 
-    def fit(self, num_steps: int = 1000, objective: str = "skl", checks: Sequence[str] = (), **options):
+    def fit(self, num_steps: int | None = None, objective: str = "skl", checks: Sequence[str] = (), **options):
         """Train the guide on simulations of its model; see :func:`pyro_struct.training.fit` for the options.
 
         Args:
@@ -776,7 +780,7 @@ class AmortizedModel:
         """The guide's compiled structure (:class:`pyro_struct.CompiledStructure`)."""
         return self.guide.structure
 
-    def fit(self, num_steps: int = 1000, objective: str = "skl", **options):
+    def fit(self, num_steps: int | None = None, objective: str = "skl", **options):
         """Train the guide; see :func:`pyro_struct.training.fit`. Returns the loss history."""
         return self.guide.fit(num_steps=num_steps, objective=objective, **options)
 

@@ -7,6 +7,7 @@ any object with those members can be trained (the objectives never import the gu
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Mapping, Protocol, Sequence
 
 import torch
@@ -15,6 +16,8 @@ __all__ = [
     "AmortizedDensity",
     "JointDensity",
     "symmetrized_kl",
+    "RobustSymmetrizedKL",
+    "compress_log_ratio",
     "forward_kl",
     "negative_elbo",
     "OBJECTIVES",
@@ -88,8 +91,118 @@ def symmetrized_kl(guide: AmortizedDensity, simulator: JointDensity, sims) -> to
     return 0.5 * (forward_term.mean() + reverse_term.mean())
 
 
+def compress_log_ratio(s: torch.Tensor, bound: float) -> torch.Tensor:
+    """The identity on ``[-bound, bound]`` and ``sign(s) (bound + log1p(|s| - bound))`` outside, elementwise:
+    a continuous, increasing soft clip whose gradient beyond the bound is ``1 / (1 + |s| - bound)``."""
+    excess = (s.abs() - bound).clamp(min=0)
+    return torch.where(excess > 0, s.sign() * (bound + torch.log1p(excess)), s)
+
+
+class RobustSymmetrizedKL:
+    """The default training objective ``"skl"``: the symmetrised KL of :func:`symmetrized_kl`, made robust
+    to simulations and guide samples where the model's density is extreme.
+
+    Per simulation ``(z, x) ~ p`` and guide sample ``z' ~ q(. | x)`` it forms the forward log-ratio
+    ``f = log p(z, x) - log q(z | x)`` and the reverse one ``r = log q(z' | x) - log p(z', x)``; their
+    sum ``s = f + r = log[p(z|x) / q(z|x)] + log[q(z'|x) / p(z'|x)]`` does not contain ``log p(x)``,
+    is 0 for every sample when ``q = p``, and ``E[s] / 2`` is the symmetrised KL. The loss is
+    ``0.5 * mean(compress(s))`` over the simulations whose terms are finite, with the gradient of
+    ``r`` scaled by a warm-up weight ``w``:
+
+    1. **Warm-up** (``w``): for the first ``warmup_steps`` steps only the forward term is trained
+       (``w = 0``: the gradient of ``"fkl"``, which never differentiates the model's density at guide
+       samples, weighted per sample by the compression below); over the next ``ramp_steps`` steps ``w``
+       rises linearly to 1. The step is the guide's global step ``len(guide.history)``, so a resumed
+       fit continues the same schedule. The reported value is the (compressed) estimate of the
+       symmetrised KL throughout.
+    2. **Soft clipping** (``compress``): ``s`` beyond ``+-log_ratio_bound`` nats is compressed
+       logarithmically (:func:`compress_log_ratio`); a sample 1e20 nats out then moves the
+       parameters about as much as one a few nats out, instead of deciding the whole step.
+       *Bias*: only samples with ``|s| > log_ratio_bound`` are affected; since ``s = 0`` for every
+       sample at ``q = p``, the bias vanishes as the guide converges, for every ``x`` it converges
+       at (far-tail simulations the guide never fits stay down-weighted). The reported loss is the
+       compressed one, so it is at most the plain estimate's size.
+    3. **Masking**: a simulation whose ``f`` or ``r`` is not finite (``log p(z', x) = -inf``: a guide
+       sample at the edge of a support, a scale that underflowed) is dropped from that step's mean,
+       and its guide sample is detached before the model's density is evaluated again, so its
+       gradient is 0 rather than NaN. *Bias*: it drops the samples with the worst reverse term;
+       such samples have vanishing probability under a converged guide. A step where every
+       simulation is dropped has a non-finite loss (and the training guard stops).
+
+    Args:
+        warmup_steps: steps of forward KL only (0: none).
+        ramp_steps: steps over which the reverse term's weight rises from 0 to 1 after the warm-up.
+        log_ratio_bound: nats beyond which ``s`` is compressed (``None``: no compression).
+        mask_nonfinite: drop the simulations with a non-finite term (``False``: a non-finite loss instead).
+
+    Attributes:
+        last_stats: of the last call: ``reverse_weight``, ``dropped`` (simulations masked),
+            ``compressed`` (simulations beyond the bound).
+    """
+
+    __name__ = "robust_symmetrized_kl"
+
+    def __init__(self, warmup_steps: int = 100, ramp_steps: int = 100, log_ratio_bound: float | None = 20.0,
+                 mask_nonfinite: bool = True):
+        if warmup_steps < 0 or ramp_steps < 0:
+            raise ValueError(f"warmup_steps and ramp_steps must be >= 0; got {warmup_steps}, {ramp_steps}")
+        if log_ratio_bound is not None and not log_ratio_bound > 0:
+            raise ValueError(f"log_ratio_bound must be positive or None; got {log_ratio_bound!r}")
+        self.warmup_steps, self.ramp_steps = int(warmup_steps), int(ramp_steps)
+        self.log_ratio_bound, self.mask_nonfinite = log_ratio_bound, bool(mask_nonfinite)
+        self.last_stats: dict = {}
+
+    def reverse_weight(self, step: int) -> float:
+        """The reverse term's weight at global step ``step``: 0 in the warm-up, then a linear ramp to 1."""
+        if step < self.warmup_steps:
+            return 0.0
+        return 1.0 if self.ramp_steps == 0 else min(1.0, (step - self.warmup_steps + 1) / self.ramp_steps)
+
+    def __call__(self, guide: AmortizedDensity, simulator: JointDensity, sims) -> torch.Tensor:
+        n, latents, observed, context = _split(guide, sims)
+        w = self.reverse_weight(len(getattr(guide, "history", ())))
+        forward = sims.log_joint - guide.log_q(latents, context, torch.Size((n,)))
+        # the reverse term is always evaluated, so the value compressed is always the evidence-free
+        # s = f + r; the warm-up only scales its gradient (by w), without one in the warm-up itself
+        with torch.set_grad_enabled(torch.is_grad_enabled() and w > 0):
+            reverse, ok = _reverse_term_masked(guide, simulator, context, observed, n, self.mask_nonfinite)
+        ok = ok & torch.isfinite(forward)
+        s = forward + (reverse if w == 1 else w * reverse + (1 - w) * reverse.detach())
+        if self.mask_nonfinite:
+            # masked before the compression: a NaN inside it would back-propagate NaN through the mask
+            s = torch.where(ok, s, torch.zeros_like(s))
+        compressed = 0
+        if self.log_ratio_bound is not None:
+            compressed = int(((s.detach().abs() > self.log_ratio_bound) & ok).sum())
+            s = compress_log_ratio(s, self.log_ratio_bound)
+        kept = int(ok.sum())
+        if not self.mask_nonfinite or kept == n:
+            loss = s.mean()
+        else:
+            loss = s.sum() / kept if kept else s.new_tensor(math.inf)
+        self.last_stats = {"reverse_weight": w, "dropped": n - kept, "compressed": compressed}
+        return 0.5 * loss
+
+
+def _reverse_term_masked(guide, simulator, context, observed, n: int, mask: bool):
+    """The reverse log-ratios ``(n,)`` at one guide sample per simulation and which are finite ``(n,)``.
+
+    With ``mask``, a step with a non-finite term evaluates the model's density again with those rows'
+    samples detached: their (masked) terms then back-propagate into nothing instead of sending
+    ``0 * inf = NaN`` into the flow (a density of ``-inf`` usually has an infinite derivative too).
+    """
+    z, log_q = guide.rsample_q(context, 1, torch.Size((n,)))
+    z, log_q = {k: v.squeeze(0) for k, v in z.items()}, log_q.squeeze(0)
+    reverse = log_q - simulator.log_joint({**z, **observed})
+    ok = torch.isfinite(reverse)
+    if mask and not bool(ok.all()):
+        cut = {k: torch.where(ok.reshape((n,) + (1,) * (v.dim() - 1)), v, v.detach()) for k, v in z.items()}
+        reverse = torch.where(ok, log_q, log_q.detach()) - simulator.log_joint({**cut, **observed})
+    return reverse, ok
+
+
 #: objective name -> loss function ``(guide, simulator, simulations) -> scalar tensor``
-OBJECTIVES: dict[str, Callable] = {"skl": symmetrized_kl, "fkl": forward_kl, "elbo": negative_elbo}
+OBJECTIVES: dict[str, Callable] = {"skl": RobustSymmetrizedKL(), "fkl": forward_kl, "elbo": negative_elbo}
 
 #: objectives that evaluate the model's density at guide samples (they need ``simulator.log_joint``)
 REVERSE_OBJECTIVES = ("skl", "elbo")

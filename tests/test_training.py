@@ -259,7 +259,7 @@ def test_argument_errors(network, capsys):
         guide.fit(num_steps=2, lr_schedule="linear", progress=False)
     with pytest.raises(ValueError, match="batch_size"):
         guide.fit(num_steps=2, batch_size=0, progress=False)
-    assert get_objective("skl").__name__ == "symmetrized_kl"
+    assert get_objective("skl").__name__ == "robust_symmetrized_kl"
     assert learning_rate_factor("cosine", 0, 100) == pytest.approx(1.0)
     assert learning_rate_factor("cosine", 100, 100) == pytest.approx(0.01)
     with warnings.catch_warnings():

@@ -56,7 +56,9 @@ class StrAF(ConditionalFlow):
             would break the structure).
         hidden_sizes: hidden widths of each StrNN conditioner.
         normalizer: ``"affine"``, ``"spline"`` (monotonic rational-quadratic spline) or
-            ``"umnn"`` (unconstrained monotonic neural network, integral of a positive MLP).
+            ``"umnn"`` (unconstrained monotonic neural network, integral of a positive MLP); or a
+            list of them, one per layer (``["affine", "spline"]``: ``num_layers`` is its length),
+            applied in that order to the base noise when sampling.
         skip: add the StrNN's masked linear skip from ``[z, x]`` to the normaliser
             parameters: to the shift only for the affine normaliser (an affine StrAF then
             represents linear-Gaussian conditionals exactly, with their constant scale), to
@@ -117,27 +119,32 @@ class StrAF(ConditionalFlow):
         super().__init__(adjacency, context_dim)
         if int(num_layers) < 1:
             raise ValueError(f"num_layers must be >= 1; got {num_layers}")
-        if normalizer == "affine":
-            make = lambda: AffineNormalizer(min_scale=min_scale)  # noqa: E731
-        elif normalizer == "spline":
-            make = lambda: SplineNormalizer(num_bins=num_bins, bound=bound)  # noqa: E731
-        elif normalizer == "umnn":
-            make = lambda: UMNNNormalizer(embedding_dim, integrand_sizes, num_steps)  # noqa: E731
-        else:
-            raise ValueError(f"unknown normalizer {normalizer!r}; use 'affine', 'spline' or 'umnn'")
+        names = [normalizer] * int(num_layers) if isinstance(normalizer, str) else list(normalizer)
+        if not isinstance(normalizer, str) and int(num_layers) not in (1, len(names)) or not names:
+            raise ValueError(
+                f"normalizer {normalizer!r} names one normaliser per layer: {len(names)}, not num_layers={num_layers}")
+        makers = {
+            "affine": lambda: AffineNormalizer(min_scale=min_scale),
+            "spline": lambda: SplineNormalizer(num_bins=num_bins, bound=bound),
+            "umnn": lambda: UMNNNormalizer(embedding_dim, integrand_sizes, num_steps),
+        }
+        unknown = [n for n in names if n not in makers]
+        if unknown:
+            raise ValueError(
+                f"unknown normalizer {unknown[0]!r}; use 'affine', 'spline' or 'umnn' (or a list of them, one per layer)")
         # one normaliser per layer (a UMNN's integrand network has parameters of its own)
-        self.normalizers = nn.ModuleList(make() for _ in range(int(num_layers)))
-        self.normalizer_name = normalizer
-        self.num_layers = int(num_layers)
+        self.normalizers = nn.ModuleList(makers[n]() for n in names)
+        self.normalizer_name = normalizer if isinstance(normalizer, str) else "+".join(names)
+        self.num_layers = len(names)
         self._levels = dag.levels(self.adjacency)
         self.depth = len(self._levels) - 1
         conditioners = []
-        for _ in range(self.num_layers):
+        for norm in self.normalizers:
             net = StrNN(
                 self.adjacency,
                 hidden_sizes,
-                num_params=self.normalizers[0].num_params,
-                skip=(getattr(self.normalizers[0], "skip_params", None) or True) if skip else False,
+                num_params=norm.num_params,
+                skip=(getattr(norm, "skip_params", None) or True) if skip else False,
                 activation=activation,
                 mask_method=mask_method,
                 widen=widen,

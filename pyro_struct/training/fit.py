@@ -20,6 +20,7 @@ from .checkpoint import Checkpointer
 from .data import fit_data, model_parameters
 from .distributed import DataParallel, data_parallel, rank_seed
 from .loop import FitResult, train
+from .schedule import resolve_num_steps
 
 __all__ = ["fit", "TrainableGuide", "DrawnArgumentsSource", "check_simulate_with", "draw_arguments"]
 
@@ -333,7 +334,7 @@ def _fit_on_data(o: dict) -> FitResult:
 
 def fit(
     guide: TrainableGuide,
-    num_steps: int = 1000,
+    num_steps: int | None = None,
     objective: str | Callable = "skl",
     batch_size: int = 256,
     lr: float = 1e-2,
@@ -362,9 +363,21 @@ def fit(
     Args:
         guide: the guide (a :class:`TrainableGuide`, e.g. ``StructuredGuide``).
         num_steps: total optimisation steps (with ``resume``, training continues from the
-            checkpoint's step up to this number).
+            checkpoint's step up to this number). ``None`` (default): 1000, or with a
+            ``time_budget`` as many as the budget allows (``fit(time_budget=60)`` trains for 60 s).
         objective: ``"skl"`` (symmetrised KL, default), ``"fkl"`` (forward KL) or ``"elbo"``
-            (amortised negative ELBO); see :mod:`pyro_struct.objectives`. With ``data``: ``"elbo"``
+            (amortised negative ELBO); see :mod:`pyro_struct.objectives`. The default ``"skl"`` is
+            :class:`~pyro_struct.objectives.RobustSymmetrizedKL`, made to hold where the model's
+            density is extreme at simulations or guide samples (heavy-tailed scales, funnels, state
+            spaces): the first 100 global steps train the forward term only and the next 100 ramp
+            the reverse term in (counted by ``len(guide.history)``, so ``resume`` continues the same
+            schedule); per-simulation log-ratios beyond 20 nats are compressed logarithmically; and
+            simulations whose terms are not finite are dropped from that step's mean, with gradient 0.
+            Its bias: only samples more than 20 nats from the posterior are down-weighted, and every
+            term is 0 at ``q = p``, so it vanishes as the guide converges; the dropped samples are
+            those where the model's density is ``-inf`` at a guide sample. The plain, unbiased
+            estimator is ``objective=RobustSymmetrizedKL(0, 0, None, False)``
+            (:func:`~pyro_struct.objectives.symmetrized_kl` evaluates it). With ``data``: ``"elbo"``
             or ``"iwae"`` (the importance-weighted bound with ``num_particles`` draws), per data point.
         batch_size: simulations per step (data points per step with ``data``).
         lr: Adam's base learning rate. The default 1e-2 is what the benchmarks support
@@ -435,6 +448,7 @@ def fit(
         TrainingError: a non-finite loss or gradient; the parameters of the last step with a
             finite loss and gradient are restored and ``guide.history`` keeps the losses so far.
     """
+    num_steps = resolve_num_steps(num_steps, time_budget)
     options = dict(locals())
     if data is not None or objective == "iwae":
         return _fit_on_data(options)

@@ -20,14 +20,26 @@ class NonFiniteGuard:
     restores those parameters and raises. So after a failure the parameters are the ones that
     gave a finite loss *and* a finite gradient, not the ones an exploding update produced.
 
+    A step with a finite loss but a non-finite gradient is *skipped* (no update; the batch is
+    dropped) up to ``patience`` times in a row before training stops: a density that is finite at a
+    sample but whose derivative overflows in float32 (stochastic volatility: a scale of 1e-15 gives
+    ``log p = -1e30`` and a ``var**2`` that underflows to 0) spoils one batch, not the training.
+
     Args:
         params: the trained parameters.
         advice: what to suggest in the error message.
+        patience: consecutive steps with a non-finite gradient skipped before stopping (0: stop at the first).
+
+    Attributes:
+        skipped: steps skipped so far.
     """
 
-    def __init__(self, params: list[torch.Tensor], advice: str = ""):
+    def __init__(self, params: list[torch.Tensor], advice: str = "", patience: int = 10):
         self.params = params
         self.advice = advice
+        self.patience = int(patience)
+        self.skipped = 0
+        self._in_a_row = 0
         self._good: list[torch.Tensor] | None = None
 
     def accept(self) -> None:
@@ -51,9 +63,17 @@ class NonFiniteGuard:
         if not math.isfinite(value):
             self.fail(f"the {name!r} loss is {value} at step {step}", num_losses)
 
-    def check_gradient(self, norm: torch.Tensor, value: float, step: int, name: str, num_losses: int) -> None:
-        if not torch.isfinite(norm):
-            self.fail(f"the gradient of the {name!r} loss is not finite at step {step} (loss {value:.4g})", num_losses)
+    def check_gradient(self, norm: torch.Tensor, value: float, step: int, name: str, num_losses: int) -> bool:
+        """``True``: update; ``False``: skip this step (a non-finite gradient, within ``patience``); raises after that."""
+        if torch.isfinite(norm):
+            self._in_a_row = 0
+            return True
+        self._in_a_row += 1
+        if self._in_a_row > self.patience:
+            self.fail(f"the gradient of the {name!r} loss is not finite at step {step} (loss {value:.4g}"
+                      f"{f', the last {self._in_a_row} steps in a row' if self._in_a_row > 1 else ''})", num_losses)
+        self.skipped += 1
+        return False
 
     def fail(self, what: str, num_losses: int) -> None:
         restored = self.restore()

@@ -11,7 +11,7 @@ from tqdm import tqdm
 from .batches import BatchSource
 from .checkpoint import Checkpointer
 from .guard import NonFiniteGuard
-from .schedule import Schedule
+from .schedule import UNBOUNDED_STEPS, Schedule
 
 __all__ = ["FitResult", "train", "make_optimizer"]
 
@@ -29,6 +29,8 @@ class FitResult(list):
             ``history`` holds the mean over ranks, these are this rank's share of it.
         checks: the diagnostics run after training (name -> one-line result; see
             ``StructuredGuide.fit(checks=...)``); empty when none were run.
+        skipped_steps: steps of this call whose gradient was not finite, skipped without an update
+            (see :class:`~pyro_struct.training.guard.NonFiniteGuard`).
     """
 
     def __init__(self, history, validation_history=(), num_steps: int = 0, seconds: float = 0.0, stopped_by: str = "num_steps",
@@ -40,6 +42,7 @@ class FitResult(list):
         self.seconds = float(seconds)
         self.stopped_by = stopped_by
         self.checks: dict[str, str] = {}
+        self.skipped_steps = 0
 
     @property
     def history(self) -> list[float]:
@@ -49,7 +52,8 @@ class FitResult(list):
         """The training report: steps, time, what stopped it, the final loss and which checks ran."""
         tail = self.local_losses[-max(1, len(self.local_losses) // 10):]
         final = f", final loss {sum(tail) / len(tail):.4g} (mean of the last {len(tail)} steps)" if tail else ""
-        lines = [f"{self.num_steps} steps in {self.seconds:.1f} s (stopped by {self.stopped_by}){final}"]
+        skipped = f"; {self.skipped_steps} skipped for a non-finite gradient" if self.skipped_steps else ""
+        lines = [f"{self.num_steps} steps in {self.seconds:.1f} s (stopped by {self.stopped_by}){final}{skipped}"]
         if self.checks:
             lines += [f"check {name}: {text}" for name, text in self.checks.items()]
         else:
@@ -144,7 +148,8 @@ def train(
         a :class:`FitResult` over ``history``.
 
     Raises:
-        TrainingError: a non-finite loss or gradient; the last good parameters are restored.
+        TrainingError: a non-finite loss, or a non-finite gradient at more than 10 steps in a row
+            (single such steps are skipped); the last good parameters are restored.
     """
     history = [] if history is None else history
     validation_history = [] if validation_history is None else validation_history
@@ -157,7 +162,9 @@ def train(
     reduce = float if sync is None else sync.mean
     validate = _Validation(loss_fn, source.validation, params, validation_history, reduce) if source.validation is not None else None
     show = progress and (sync is None or sync.is_main)
-    bar = tqdm(total=num_steps, initial=min(start_step, num_steps), disable=not show, desc=desc, dynamic_ncols=True)
+    # (a fit bounded by its time budget only has no step total to show)
+    total = None if num_steps >= UNBOUNDED_STEPS else num_steps
+    bar = tqdm(total=total, initial=min(start_step, num_steps), disable=not show, desc=desc, dynamic_ncols=True)
     end_step, stopped_by, smoothed, local = num_steps, "num_steps", None, []
     was_training = module.training
     module.train(True)
@@ -185,9 +192,10 @@ def train(
                 local.append(value)
                 value = sync.average(params, value, schedule)
                 guard.check_loss(value, step, desc, len(history))
-            guard.check_gradient(_gradient_norm(params, clip_grad), value, step, desc, len(history))
-            guard.accept()
-            optimizer.step()
+            if guard.check_gradient(_gradient_norm(params, clip_grad), value, step, desc, len(history)):
+                guard.accept()
+                optimizer.step()
+            # (a skipped step still counts: the step count and the global step stay those of the batches drawn)
             history.append(value)
             smoothed = value if smoothed is None else 0.95 * smoothed + 0.05 * value
             bar.set_postfix(loss=f"{smoothed:.4g}", refresh=False)
@@ -206,4 +214,6 @@ def train(
     if checkpointer is not None and end_step > start_step:
         checkpointer.write(end_step, num_steps, optimizer, desc)
     ran = max(end_step - start_step, 0)
-    return FitResult(history, validation_history, ran, schedule.elapsed, stopped_by, local if sync is not None else None)
+    result = FitResult(history, validation_history, ran, schedule.elapsed, stopped_by, local if sync is not None else None)
+    result.skipped_steps = guard.skipped
+    return result

@@ -6,7 +6,20 @@ import math
 import time
 from typing import Callable
 
-__all__ = ["learning_rate_factor", "Schedule"]
+__all__ = ["learning_rate_factor", "Schedule", "DEFAULT_NUM_STEPS", "UNBOUNDED_STEPS", "resolve_num_steps"]
+
+#: steps of ``fit()`` when neither ``num_steps`` nor ``time_budget`` is given
+DEFAULT_NUM_STEPS = 1000
+#: the step limit of a fit given only a ``time_budget`` (the clock stops it long before)
+UNBOUNDED_STEPS = 2**31 - 1
+
+
+def resolve_num_steps(num_steps: int | None, time_budget: float | None) -> int:
+    """``num_steps`` as given; ``None``: :data:`DEFAULT_NUM_STEPS`, or with a time budget no step limit
+    (:data:`UNBOUNDED_STEPS`), so that ``fit(time_budget=60)`` trains for 60 s whatever a step costs."""
+    if num_steps is not None:
+        return num_steps
+    return DEFAULT_NUM_STEPS if time_budget is None else UNBOUNDED_STEPS
 
 
 def learning_rate_factor(schedule: str | Callable | None, step: float, num_steps: int) -> float:
