@@ -53,7 +53,7 @@ from pyro_struct.guide import StructuredGuide
 from pyro_struct.models import LinearGaussianNetwork
 from pyro_struct.models.linear_gaussian import gaussian_kl
 
-__all__ = ["main", "run", "run_svi", "run_nuts", "svi_gaussian", "gaussian_scores", "family_optimum", "SVI_FAMILIES"]
+__all__ = ["main", "run", "run_svi", "run_nuts", "svi_gaussian", "svi_config", "svi_one", "gaussian_scores", "family_optimum", "SVI_FAMILIES"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SVI_FAMILIES = {"AutoMultivariateNormal": AutoMultivariateNormal, "AutoNormal": AutoNormal}
@@ -348,8 +348,9 @@ def _machine() -> dict:
     }
 
 
-def svi_config(args) -> dict:
-    """The SVI recipe from the command line (shared by both families)."""
+def svi_config(args: argparse.Namespace | None = None) -> dict:
+    """The SVI recipe from the command line (shared by both families); ``None``: the tuned defaults."""
+    args = _parser().parse_args([]) if args is None else args
     return {"steps": args.svi_steps, "lr": args.svi_lr, "lr_decay": args.svi_lr_decay, "particles": args.svi_particles,
             "init_scale": args.svi_init_scale, "eval_every": args.eval_every, "window": args.window,
             "rel_tol": args.rel_tol, "kl_tol": args.kl_tol}

@@ -176,13 +176,13 @@ def test_amortization_svi_recipe_converges_on_a_tiny_linear_gaussian_network():
     """The benchmark's tuned SVI baseline (its command-line defaults, fewer steps) must reach the exact
     posterior with AutoMultivariateNormal and its family's closed-form optimum with AutoNormal: a peer
     that is under-trained or mis-scored (the unit ``scale_tril`` alone as the covariance) fails here."""
-    from benchmarks.amortization import _parser, svi_config, svi_one
+    from benchmarks.amortization import svi_config, svi_one
 
     net = LinearGaussianNetwork.random(7, seed=3)
     obs_i = {k: v[0] for k, v in net.sample_observations(1, torch.Generator().manual_seed(1)).items()}
     sd = net.posterior_cov.diagonal().sqrt()
     assert (sd - 1).abs().max() > 0.3  # a unit-diagonal covariance would be far off
-    cfg = {**svi_config(_parser().parse_args([])), "steps": 1000}
+    cfg = {**svi_config(), "steps": 1000}
     mvn = svi_one(net, obs_i, "AutoMultivariateNormal", cfg, seed=0)
     assert mvn["trace"][0]["kl"] > 1.0  # it starts far from the posterior
     assert mvn["final"]["kl"] < 0.01 and mvn["converged"], mvn["final"]
