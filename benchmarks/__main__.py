@@ -16,7 +16,7 @@ BENCHMARKS = {
     "compile_scaling": "trace and inversion time for HMMs and plated models",
     "masks": "greedy vs baseline mask paths and factorisation time",
     "flows": "faithful vs dense adjacency for each flow family",
-    "amortization": "amortised posterior vs NUTS and per-observation SVI",
+    "amortization": "amortised default guide vs tuned per-observation SVI, NUTS and NPE: accuracy at equal time, time at equal accuracy",
     "sampling": "1,000 x 1,000 posterior samples of the default guide vs one density pass, up to depth 63",
     "distributed": "data-parallel training: simulations/s and time to a target KL for 1..K processes",
     "gpu_check": "GPU checks of every flow (sample, score, fit, save/load across devices); exits 0 without CUDA",

@@ -36,7 +36,7 @@ from pyro_struct.models import LinearGaussianNetwork, data_dir
 from .report import write_results
 from .training_budget import apply_training_arguments, fit_for
 
-__all__ = ["main", "evaluate_kl", "meanfield_guide", "DEFAULT_NETWORKS"]
+__all__ = ["main", "evaluate_kl", "meanfield_guide", "train_npe", "DEFAULT_NETWORKS"]
 
 DEFAULT_NETWORKS = ("ecoli70.json", "magic-niab.json")
 
@@ -169,17 +169,18 @@ def _oracle_row(net, obs, regime, args, seed):
     )
 
 
-def _sbi_row(net, obs, regime, args, seed):
-    try:
-        from sbi.inference import NPE
-    except ImportError:
-        return {"method": "sbi NPE", "structure": "dense", "regime": regime, "note": 'sbi not installed: pip install -e ".[bench]"'}
-    if regime == "skl":
-        return {"method": "sbi NPE", "structure": "dense", "regime": regime, "note": "NPE trains on a fixed simulation budget; see the fkl rows"}
+def train_npe(net, num_simulations: int, seed: int):
+    """sbi's NPE (default density estimator, early stopping) on ``num_simulations`` joint draws of ``net``.
+
+    Returns:
+        ``(estimator, seconds, epochs)``: the trained conditional density estimator (``log_prob(z (n, B, d),
+        condition=x (B, dx))``, ``sample((n,), condition=x)``), its training seconds and epochs trained.
+    """
+    from sbi.inference import NPE
+
     torch.manual_seed(seed)
-    n = int(regime[3:])
     gen = torch.Generator().manual_seed(seed)
-    joint = net.sample_joint(n, gen)
+    joint = net.sample_joint(num_simulations, gen)
     theta = torch.stack([joint[s] for s in net.latent_sites], -1).float()
     x = torch.stack([joint[s] for s in net.observed_sites], -1).float()
     lat = [net.order.index(v) for v in net.latent]
@@ -192,6 +193,18 @@ def _sbi_row(net, obs, regime, args, seed):
     estimator = inference.append_simulations(theta, x).train(show_train_summary=False)
     seconds = time.perf_counter() - t0
     estimator.eval()
+    return estimator, seconds, (getattr(inference, "_summary", {}).get("epochs_trained") or [None])[-1]
+
+
+def _sbi_row(net, obs, regime, args, seed):
+    try:
+        import sbi  # noqa: F401
+    except ImportError:
+        return {"method": "sbi NPE", "structure": "dense", "regime": regime, "note": 'sbi not installed: pip install -e ".[bench]"'}
+    if regime == "skl":
+        return {"method": "sbi NPE", "structure": "dense", "regime": regime, "note": "NPE trains on a fixed simulation budget; see the fkl rows"}
+    n = int(regime[3:])
+    estimator, seconds, epochs = train_npe(net, n, seed)
     xo = torch.stack([obs[s] for s in net.observed_sites], -1).float()  # (B, dx)
 
     # the trained density estimator, batched over observations (the posterior object loops over them)
@@ -204,7 +217,7 @@ def _sbi_row(net, obs, regime, args, seed):
 
     return _kl_row(
         net, obs, log_q, sample_q, args, method="sbi NPE", structure="dense", regime=regime, simulations=n,
-        steps=(getattr(inference, "_summary", {}).get("epochs_trained") or [None])[-1], train_s=seconds,
+        steps=epochs, train_s=seconds,
         params=sum(p.numel() for p in estimator.parameters()), note="steps = epochs (early stopping)",
     )
 
