@@ -591,10 +591,10 @@ class StrNN(MaskedMLP):
         Returns:
             one entry per layer, then one for the skip: ``(W, b, blocks)`` with ``W`` and ``b``
             permuted (``None`` for a missing skip; ``b`` ``None`` for the skip) and ``blocks[t]``
-            (``t >= 1``) the pair ``(W_t, source)``: pass ``t``'s rows restricted to the input
-            columns they use, and those columns of the layer below's buffer (a ``slice`` when they
-            lie close together, else an index tensor to gather), counted from its first unit of
-            ready pass 1.
+            (``t >= 1``) the triple ``(W_t, source, sub)`` of :func:`_level_blocks`: pass ``t``'s
+            rows (those of ``sub``) restricted to the input columns they use, and those columns of
+            the layer below's buffer (a ``slice`` when they lie close together, else an index
+            tensor to gather), counted from its first unit of ready pass 1.
         """
         device = self.layers[0].weight.device
         perms = [p.to(device) for p in schedule.perms]
@@ -606,7 +606,8 @@ class StrNN(MaskedMLP):
         if self.skip is None:
             return out + [(None, None, None)]
         W = self.skip.masked_weight.index_select(0, perms[-1]).index_select(1, perms[0])
-        return out + [(W, None, _level_blocks(W, schedule.sources[-1], schedule.bounds[-1], schedule.bounds[0]))]
+        mask = self.skip.mask.index_select(0, perms[-1]).index_select(1, perms[0])
+        return out + [(W, None, _level_blocks(W, schedule.sources[-1], schedule.bounds[-1], schedule.bounds[0], mask))]
 
     def level_evaluator(self, schedule: LevelSchedule, weights, x_small, batch, buffers=None) -> "LevelEvaluator":
         """A :class:`LevelEvaluator` for ``prod(batch)`` points whose contexts ``x_small``
@@ -737,9 +738,13 @@ def _level_sources(M: torch.Tensor, rows: list, cols: list) -> list:
     return sources
 
 
-def _level_blocks(W: torch.Tensor, sources: list, rows: list, cols: list) -> list:
-    """Per pass ``t >= 1``: ``(W_t, source)``, the permuted weight ``W``'s block of that pass's rows
-    on the columns of ``sources[t]`` (counted from ``cols[1]``); ``None`` for a pass without rows."""
+def _level_blocks(W: torch.Tensor, sources: list, rows: list, cols: list, mask: torch.Tensor | None = None) -> list:
+    """Per pass ``t >= 1``: ``(W_t, source, sub)``, the permuted weight ``W``'s block of that pass's
+    rows on the columns of ``sources[t]`` (counted from ``cols[1]``); ``None`` for a pass without rows.
+
+    ``sub`` is a ``slice`` of the block's rows: with the permuted ``mask``, the rows that have an
+    input when they form a regular progression (a skip feeding only a normaliser's shift: every
+    ``num_params``-th row), so the product skips the rows of zeros; else all rows."""
     blocks = [None]
     for t in range(1, len(rows) - 1):
         source = sources[t]
@@ -748,10 +753,17 @@ def _level_blocks(W: torch.Tensor, sources: list, rows: list, cols: list) -> lis
             continue
         s, e, n0, p = rows[t], rows[t + 1], cols[1], cols[t + 1]
         if isinstance(source, slice):
-            blocks.append((W[s:e, n0 + source.start : n0 + source.stop], source))
+            block = W[s:e, n0 + source.start : n0 + source.stop]
         else:
             source = source.to(W.device)
-            blocks.append((W[s:e, n0:p].index_select(1, source), source))
+            block = W[s:e, n0:p].index_select(1, source)
+        sub = slice(None)
+        if mask is not None:
+            used = torch.nonzero(mask[s:e].any(1)).flatten().tolist()
+            steps = {b - a for a, b in zip(used, used[1:])}
+            if used and len(steps) <= 1 and len(used) < e - s:
+                sub = slice(used[0], used[-1] + 1, steps.pop() if steps else 1)
+        blocks.append((block[sub], source, sub))
     return blocks
 
 
@@ -840,9 +852,9 @@ class LevelEvaluator:
         return partial(rows.view((e - s,) + self.batch).copy_, base.view((e - s,) + self.small))
 
     def _product(self, block, below: torch.Tensor, out: torch.Tensor, base) -> list:
-        """The calls for ``out (+)= W_t @ below[source]`` of a block ``(W_t, source)`` of
+        """The calls for ``out (+)= W_t @ below[source]`` of a block ``(W_t, source, sub)`` of
         :func:`_level_blocks`: ``=`` plus the base of ``base = (layer, s, e)``, or ``+=`` when ``None``."""
-        W, source = block
+        W, source, sub = block
         steps = []
         if isinstance(source, slice):
             inputs = below[source]
@@ -850,7 +862,7 @@ class LevelEvaluator:
             inputs = self._gathered[: len(source)]
             steps.append(partial(torch.index_select, below, 0, source, out=inputs))
         if base is None:
-            return steps + [partial(out.addmm_, W, inputs)]
+            return steps + [partial(out[sub].addmm_, W, inputs)]
         k, s, e = base
         column = self.bases[k][s:e]
         if column.shape[1] == 1:  # one context: the base is a column, added by the product itself
