@@ -2,8 +2,9 @@
 
 For each network the default guide (StrAF, affine, faithful, hidden (64, 64)) answers
 ``--num-obs`` observations with ``--num-samples`` samples each (``guide.posterior(**obs).sample``,
-the whole user-facing call: conditioning, noise, the flow, the layout's transforms), on one
-thread. It is compared with one density pass over the same points (``flow.log_prob`` of the
+the whole user-facing call: conditioning, noise, the flow, the layout's transforms; without
+gradients StrAF's ``draw`` draws the noise chunk by chunk inside its level sampler and writes the
+trace-order samples once), on one thread. It is compared with one density pass over the same points (``flow.log_prob`` of the
 flow's samples with their contexts, and the guide-level ``posterior.log_prob`` of the
 constrained samples) and with the reference level-by-level sampler (``StrAF._forward_rows``,
 the sampler before the ready-pass schedule; it is also the one used with gradients).
@@ -146,7 +147,9 @@ def main(argv=None) -> int:
     load_end = os.getloadavg()
     notes = (
         f"{args.num_obs} observations x {args.num_samples} samples per network, one torch thread. "
-        "`sample`: `guide.posterior(**obs).sample(n)` (minimum of the repeats; the median beside it). "
+        "`sample`: `guide.posterior(**obs).sample(n)` (minimum of the repeats; the median beside it; `sample CPU` its "
+        "process CPU seconds), through `StrAF.draw`: noise drawn per chunk inside the level sampler, the layout's "
+        "permutation and standardisation folded in, samples written once feature-major. "
         "`flow sample`/`flow density`: the flow alone on the same 10^6 points (`flow(eps, x)`, `flow.log_prob(z, x)`); "
         "`ratio` = sample / flow density (wall clock); `CPU ratio` the same in process CPU seconds, which other jobs "
         "disturb less. `guide log_prob`: `posterior.log_prob` of the constrained samples. "

@@ -14,16 +14,11 @@ from typing import Any, Mapping, NamedTuple
 
 import torch
 
+from .flows.base import base_noise
 from .layout import LatentLayout, NestedPlateLayout, ObservedLayout, PlateLayout
 
 __all__ = ["FlatAmortizer", "PlateAmortizer", "PlateContext", "NestedPlateAmortizer", "NestedPlateContext", "ChainAmortizer",
            "ChainContext"]
-
-
-def _noise(ref: torch.Tensor, n: int, batch_shape: torch.Size, event: tuple, common_noise: bool) -> torch.Tensor:
-    noise_batch = (1,) * len(batch_shape) if common_noise else tuple(batch_shape)
-    eps = torch.randn((n,) + noise_batch + event, dtype=ref.dtype, device=ref.device)
-    return eps.expand((n,) + tuple(batch_shape) + event)
 
 
 class FlatAmortizer:
@@ -48,12 +43,16 @@ class FlatAmortizer:
 
     def sample_flat(self, context, n: int, batch_shape: torch.Size, common_noise: bool = False):
         """Reparameterised ``u`` ``(n, *batch, d)`` (trace order) and ``log q(u)`` ``(n, *batch)``."""
-        batch_shape, d = torch.Size(batch_shape), self.latent_layout.dim
-        eps = _noise(self.latent_layout.loc, n, batch_shape, (d,), common_noise)
+        batch_shape, d, layout = torch.Size(batch_shape), self.latent_layout.dim, self.latent_layout
+        if not torch.is_grad_enabled():
+            # the flow maps its samples to trace order itself (StrAF folds that into its sampler)
+            u, log_q = self.flow.draw(n, batch_shape, context, common_noise, layout.output_map())
+            return u, log_q - layout.log_scale()
+        eps = base_noise(layout.loc, n, batch_shape, (d,), common_noise)
         x = None if context is None else context.expand((n,) + batch_shape + context.shape[-1:])
         y, logdet = self.flow(eps, x)
-        log_q = self.flow.base_log_prob(eps) - logdet - self.latent_layout.log_scale()
-        return self.latent_layout.from_flow(y), log_q
+        log_q = self.flow.base_log_prob(eps) - logdet - layout.log_scale()
+        return layout.from_flow(y), log_q
 
     def flat_log_prob(self, flat: torch.Tensor, context) -> torch.Tensor:
         """``log q(u | x)`` ``(*batch,)`` of the flat unconstrained vector ``(*batch, d)``."""
@@ -145,8 +144,8 @@ class PlateAmortizer:
 
     def _sample(self, context: PlateContext, n: int, batch_shape: torch.Size, common_noise: bool):
         batch_shape, L = torch.Size(batch_shape), self.layout
-        eps_g = _noise(L.global_loc, n, batch_shape, (L.num_globals,), common_noise)
-        eps_m = _noise(L.global_loc, n, batch_shape, (context.num_members, L.member_dim), common_noise)
+        eps_g = base_noise(L.global_loc, n, batch_shape, (L.num_globals,), common_noise)
+        eps_m = base_noise(L.global_loc, n, batch_shape, (context.num_members, L.member_dim), common_noise)
         w = context.member_scale
         y_g, y_m, logdet = self.flow(eps_g, eps_m, context.global_context, context.member_obs, context.pooled, w)
         # (log_scale is linear in the number of members: weighting the members is scaling their count)
@@ -236,8 +235,8 @@ class NestedPlateAmortizer:
         batch_shape, L = torch.Size(batch_shape), self.layout
         (t, h, k), (G, M) = L.dims, context.sizes
         ref = L.global_loc
-        eps = (_noise(ref, n, batch_shape, (t,), common_noise), _noise(ref, n, batch_shape, (G, h), common_noise),
-               _noise(ref, n, batch_shape, (G, M, k), common_noise))
+        eps = (base_noise(ref, n, batch_shape, (t,), common_noise), base_noise(ref, n, batch_shape, (G, h), common_noise),
+               base_noise(ref, n, batch_shape, (G, M, k), common_noise))
         *ys, logdet = self.flow(*eps, context.global_context, context.group_obs, context.member_obs, context.pooled)
         log_q_u = self.flow.base_log_prob(*eps) - logdet - L.log_scale(context.sizes)
         values, flat, ladj = L.unpack(*ys)
@@ -315,8 +314,8 @@ class ChainAmortizer:
 
     def _sample(self, context: ChainContext, n: int, batch_shape: torch.Size, common_noise: bool):
         batch_shape, L = torch.Size(batch_shape), self.layout
-        eps_g = _noise(L.global_loc, n, batch_shape, (L.num_globals,), common_noise)
-        eps_s = _noise(L.global_loc, n, batch_shape, (context.length, L.step_dim), common_noise)
+        eps_g = base_noise(L.global_loc, n, batch_shape, (L.num_globals,), common_noise)
+        eps_s = base_noise(L.global_loc, n, batch_shape, (context.length, L.step_dim), common_noise)
         c = context
         y_g, y_s, logdet = self.flow(eps_g, eps_s, c.global_context, c.obs, c.summary, c.pooled)
         log_q_u = self.flow.base_log_prob(eps_g, eps_s) - logdet - L.log_scale(c.length)

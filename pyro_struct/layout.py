@@ -13,6 +13,9 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 from torch.distributions import biject_to
+from torch.distributions.transforms import ComposeTransform, IndependentTransform
+
+from .flows.base import OutputMap
 
 __all__ = ["SiteBlock", "LatentLayout", "ObservedLayout", "PlateLayout", "NestedPlateLayout", "robust_moments",
            "compress_tails", "CONTEXT_TAIL"]
@@ -20,6 +23,13 @@ __all__ = ["SiteBlock", "LatentLayout", "ObservedLayout", "PlateLayout", "Nested
 
 def _numel(shape: Sequence[int]) -> int:
     return int(math.prod(int(s) for s in shape))
+
+
+def _is_identity(t) -> bool:
+    """Whether a transform (from ``biject_to``) is the identity: a real site's (perhaps made independent)."""
+    while isinstance(t, IndependentTransform):
+        t = t.base_transform
+    return isinstance(t, ComposeTransform) and not t.parts
 
 
 def _sum_to_batch(t: torch.Tensor, batch_shape: torch.Size) -> torch.Tensor:
@@ -196,6 +206,9 @@ class LatentLayout(nn.Module):
         values, ladj = {}, torch.zeros(batch_shape, dtype=flat.dtype, device=flat.device)
         for b in self.blocks:
             u = flat[..., b.offset : b.offset + b.size].reshape(batch_shape + b.node_shape)
+            if _is_identity(b.transform):  # a real site: no Jacobian (and no pass over 10^6 zeros)
+                values[b.name] = u
+                continue
             v, site_ladj = b.constrain(u)
             ladj = ladj + _sum_to_batch(site_ladj, batch_shape)
             values[b.name] = v
@@ -208,10 +221,11 @@ class LatentLayout(nn.Module):
 
     def from_flow(self, y: torch.Tensor) -> torch.Tensor:
         """The flow's ``y`` ``(*batch, d)`` -> trace-order ``u`` ``(*batch, d)``."""
-        # gather first, then scale in place: one new tensor (a fresh large one costs its page faults)
-        u = y.reshape(-1, y.shape[-1]).index_select(-1, self.inv_perm).view(y.shape)
-        loc, scale = self.loc[self.inv_perm], self.scale[self.inv_perm]
-        return torch.addcmul(loc, scale, u) if u.requires_grad else torch.addcmul(loc, scale, u, out=u)
+        return self.output_map().apply(y)
+
+    def output_map(self) -> OutputMap:
+        """:meth:`from_flow` as an :class:`~pyro_struct.flows.base.OutputMap` (which a flow's sampler may fold in)."""
+        return OutputMap(self.inv_perm, self.loc[self.inv_perm], self.scale[self.inv_perm])
 
     def log_scale(self) -> torch.Tensor:
         """``sum log scale``: the standardisation's log-Jacobian ``log|du/dy|``."""

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from functools import partial
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -590,10 +591,10 @@ class StrNN(MaskedMLP):
         Returns:
             one entry per layer, then one for the skip: ``(W, b, blocks)`` with ``W`` and ``b``
             permuted (``None`` for a missing skip; ``b`` ``None`` for the skip) and ``blocks[t]``
-            (``t >= 1``) the pair ``(W_t, source)``: pass ``t``'s rows restricted to the input
-            columns they use, and those columns of the layer below's buffer (a ``slice`` when they
-            lie close together, else an index tensor to gather), counted from its first unit of
-            ready pass 1.
+            (``t >= 1``) the triple ``(W_t, source, sub)`` of :func:`_level_blocks`: pass ``t``'s
+            rows (those of ``sub``) restricted to the input columns they use, and those columns of
+            the layer below's buffer (a ``slice`` when they lie close together, else an index
+            tensor to gather), counted from its first unit of ready pass 1.
         """
         device = self.layers[0].weight.device
         perms = [p.to(device) for p in schedule.perms]
@@ -605,7 +606,8 @@ class StrNN(MaskedMLP):
         if self.skip is None:
             return out + [(None, None, None)]
         W = self.skip.masked_weight.index_select(0, perms[-1]).index_select(1, perms[0])
-        return out + [(W, None, _level_blocks(W, schedule.sources[-1], schedule.bounds[-1], schedule.bounds[0]))]
+        mask = self.skip.mask.index_select(0, perms[-1]).index_select(1, perms[0])
+        return out + [(W, None, _level_blocks(W, schedule.sources[-1], schedule.bounds[-1], schedule.bounds[0], mask))]
 
     def level_evaluator(self, schedule: LevelSchedule, weights, x_small, batch, buffers=None) -> "LevelEvaluator":
         """A :class:`LevelEvaluator` for ``prod(batch)`` points whose contexts ``x_small``
@@ -620,31 +622,15 @@ class StrNN(MaskedMLP):
         Args:
             state: the :class:`LevelEvaluator` of these points (its buffers are updated in place).
             t: the pass, ``0 ... T``; passes must run in order, each once.
-            z: ``(d, N)`` latents in level order, final for levels below ``t``.
+            z: ``(d, N)`` latents in level order, final for levels below ``t`` (the same buffer
+                at every pass of an evaluator).
 
         Returns:
             ``(r * num_params, N)``, a view of the output buffer.
         """
-        bounds, weights, L = state.schedule.bounds, state.weights, len(self.layers)
-        out = state.buffers[L - 1][bounds[L][t] : bounds[L][t + 1]]
-        if t == 0:  # level-0 rows see the context only: their base
-            return out
-        below = z
-        for k in range(L - 1):
-            s, e, n0 = bounds[k + 1][t], bounds[k + 1][t + 1], bounds[k + 1][1]
-            block = weights[k][2][t]
-            if block is not None:
-                h = state.buffers[k][s - n0 : e - n0]
-                _accumulate(block, below, h)
-                if isinstance(self.activations[k], nn.ReLU):
-                    h.clamp_(min=0)
-                else:
-                    units = state.schedule.perms[k + 1][s:e].to(h.device)
-                    h.copy_(self._activate(k, h, False, units, 0)[0])
-            below = state.buffers[k]
-        _accumulate(weights[L - 1][2][t], below, out)
-        if weights[L][0] is not None:
-            _accumulate(weights[L][2][t], z, out)
+        steps, out = state.program(z)[t]
+        for step in steps:
+            step()
         return out
 
     def forward(self, input: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -723,12 +709,6 @@ class LevelSchedule(NamedTuple):
     sources: list
 
 
-def _accumulate(block, below: torch.Tensor, out: torch.Tensor) -> None:
-    """``out += W_t @ below[source]`` for a block ``(W_t, source)`` of :func:`_level_blocks`."""
-    W, source = block
-    out.addmm_(W, below[source] if isinstance(source, slice) else below.index_select(0, source))
-
-
 def _latest(M: torch.Tensor, ready: torch.Tensor, rows_per_step: int = 1024) -> torch.Tensor:
     """Per row of the ``(out, in)`` bool mask ``M``, the largest ``ready`` of its inputs (0 without
     inputs), a few rows at a time to bound the memory on wide layers."""
@@ -758,9 +738,13 @@ def _level_sources(M: torch.Tensor, rows: list, cols: list) -> list:
     return sources
 
 
-def _level_blocks(W: torch.Tensor, sources: list, rows: list, cols: list) -> list:
-    """Per pass ``t >= 1``: ``(W_t, source)``, the permuted weight ``W``'s block of that pass's rows
-    on the columns of ``sources[t]`` (counted from ``cols[1]``); ``None`` for a pass without rows."""
+def _level_blocks(W: torch.Tensor, sources: list, rows: list, cols: list, mask: torch.Tensor | None = None) -> list:
+    """Per pass ``t >= 1``: ``(W_t, source, sub)``, the permuted weight ``W``'s block of that pass's
+    rows on the columns of ``sources[t]`` (counted from ``cols[1]``); ``None`` for a pass without rows.
+
+    ``sub`` is a ``slice`` of the block's rows: with the permuted ``mask``, the rows that have an
+    input when they form a regular progression (a skip feeding only a normaliser's shift: every
+    ``num_params``-th row), so the product skips the rows of zeros; else all rows."""
     blocks = [None]
     for t in range(1, len(rows) - 1):
         source = sources[t]
@@ -769,10 +753,17 @@ def _level_blocks(W: torch.Tensor, sources: list, rows: list, cols: list) -> lis
             continue
         s, e, n0, p = rows[t], rows[t + 1], cols[1], cols[t + 1]
         if isinstance(source, slice):
-            blocks.append((W[s:e, n0 + source.start : n0 + source.stop], source))
+            block = W[s:e, n0 + source.start : n0 + source.stop]
         else:
             source = source.to(W.device)
-            blocks.append((W[s:e, n0:p].index_select(1, source), source))
+            block = W[s:e, n0:p].index_select(1, source)
+        sub = slice(None)
+        if mask is not None:
+            used = torch.nonzero(mask[s:e].any(1)).flatten().tolist()
+            steps = {b - a for a, b in zip(used, used[1:])}
+            if used and len(steps) <= 1 and len(used) < e - s:
+                sub = slice(used[0], used[-1] + 1, steps.pop() if steps else 1)
+        blocks.append((block[sub], source, sub))
     return blocks
 
 
@@ -781,23 +772,29 @@ class LevelEvaluator:
 
     Built by :meth:`StrNN.level_evaluator`. Units of ready pass 0 depend on the context only:
     they, their contribution to every later unit and the biases (the *base*) are computed once
-    per distinct context (on ``x_small``), and every layer's buffer starts as the base broadcast
-    to the points. :meth:`StrNN.level_pass` then accumulates pass ``t``'s blocks into the buffers
-    in place.
+    per distinct context (on ``x_small``). Each pass ``t`` then computes its units straight into
+    their rows of the buffers (a product, the base added, the activation), and those rows stay
+    in cache for the base and the activation; nothing is prefilled.
+
+    The passes' operations are built once per latents buffer (:meth:`program`): views of the
+    buffers, weight blocks and bases bound to the torch calls, so a pass costs its products and a
+    few elementwise calls, not the slicing around them (deep structures run hundreds of passes).
 
     Attributes:
         buffers: per layer ``(units - ready-0 units, N)`` (hidden) and ``(outputs, N)``: reuse
             them for the next evaluator of as many points.
+        bases: per layer, the base of the buffer's rows ``(rows, m)`` for the ``m`` distinct contexts.
     """
 
     def __init__(self, net: "StrNN", weights, schedule: LevelSchedule, x_small, batch: tuple, buffers=None):
         self.net, self.weights, self.schedule, self.batch = net, weights, schedule, tuple(batch)
-        small = tuple(x_small.shape[:-1]) if x_small is not None else (1,) * len(batch)
-        n, m = math.prod(batch), math.prod(small)
+        self.small = tuple(x_small.shape[:-1]) if x_small is not None else (1,) * len(batch)
+        n, m = math.prod(batch), math.prod(self.small)
         W0 = weights[0][0]
         ctx = x_small.reshape(m, -1).T if x_small is not None else W0.new_zeros(0, 1)
         h0, bounds, L = ctx, schedule.bounds, len(net.layers)
         self.buffers = buffers if buffers is not None else []
+        self.bases = []
         for k in range(L):
             W, b, _ = weights[k]
             base = W[:, : bounds[k][1]] @ h0 + b.unsqueeze(1)
@@ -806,7 +803,77 @@ class LevelEvaluator:
             n0 = bounds[k + 1][1] if k < L - 1 else 0
             if buffers is None:
                 self.buffers.append(W.new_empty(W.shape[0] - n0, n))
-            buf = self.buffers[k]
-            buf.view((buf.shape[0],) + self.batch).copy_(base[n0:].view((base.shape[0] - n0,) + small))
+            self.bases.append(base[n0:])
             if k < L - 1:
                 h0 = net._activate(k, base[:n0], False, schedule.perms[k + 1][:n0].to(base.device), 0)[0]
+        self._program, self._program_z = None, None
+
+    def program(self, z: torch.Tensor) -> list:
+        """Per pass ``t``: ``(steps, out)``, the calls that compute the pass into the buffers (the
+        latents read from ``z`` ``(d, N)``) and the view of its output rows; built on first use
+        and whenever ``z`` is another buffer."""
+        if self._program is None or self._program_z is not z:
+            self._program, self._program_z = self._build(z), z
+        return self._program
+
+    def _build(self, z: torch.Tensor) -> list:
+        net, weights, L, bounds = self.net, self.weights, len(self.net.layers), self.schedule.bounds
+        # one gather buffer for every block whose input columns are scattered: each gather is
+        # consumed by the product right after it
+        rows = [len(src) for w in weights if w[2] is not None for blk in w[2] if blk is not None
+                for src in [blk[1]] if not isinstance(src, slice)]
+        self._gathered = z.new_empty(max(rows, default=0), z.shape[1])
+        passes = []
+        for t in range(len(bounds[L]) - 1):
+            lo, hi = bounds[L][t], bounds[L][t + 1]
+            out = self.buffers[L - 1][lo:hi]
+            if t == 0:  # level-0 rows see the context only: their base
+                passes.append(([self._fill_base(L - 1, lo, hi, out)], out))
+                continue
+            steps, below = [], z
+            for k in range(L - 1):
+                s, e, n0 = bounds[k + 1][t], bounds[k + 1][t + 1], bounds[k + 1][1]
+                if weights[k][2][t] is not None:
+                    h = self.buffers[k][s - n0 : e - n0]
+                    steps += self._product(weights[k][2][t], below, h, (k, s - n0, e - n0))
+                    steps.append(self._activation(k, s, e, h))
+                below = self.buffers[k]
+            steps += self._product(weights[L - 1][2][t], below, out, (L - 1, lo, hi))
+            if weights[L][0] is not None:
+                steps += self._product(weights[L][2][t], z, out, None)
+            passes.append((steps, out))
+        return passes
+
+    def _fill_base(self, k: int, s: int, e: int, rows: torch.Tensor):
+        """The call writing the base of layer ``k``'s buffer rows ``s:e`` into ``rows`` ``(e - s, N)``."""
+        base = self.bases[k][s:e]
+        if base.shape[1] == 1:
+            return partial(rows.copy_, base)
+        return partial(rows.view((e - s,) + self.batch).copy_, base.view((e - s,) + self.small))
+
+    def _product(self, block, below: torch.Tensor, out: torch.Tensor, base) -> list:
+        """The calls for ``out (+)= W_t @ below[source]`` of a block ``(W_t, source, sub)`` of
+        :func:`_level_blocks`: ``=`` plus the base of ``base = (layer, s, e)``, or ``+=`` when ``None``."""
+        W, source, sub = block
+        steps = []
+        if isinstance(source, slice):
+            inputs = below[source]
+        else:
+            inputs = self._gathered[: len(source)]
+            steps.append(partial(torch.index_select, below, 0, source, out=inputs))
+        if base is None:
+            return steps + [partial(out[sub].addmm_, W, inputs)]
+        k, s, e = base
+        column = self.bases[k][s:e]
+        if column.shape[1] == 1:  # one context: the base is a column, added by the product itself
+            return steps + [partial(torch.addmm, column, W, inputs, out=out)]
+        view = out.view((e - s,) + self.batch)
+        return steps + [partial(torch.mm, W, inputs, out=out), partial(view.add_, column.view((e - s,) + self.small))]
+
+    def _activation(self, k: int, s: int, e: int, h: torch.Tensor):
+        """The call applying hidden layer ``k``'s activation to its units ``s:e`` in place in ``h``."""
+        net = self.net
+        if isinstance(net.activations[k], nn.ReLU):
+            return partial(h.clamp_, min=0)
+        units = self.schedule.perms[k + 1][s:e].to(h.device)
+        return lambda: h.copy_(net._activate(k, h, False, units, 0)[0])

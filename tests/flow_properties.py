@@ -9,7 +9,7 @@ from __future__ import annotations
 import networkx as nx
 import torch
 
-from pyro_struct.flows.base import ConditionalFlow, transitive_closure
+from pyro_struct.flows.base import ConditionalFlow, OutputMap, transitive_closure
 from pyro_struct.nn import MaskedLinear, MaskedMLP
 
 __all__ = [
@@ -20,6 +20,8 @@ __all__ = [
     "check_log_prob_consistency",
     "check_round_trip",
     "check_sampling_without_gradients",
+    "check_draw",
+    "random_output_map",
     "check_gradients",
     "check_all",
     "check_augmented",
@@ -159,6 +161,36 @@ def check_sampling_without_gradients(flow: ConditionalFlow, atol: float = 1e-9, 
             break
 
 
+def random_output_map(d: int, seed: int = 0, dtype=torch.float64) -> OutputMap:
+    """A random :class:`OutputMap`: a permutation, locations and positive scales."""
+    g = torch.Generator().manual_seed(seed)
+    return OutputMap(torch.randperm(d, generator=g), torch.randn(d, generator=g, dtype=dtype),
+                     0.5 + torch.rand(d, generator=g, dtype=dtype))
+
+
+def check_draw(flow: ConditionalFlow, atol: float = 1e-9, seed: int = 0) -> None:
+    """``draw``: shapes; its log density equals a density pass over its samples; an output map is the
+    map of the same draw; with ``common_noise`` batch element ``i`` is an unbatched draw for its context."""
+    n, b, d = 3, 2, flow.dim
+    x = _context(flow, batch=(b,), seed=seed)
+    out = random_output_map(d, seed)
+    torch.manual_seed(seed)
+    z, lq = flow.draw(n, (b,), x)
+    assert z.shape == (n, b, d) and lq.shape == (n, b)
+    lp = flow.log_prob(z, None if x is None else x.expand(n, b, -1))
+    assert torch.allclose(lp, lq, atol=max(atol, 1e-6)), f"draw: max |log_prob - log q| = {(lp - lq).abs().max().item()}"
+    torch.manual_seed(seed)
+    mapped, lq_mapped = flow.draw(n, (b,), x, output=out)
+    assert torch.allclose(mapped, out.apply(z), atol=atol) and torch.allclose(lq_mapped, lq, atol=atol)
+    torch.manual_seed(seed + 1)
+    together, lq_together = flow.draw(n, (b,), x, common_noise=True, output=out)
+    for i in range(b):
+        torch.manual_seed(seed + 1)
+        alone, lq_alone = flow.draw(n, (), None if x is None else x[i], output=out)
+        assert torch.allclose(together[:, i], alone, atol=atol), "common_noise: a batch element differs from its unbatched draw"
+        assert torch.allclose(lq_together[:, i], lq_alone, atol=atol)
+
+
 def expanded_closure(adjacency: torch.Tensor, augment: int) -> torch.Tensor:
     """Which state inputs each state output of an augmented flow may depend on, ``(D, D + c)``.
 
@@ -253,6 +285,7 @@ def check_all(flow: ConditionalFlow, logdet_atol: float = 1e-5, roundtrip_atol: 
     check_log_prob_consistency(flow, atol=max(roundtrip_atol, 1e-6))
     check_round_trip(flow, atol=roundtrip_atol)
     check_sampling_without_gradients(flow, atol=roundtrip_atol)
+    check_draw(flow, atol=roundtrip_atol)
     check_gradients(flow)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -14,7 +15,7 @@ from torch import nn
 from ..dag import transitive_closure
 from ..nn import MaskedStructure
 
-__all__ = ["ConditionalFlow", "check_adjacency", "transitive_closure"]
+__all__ = ["ConditionalFlow", "OutputMap", "base_noise", "check_adjacency", "transitive_closure"]
 
 
 def check_adjacency(adjacency: torch.Tensor, context_dim: int) -> torch.Tensor:
@@ -54,6 +55,39 @@ def check_adjacency(adjacency: torch.Tensor, context_dim: int) -> torch.Tensor:
             f"sampling order); entry ({i}, {j}) is set. Reorder the latents topologically."
         )
     return A.clone()
+
+
+def base_noise(ref: torch.Tensor, n: int, batch_shape: Sequence[int], event: tuple, common_noise: bool) -> torch.Tensor:
+    """Standard normal noise ``(n, *batch_shape, *event)`` with ``ref``'s dtype and device; with
+    ``common_noise`` one draw ``(n, 1, ..., *event)`` expanded along the batch (common random numbers)."""
+    batch_shape = tuple(batch_shape)
+    noise_batch = (1,) * len(batch_shape) if common_noise else batch_shape
+    eps = torch.randn((n,) + noise_batch + tuple(event), dtype=ref.dtype, device=ref.device)
+    return eps.expand((n,) + batch_shape + tuple(event))
+
+
+class OutputMap(NamedTuple):
+    """A gather and a diagonal affine map applied to a flow's samples: ``out[..., p] = loc[p] + scale[p] * z[..., source[p]]``.
+
+    A guide's layout is one (flow order -> trace order, its standardisation undone);
+    :meth:`ConditionalFlow.draw` applies it, and a family may fold it into its sampler.
+    Its log-Jacobian ``sum log scale`` is a constant left to the caller.
+
+    Attributes:
+        source: ``(d,)`` long: the flow coordinate that output ``p`` takes.
+        loc, scale: ``(d,)``, in output order.
+    """
+
+    source: torch.Tensor
+    loc: torch.Tensor
+    scale: torch.Tensor
+
+    def apply(self, z: torch.Tensor) -> torch.Tensor:
+        """The map on samples ``z`` ``(*batch, d)`` -> ``(*batch, d)`` (a new tensor; differentiable)."""
+        # a 2-D gather along the last dim is several times faster than a batched one; then the
+        # affine map in place (a fresh large tensor costs its page faults)
+        u = z.reshape(-1, z.shape[-1]).index_select(-1, self.source).view(z.shape)
+        return torch.addcmul(self.loc, self.scale, u) if u.requires_grad else torch.addcmul(self.loc, self.scale, u, out=u)
 
 
 class ConditionalFlow(MaskedStructure, nn.Module, ABC):
@@ -201,6 +235,42 @@ class ConditionalFlow(MaskedStructure, nn.Module, ABC):
         eps, xs = self._noise(x, n)
         z, logdet = self.forward(eps, xs)
         return z, self.base_log_prob(eps) - logdet
+
+    @torch.no_grad()
+    def draw(
+        self,
+        n: int,
+        batch_shape: Sequence[int] = (),
+        x: torch.Tensor | None = None,
+        common_noise: bool = False,
+        output: OutputMap | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples without gradients and their log density, noise drawn here (a family may draw it
+        in its own order and layout, for speed: StrAF does).
+
+        Args:
+            n: samples per context.
+            batch_shape: the batch of contexts.
+            x: ``(*batch, context_dim)`` (broadcast to ``batch_shape``) or ``None``.
+            common_noise: one noise draw per sample shared by the whole batch (common random
+                numbers): batch element ``i`` then equals a call with ``batch_shape=()`` for its
+                context under the same seed.
+            output: an :class:`OutputMap` applied to the samples (not to the density).
+
+        Returns:
+            ``z`` ``(n, *batch, d)`` (possibly a non-contiguous view) and ``log q(z | x)`` ``(n, *batch)``.
+        """
+        x = self._check_context(x)
+        batch = (int(n),) + tuple(batch_shape)
+        eps = base_noise(x if x is not None else self._default_reference(), int(n), batch_shape, (self.dim,), common_noise)
+        z, logdet = self.forward(eps, None if x is None else x.expand(batch + (self.context_dim,)))
+        log_q = self.base_log_prob(eps) - logdet
+        return (z if output is None else output.apply(z)), log_q
+
+    def _default_reference(self) -> torch.Tensor:
+        """A tensor carrying the flow's floating dtype (the default one without floating parameters) and device."""
+        ref = self._reference()
+        return ref if ref.is_floating_point() else torch.empty(0, device=ref.device)
 
     def rsample(self, x: torch.Tensor | None = None, n: int = 1) -> torch.Tensor:
         """Reparameterised samples ``(n, *batch, d)``."""

@@ -192,12 +192,9 @@ class StrAF(ConditionalFlow):
         return torch.cat(self._levels), level, ready
 
     def _forward_levels(self, eps: torch.Tensor, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sampling without gradients: every conditioner unit computed once, at the first pass its
-        inputs are final, and the context-only units once per distinct context (see
-        :class:`~pyro_struct.nn.LevelSchedule`); in chunks of about :attr:`chunk_points` points,
-        which keep each pass's buffers in cache."""
+        """Sampling without gradients from given noise: the level schedule (:meth:`_run_levels`)
+        with the noise transposed into it and the latents transposed back."""
         batch, d = eps.shape[:-1], self.dim
-        order, level, ready = self._level_inputs()
         # a context expanded along a batch dimension (many samples of one observation) has stride 0 there
         x_small = None
         if x is not None:
@@ -205,40 +202,120 @@ class StrAF(ConditionalFlow):
             for i, (size, stride) in enumerate(zip(x.shape[:-1], x.stride()[:-1])):
                 if size > 1 and stride == 0:
                     x_small = x_small.narrow(i, 0, 1)
+        order, _, _ = self._level_inputs()
+        order = order.to(eps.device)
+        inverse_order = torch.argsort(order)
+        z, logdet = torch.empty_like(eps), eps.new_empty(batch)
+
+        def load(i, j, u, spare):
+            # feature-major (d, N) in level order: a transposing copy, then whole rows gathered (a
+            # gather straight from the transposed view is several times slower)
+            torch.index_select(spare.copy_(eps[i:j].reshape(-1, d).T), 0, order, out=u)
+
+        def emit(i, j, z_t, ld, spare):
+            # back to the latents' order (rows of the feature-major chunk), then sample-major
+            z[i:j].view(-1, d).copy_(torch.index_select(z_t, 0, inverse_order, out=spare).T)
+            logdet[i:j] = ld.view(logdet[i:j].shape)
+
+        self._run_levels(batch, x_small, eps, load, emit)
+        return z, logdet
+
+    @torch.no_grad()
+    def draw(self, n, batch_shape=(), x=None, common_noise=False, output=None):
+        """:meth:`ConditionalFlow.draw` through the level schedule, fused with the noise and the output.
+
+        The noise is drawn feature-major chunk by chunk straight into the sampler's level order
+        (with ``common_noise``, or without a batch, one ``(d, n)`` draw: the same stream either
+        way), and ``output`` is applied to each chunk in cache; the samples are written once,
+        feature-major ``(d, n, *batch)``, and returned as the view ``(n, *batch, d)``, whose
+        coordinate slices (a guide's sites) are contiguous. Same distribution as the base class's
+        draw, not the same numbers under a seed. See :meth:`_forward_levels` for given noise.
+        """
+        ref = self._default_reference() if x is None else x
+        if ref.device.type == "meta" or int(n) < 1:
+            return super().draw(n, batch_shape, x, common_noise, output)
+        x = self._check_context(x)
+        batch_shape = tuple(batch_shape)
+        batch, d, rest = (int(n),) + batch_shape, self.dim, math.prod(batch_shape)
+        x_small = None if x is None else x.expand(batch_shape + (self.context_dim,)).unsqueeze(0)
+        order, _, _ = self._level_inputs()
+        source = torch.argsort(order.to(ref.device))  # output row -> level-order row
+        if output is not None:
+            source = source.index_select(0, output.source)
+            loc, scale = output.loc.unsqueeze(1), output.scale.unsqueeze(1)
+        shared = torch.randn(d, int(n), dtype=ref.dtype, device=ref.device) if common_noise or rest == 1 else None
+        out = torch.empty((d,) + batch, dtype=ref.dtype, device=ref.device)
+        flat_out, log_q = out.view(d, -1), torch.empty(batch, dtype=ref.dtype, device=ref.device)
+        flat_q, const = log_q.view(-1), 0.5 * d * math.log(2 * math.pi)
+        half = torch.full((1, d), -0.5, dtype=ref.dtype, device=ref.device)
+
+        def load(i, j, u, spare):
+            if shared is None:
+                u.normal_()
+            else:
+                u.view(d, j - i, rest).copy_(shared[:, i:j, None].expand(d, j - i, rest))
+            # the squared norm of each column as a product (a reduction over rows is ~20x slower)
+            torch.mm(half, torch.mul(u, u, out=spare), out=flat_q[i * rest : j * rest].view(1, -1)).sub_(const)
+
+        def emit(i, j, z_t, ld, spare):
+            rows = torch.index_select(z_t, 0, source, out=spare)
+            if output is not None:  # in cache (a broadcast addcmul is twice as slow)
+                rows.mul_(scale).add_(loc)
+            flat_out[:, i * rest : j * rest].copy_(rows)
+            flat_q[i * rest : j * rest].sub_(ld)
+
+        self._run_levels(batch, x_small, out, load, emit)
+        return out.movedim(0, -1), log_q
+
+    def _run_levels(self, batch: tuple, x_small, ref: torch.Tensor, load, emit) -> None:
+        """The no-gradient sampler: every conditioner unit computed once, at the first pass its
+        inputs are final, and the context-only units once per distinct context (see
+        :class:`~pyro_struct.nn.LevelSchedule`); in chunks of about :attr:`chunk_points` points.
+
+        Args:
+            batch: ``(n, *rest)``; chunks are cut along ``n``.
+            x_small: contexts ``(*small, c)`` broadcastable to ``batch`` (``None`` without context).
+            ref: a tensor of the dtype and device to work in.
+            load: ``load(i, j, u, spare)`` fills ``u`` ``(d, N)`` with the noise of samples ``i:j``
+                in level order (``spare``: a free buffer of that shape).
+            emit: ``emit(i, j, z, logdet, spare)`` takes their latents ``(d, N)`` in level order
+                and ``log|det dz/deps|`` ``(N,)`` (``spare`` is free again).
+        """
+        d = self.dim
+        order, level, ready = self._level_inputs()
         plans = []
         for net in self.conditioners:
             schedule = net.level_schedule(ready, level)
             plans.append((net, schedule, net.level_weights(schedule)))
-        order = order.to(eps.device)
-        inverse_order = torch.argsort(order)
+        bounds = [0] + torch.cumsum(torch.tensor([len(r) for r in self._levels]), 0).tolist()
         step = max(1, self.chunk_points // max(math.prod(batch[1:]), 1))
-        z, logdet = torch.empty_like(eps), eps.new_empty(batch)
-        # buffers reused by every chunk of a size: fresh large tensors per chunk would cost page faults
+        # buffers reused by every chunk of a size (fresh large tensors per chunk would cost page
+        # faults); the evaluators too while every chunk sees the same contexts
         workspaces: dict = {}
         for i in range(0, batch[0], step):
             j = min(i + step, batch[0])
-            xs = None if x_small is None else (x_small if x_small.shape[0] == 1 else x_small[i:j])
-            n = math.prod(z[i:j].shape[:-1])
-            work = workspaces.setdefault(n, {"rows": [eps.new_empty(d, n) for _ in range(3)]})
-            z_t, logdet[i:j] = self._levels_chunk(eps[i:j], order, xs, plans, work)
-            # back to the latents' order (rows of the feature-major chunk), then sample-major
-            z[i:j].view(n, d).copy_(torch.index_select(z_t, 0, inverse_order, out=work["rows"][0]).T)
+            one_context = x_small is None or x_small.shape[0] == 1
+            xs = x_small if one_context else x_small[i:j]
+            chunk = (j - i,) + tuple(batch[1:])
+            n = math.prod(chunk)
+            work = workspaces.get(n)
+            if work is None or not one_context:
+                rows = work["rows"] if work is not None else [ref.new_empty(d, n) for _ in range(3)]
+                old = work["evaluators"] if work is not None else [None] * len(plans)
+                evaluators = [net.level_evaluator(schedule, weights, xs, chunk, None if e is None else e.buffers)
+                              for (net, schedule, weights), e in zip(plans, old)]
+                work = workspaces[n] = {"rows": rows, "evaluators": evaluators}
+            spare, u, z = work["rows"]
+            load(i, j, u, spare)
+            z_t, logdet = self._levels_chunk(u, z, plans, work["evaluators"], bounds)
+            emit(i, j, z_t, logdet, spare)
         self.last_stats["forward"] = {"evaluations": self.num_passes, "passes_per_layer": self.depth + 1}
-        return z, logdet
 
-    def _levels_chunk(self, eps: torch.Tensor, order: torch.Tensor, x_small, plans, work: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """One chunk of noise ``(*chunk, d)`` -> feature-major latents ``(d, N)`` in level order and
-        log-dets ``(*chunk,)``; ``work`` holds the buffers of this chunk size (filled on first use)."""
-        chunk, d = eps.shape[:-1], self.dim
-        spare, u, z = work["rows"]
-        # feature-major (d, N) in level order: a transposing copy, then whole rows gathered (a gather
-        # straight from the transposed view is several times slower)
-        torch.index_select(spare.copy_(eps.reshape(-1, d).T), 0, order, out=u)
+    def _levels_chunk(self, u: torch.Tensor, z: torch.Tensor, plans, evaluators, bounds: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """One chunk: level-order noise ``u`` ``(d, N)`` -> latents ``(d, N)`` in level order (``u`` or
+        ``z``, the layers alternate between the two buffers) and log-dets ``(N,)``."""
         logdet = u.new_zeros(u.shape[1])
-        bounds = [0] + torch.cumsum(torch.tensor([len(r) for r in self._levels]), 0).tolist()
-        for k, ((net, schedule, weights), normalizer) in enumerate(zip(plans, self.normalizers)):
-            evaluator = net.level_evaluator(schedule, weights, x_small, chunk, work.get(k))
-            work[k] = evaluator.buffers
+        for (net, _, _), evaluator, normalizer in zip(plans, evaluators, self.normalizers):
             for t in range(self.depth + 1):
                 lo, hi = bounds[t], bounds[t + 1]
                 params = net.level_pass(evaluator, t, z).view(hi - lo, net.num_params, -1)
@@ -249,7 +326,7 @@ class StrAF(ConditionalFlow):
                     z[lo:hi] = z_rows
                 logdet += log_grad[0] if hi - lo == 1 else log_grad.sum(0)
             u, z = z, u
-        return u, logdet.reshape(chunk)
+        return u, logdet
 
     def _forward_rows(self, eps: torch.Tensor, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The reference sampler (and the one with gradients): pass ``k`` evaluates the units with a
