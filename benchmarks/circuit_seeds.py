@@ -12,7 +12,7 @@ evidence by importance sampling with the circuit's analytic conditionals,
 Every run trains for ``--budget`` seconds of training time with a cosine learning-rate schedule in
 that time; the evaluations (every ``budget / --num-evals`` seconds) stop the clock. The defaults are
 the issue's full protocol (10 seeds, 5 CPU-minutes per run); ``--seeds``, ``--budget``, ``--families``
-reduce it. ``--runs-from a.json b.json`` merges the runs of earlier invocations (e.g. run in parallel)
+reduce it; ``--merge`` keeps the earlier runs of the cells not re-run. ``--runs-from a.json b.json`` merges the runs of earlier invocations (e.g. run in parallel)
 into one table and figure without training.
 
 Usage: ``python -m benchmarks circuit_seeds [--seeds 10] [--budget 300] [--families cnf straf grf]
@@ -38,7 +38,7 @@ from .circuit import evaluate_skl, log_evidence, make_guide
 from .report import RESULTS_DIR, write_results
 from .training_budget import apply_training_arguments
 
-__all__ = ["main", "FAMILIES", "train_with_curve", "summarise", "plot_curves"]
+__all__ = ["main", "FAMILIES", "train_with_curve", "summarise", "plot_curves", "family_label"]
 
 #: family -> the circuit benchmark's flow name (``spline3``: the best StrAF of ``circuit_300s_*``)
 FAMILIES = {"cnf": "cnf", "straf": "spline3", "grf": "grf"}
@@ -62,15 +62,20 @@ class _Clock:
     step's backward pass and update, so at call ``k`` exactly ``k`` updates have been made.
     """
 
-    def __init__(self, budget: float, eval_times, evaluate, loss_fn):
+    def __init__(self, budget: float, eval_times, evaluate, loss_fn, followers=()):
         self.budget, self.eval_times, self.evaluate, self.loss_fn = budget, list(eval_times), evaluate, loss_fn
         self.seconds, self.steps, self.last, self.curve = 0.0, 0, None, []
+        # modules that follow training progress (a CNF's tolerance schedule): fit sees 10**9 steps and
+        # no time budget, so their progress is set here, in this clock's training time
+        self.followers = list(followers)
 
     def lr_factor(self, step, num_steps) -> float:
         t = min(self.seconds / self.budget, 1.0)
         return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * t))  # fit's "cosine", in training time
 
     def record(self) -> None:
+        for m in self.followers:  # evaluate at the flow's final tolerances, not the schedule's
+            m.set_training_progress(None)
         self.curve.append({"seconds": self.seconds, "step": self.steps, **self.evaluate()})
 
     def objective(self, guide, simulator, batch):
@@ -83,6 +88,8 @@ class _Clock:
             self.record()
         if self.seconds >= self.budget:
             raise _BudgetSpent
+        for m in self.followers:
+            m.set_training_progress(self.seconds / self.budget)
         self.last = time.perf_counter()
         return self.loss_fn(guide, simulator, batch)
 
@@ -97,7 +104,9 @@ def train_with_curve(guide, objective: str, budget: float, num_evals: int, evalu
         ``{"curve": [{"seconds", "step", **metrics}], "steps", "note"}``; a run stopped by a
         non-finite loss keeps its curve so far and says so in ``note``.
     """
-    clock = _Clock(budget, [budget * k / num_evals for k in range(num_evals + 1)], evaluate, get_objective(objective))
+    followers = [m for m in guide.modules() if callable(getattr(m, "set_training_progress", None))]
+    clock = _Clock(budget, [budget * k / num_evals for k in range(num_evals + 1)], evaluate, get_objective(objective),
+                   followers)
     note = None
     try:
         guide.fit(num_steps=10**9, objective=clock.objective, lr_schedule=clock.lr_factor, batch_size=batch_size,
@@ -132,11 +141,26 @@ def _run(family: str, structure: str, objective: str, seed: int, args, sims, mea
     result = train_with_curve(guide, objective, args.budget, args.num_evals, _evaluator(guide, sims, mean_log_evidence),
                               args.batch_size, args.lr, seed)
     params = int(guide.structure.num_effective_parameters)
-    options = args.flow_options.get(flow, {})
-    if options:  # a variant of the family is its own row and curve
-        family = f"{family}[{','.join(f'{k}={v}' for k, v in options.items())}]"
-    return {"family": family, "flow": flow, "structure": structure, "objective": objective, "seed": seed,
+    return {"family": family_label(family, args), "flow": flow, "structure": structure, "objective": objective, "seed": seed,
             "params": params, "H_edges": int(guide.inverse.num_edges), "load_average_1min": round(os.getloadavg()[0], 2), **result}
+
+
+def family_label(family: str, args) -> str:
+    """The family's row name: ``family``, or ``family[k=v,...]`` with ``--flow-options`` for its flow
+    (a variant of the family is its own row and curve)."""
+    options = args.flow_options.get(FAMILIES[family], {})
+    return f"{family}[{','.join(f'{k}={v}' for k, v in options.items())}]" if options else family
+
+
+def _merge_earlier(args, cells) -> list[dict]:
+    """``--merge``: the runs of the existing ``OUT_runs.json`` whose (family, structure, objective) cell
+    this invocation does not run (e.g. keep the StrAF and GRF rows while re-running the CNF's)."""
+    out = Path(args.results_dir) if args.results_dir else RESULTS_DIR
+    path = out / f"{args.out}_runs.json"
+    if not path.exists():
+        return []
+    redone = {(family_label(f, args), s, o) for f, s, o in cells}
+    return [r for r in json.load(open(path)) if (r["family"], r["structure"], r["objective"]) not in redone]
 
 
 def _stat(values) -> tuple[float, float]:
@@ -279,7 +303,7 @@ def _report(runs: list[dict], args) -> None:
         "Goals (issue 18):",
         *_goals(skl_rows, budget_note),
         "",
-        "Analysis: `benchmarks/results/NOTES.md`, section \"GRF depth and the circuit over seeds\".",
+        "Analysis: `benchmarks/results/NOTES.md`, sections \"GRF depth and the circuit over seeds\" and \"The structured CNF\".",
     ])
     meta = {k: v for k, v in vars(args).items() if k not in ("runs_from", "results_dir")}
     loads = [r["load_average_1min"] for r in runs if "load_average_1min" in r]
@@ -315,6 +339,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--flow-options", default="{}", help="JSON: flow name (cnf, spline3, grf) -> extra options")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--runs-from", nargs="*", default=[], help="merge the *_runs.json of earlier runs instead of training")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the runs of the existing OUT_runs.json whose cells this invocation does not run")
     p.add_argument("--out", default="circuit_seeds")
     p.add_argument("--results-dir", default=None, help="folder for the tables and figures (default: benchmarks/results)")
     return p
@@ -341,7 +367,7 @@ def main(argv=None) -> int:
     torch.manual_seed(EVAL_SEED)  # then the simulator, as benchmarks/circuit.py does
     sims = probe.simulator().simulate(args.eval_sims)
     evidence = float(log_evidence(sims["x0"].double(), sims["x1"].double(), args.evidence_proposals, EVAL_SEED).mean())
-    runs = []
+    runs = _merge_earlier(args, _cells(args)) if args.merge else []
     for family, structure, objective in _cells(args):
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             study = family == args.objective_family and structure == "faithful"

@@ -170,3 +170,33 @@ def test_circuit_seeds_records_curves_on_a_training_clock_and_writes_tables_and_
     assert {row["comparison"] for row in table["rows"]} == {"structures (Fig. 2)", "objectives (Fig. 3)"}
     assert "Goals (issue 18)" in table["notes"]
     assert (tmp_path / "tiny.png").stat().st_size > 0 and (tmp_path / "tiny_objectives.png").stat().st_size > 0
+
+    # --merge keeps the cells this invocation does not run: fkl stays, skl is replaced, elbo is added
+    rc = seeds_main([
+        "--families", "grf", "--structures", "faithful", "--objective-family", "grf", "--objectives", "elbo",
+        "--seeds", "1", "--first-seed", "7", "--budget", "0.5", "--num-evals", "1", "--eval-sims", "50",
+        "--evidence-proposals", "500", "--results-dir", str(tmp_path), "--out", "tiny", "--merge",
+    ])
+    assert rc == 0
+    merged = json.loads((tmp_path / "tiny_runs.json").read_text())
+    assert sorted((r["objective"], r["seed"]) for r in merged) == [("elbo", 7), ("fkl", 0), ("fkl", 1), ("skl", 7)]
+
+
+def test_circuit_seeds_clock_drives_training_progress_and_evaluates_outside_the_schedule():
+    from benchmarks.circuit_seeds import _Clock
+
+    class Follower:
+        def __init__(self):
+            self.seen = []
+
+        def set_training_progress(self, progress):
+            self.seen.append(progress)
+
+    follower = Follower()
+    clock = _Clock(10.0, [0.0], lambda: {"at_eval": follower.seen[-1]}, lambda g, s, b: 0.0, [follower])
+    clock.objective(None, None, None)  # the evaluation at 0 s, then the first step
+    clock.seconds = 4.0
+    clock.objective(None, None, None)
+    # evaluations run at the flow's final settings (progress None); steps see the clock's fraction
+    assert clock.curve[0]["at_eval"] is None
+    assert follower.seen[-1] >= 0.4 and follower.seen[1] == 0.0
