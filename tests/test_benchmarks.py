@@ -153,11 +153,12 @@ def test_circuit_seeds_records_curves_on_a_training_clock_and_writes_tables_and_
     rc = seeds_main([
         "--families", "grf", "--structures", "faithful", "--objective-family", "grf", "--objectives", "fkl",
         "--seeds", "2", "--budget", "1.5", "--num-evals", "3", "--eval-sims", "50", "--evidence-proposals", "500",
-        "--results-dir", str(tmp_path), "--out", "tiny",
+        "--results-dir", str(tmp_path), "--out", "tiny", "--clock", "cpu",  # CPU seconds: steps as long at any load
     ])
     assert rc == 0
     runs = json.loads((tmp_path / "tiny_runs.json").read_text())
     assert sorted((r["objective"], r["seed"]) for r in runs) == [("fkl", 0), ("fkl", 1), ("skl", 0), ("skl", 1)]
+    assert all(r["clock"] == "cpu" and r["budget"] == 1.5 for r in runs)
     for r in runs:
         curve = r["curve"]
         assert len(curve) == 4 and curve[0]["step"] == 0 and curve[0]["seconds"] == 0.0
