@@ -505,8 +505,8 @@ class StructuredCNF(ConditionalFlow):
         return self._path_divergence(W, slopes, out_gate)
 
     def _path_divergence(self, W: list[torch.Tensor], slopes: list[torch.Tensor], out_gate: torch.Tensor | None) -> torch.Tensor:
-        """:meth:`_exact_divergence` for three or more hidden layers: a gather and a product over
-        the enumerated paths (feature-major, so each gather copies whole rows of the batch)."""
+        """:meth:`_exact_divergence` for three or more hidden layers: a gather of the slopes and a
+        product over the paths enumerated from the masks (``(*batch,)``)."""
         paths = self._diag_paths
         i = paths[0]
         coef = W[0][paths[1], i] * W[-1][i, paths[-1]]
@@ -514,11 +514,9 @@ class StructuredCNF(ConditionalFlow):
             coef = coef * W[l][paths[l + 1], paths[l]]
         if out_gate is not None:
             coef = coef * out_gate[i]
-        batch = slopes[0].shape[:-1]
-        terms = coef.unsqueeze(-1)  # (n_paths, N)
         for l, slope in enumerate(slopes):
-            terms = terms * slope.reshape(-1, slope.shape[-1]).T.index_select(0, paths[l + 1])
-        return terms.sum(0).reshape(batch)
+            coef = coef * slope.index_select(-1, paths[l + 1])
+        return coef.sum(-1)
 
     def _diagonal_paths(self) -> torch.Tensor:
         """Every path ``y_u -> k_1 -> ... -> k_H -> f_u`` through the masks: ``(H + 1, n_paths)`` long,
