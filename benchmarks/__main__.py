@@ -12,6 +12,7 @@ BENCHMARKS = {
     "lgbn": "linear-Gaussian networks: exact KL of amortised guides vs baselines",
     "circuit": "arithmetic circuit: flows x structures x objectives at equal wall-clock",
     "circuit_seeds": "arithmetic circuit over seeds: learning curves by structure and by objective (Weilbach Figs. 2, 3)",
+    "cnf_probe": "structured CNF on the circuit: cost of one field evaluation, NFE over training by option",
     "scaling": "compile time and time per step against model size",
     "compile_scaling": "trace and inversion time for HMMs and plated models",
     "masks": "greedy vs baseline mask paths and factorisation time",

@@ -12,7 +12,7 @@ evidence by importance sampling with the circuit's analytic conditionals,
 Every run trains for ``--budget`` seconds of training time with a cosine learning-rate schedule in
 that time; the evaluations (every ``budget / --num-evals`` seconds) stop the clock. The defaults are
 the issue's full protocol (10 seeds, 5 CPU-minutes per run); ``--seeds``, ``--budget``, ``--families``
-reduce it. ``--runs-from a.json b.json`` merges the runs of earlier invocations (e.g. run in parallel)
+reduce it; ``--merge`` keeps the earlier runs of the cells not re-run. ``--runs-from a.json b.json`` merges the runs of earlier invocations (e.g. run in parallel)
 into one table and figure without training.
 
 Usage: ``python -m benchmarks circuit_seeds [--seeds 10] [--budget 300] [--families cnf straf grf]
@@ -38,7 +38,7 @@ from .circuit import evaluate_skl, log_evidence, make_guide
 from .report import RESULTS_DIR, write_results
 from .training_budget import apply_training_arguments
 
-__all__ = ["main", "FAMILIES", "train_with_curve", "summarise", "plot_curves"]
+__all__ = ["main", "FAMILIES", "train_with_curve", "summarise", "plot_curves", "family_label"]
 
 #: family -> the circuit benchmark's flow name (``spline3``: the best StrAF of ``circuit_300s_*``)
 FAMILIES = {"cnf": "cnf", "straf": "spline3", "grf": "grf"}
@@ -62,19 +62,26 @@ class _Clock:
     step's backward pass and update, so at call ``k`` exactly ``k`` updates have been made.
     """
 
-    def __init__(self, budget: float, eval_times, evaluate, loss_fn):
+    def __init__(self, budget: float, eval_times, evaluate, loss_fn, followers=(), clock: str = "wall"):
         self.budget, self.eval_times, self.evaluate, self.loss_fn = budget, list(eval_times), evaluate, loss_fn
+        # "cpu": this process's CPU seconds, so a budget buys the same work whatever the machine's load
+        self.now = time.process_time if clock == "cpu" else time.perf_counter
         self.seconds, self.steps, self.last, self.curve = 0.0, 0, None, []
+        # modules that follow training progress (a CNF's tolerance schedule): fit sees 10**9 steps and
+        # no time budget, so their progress is set here, in this clock's training time
+        self.followers = list(followers)
 
     def lr_factor(self, step, num_steps) -> float:
         t = min(self.seconds / self.budget, 1.0)
         return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * t))  # fit's "cosine", in training time
 
     def record(self) -> None:
+        for m in self.followers:  # evaluate at the flow's final tolerances, not the schedule's
+            m.set_training_progress(None)
         self.curve.append({"seconds": self.seconds, "step": self.steps, **self.evaluate()})
 
     def objective(self, guide, simulator, batch):
-        now = time.perf_counter()
+        now = self.now()
         if self.last is not None:
             self.seconds += now - self.last
             self.steps += 1
@@ -83,21 +90,27 @@ class _Clock:
             self.record()
         if self.seconds >= self.budget:
             raise _BudgetSpent
-        self.last = time.perf_counter()
+        for m in self.followers:
+            m.set_training_progress(self.seconds / self.budget)
+        self.last = self.now()
         return self.loss_fn(guide, simulator, batch)
 
 
-def train_with_curve(guide, objective: str, budget: float, num_evals: int, evaluate, batch_size: int, lr: float, seed: int) -> dict:
+def train_with_curve(guide, objective: str, budget: float, num_evals: int, evaluate, batch_size: int, lr: float, seed: int,
+                     clock: str = "wall") -> dict:
     """Train ``guide`` for ``budget`` seconds of training time, evaluating ``num_evals + 1`` times.
 
     Args:
         evaluate: ``() -> dict`` of metrics at the current parameters (run without the clock).
+        clock: ``"wall"`` (elapsed seconds) or ``"cpu"`` (this process's CPU seconds).
 
     Returns:
         ``{"curve": [{"seconds", "step", **metrics}], "steps", "note"}``; a run stopped by a
         non-finite loss keeps its curve so far and says so in ``note``.
     """
-    clock = _Clock(budget, [budget * k / num_evals for k in range(num_evals + 1)], evaluate, get_objective(objective))
+    followers = [m for m in guide.modules() if callable(getattr(m, "set_training_progress", None))]
+    clock = _Clock(budget, [budget * k / num_evals for k in range(num_evals + 1)], evaluate, get_objective(objective),
+                   followers, clock)
     note = None
     try:
         guide.fit(num_steps=10**9, objective=clock.objective, lr_schedule=clock.lr_factor, batch_size=batch_size,
@@ -130,13 +143,28 @@ def _run(family: str, structure: str, objective: str, seed: int, args, sims, mea
     flow = FAMILIES[family]
     guide = make_guide(flow, structure, args.flow_options, seed)
     result = train_with_curve(guide, objective, args.budget, args.num_evals, _evaluator(guide, sims, mean_log_evidence),
-                              args.batch_size, args.lr, seed)
+                              args.batch_size, args.lr, seed, args.clock)
     params = int(guide.structure.num_effective_parameters)
-    options = args.flow_options.get(flow, {})
-    if options:  # a variant of the family is its own row and curve
-        family = f"{family}[{','.join(f'{k}={v}' for k, v in options.items())}]"
-    return {"family": family, "flow": flow, "structure": structure, "objective": objective, "seed": seed,
-            "params": params, "H_edges": int(guide.inverse.num_edges), "load_average_1min": round(os.getloadavg()[0], 2), **result}
+    return {"family": family_label(family, args), "flow": flow, "structure": structure, "objective": objective, "seed": seed,
+            "params": params, "H_edges": int(guide.inverse.num_edges), "clock": args.clock, "budget": args.budget, "load_average_1min": round(os.getloadavg()[0], 2), **result}
+
+
+def family_label(family: str, args) -> str:
+    """The family's row name: ``family``, or ``family[k=v,...]`` with ``--flow-options`` for its flow
+    (a variant of the family is its own row and curve)."""
+    options = args.flow_options.get(FAMILIES[family], {})
+    return f"{family}[{','.join(f'{k}={v}' for k, v in options.items())}]" if options else family
+
+
+def _merge_earlier(args, cells) -> list[dict]:
+    """``--merge``: the runs of the existing ``OUT_runs.json`` whose (family, structure, objective) cell
+    this invocation does not run (e.g. keep the StrAF and GRF rows while re-running the CNF's)."""
+    out = Path(args.results_dir) if args.results_dir else RESULTS_DIR
+    path = out / f"{args.out}_runs.json"
+    if not path.exists():
+        return []
+    redone = {(family_label(f, args), s, o) for f, s, o in cells}
+    return [r for r in json.load(open(path)) if (r["family"], r["structure"], r["objective"]) not in redone]
 
 
 def _stat(values) -> tuple[float, float]:
@@ -159,7 +187,9 @@ def summarise(runs: list[dict], metric: str, fractions=(0.25, 0.5, 1.0)) -> list
     rows = []
     for (family, structure, objective), rs in groups.items():
         row = {"family": family, "structure": structure, "objective": objective, "seeds": len(rs),
-               "params": rs[0]["params"], "steps": round(statistics.fmean(r["steps"] for r in rs))}
+               "params": rs[0]["params"], "steps": round(statistics.fmean(r["steps"] for r in rs)),
+               # runs before the --clock option were timed by the wall clock; their budget is in the settings
+               "budget": f"{rs[0]['budget']:g} s {rs[0]['clock']}" if "budget" in rs[0] else "wall"}
         for f in fractions:
             mean, sd = _stat(_at_fraction(r["curve"], f, metric) for r in rs)
             row[f"{metric}@{int(100 * f)}%"] = f"{mean:.3g} ± {sd:.2g}"
@@ -252,8 +282,10 @@ def _protocol_note(runs: list[dict], args) -> list[str]:
     if seeds >= 10 and args.budget >= 300:
         return ["Protocol: the issue's (10 seeds, 300 s per run)."]
     return [f"REDUCED PROTOCOL: {seeds} seeds x {args.budget:g} s per run (the issue asks for 10 seeds x 300 s; "
-            "the defaults of this script are that protocol). Budgets are wall-clock on a machine shared by other "
-            "processes, so steps per run vary between cells; the figure's step axis compares them per step."]
+            "the defaults of this script are that protocol). The `budget` column says each row's clock: `wall` "
+            "budgets on a machine shared by other processes buy fewer steps the higher its load, `cpu` budgets "
+            "count this process's CPU seconds (the same work at any load); the figure's step axis compares "
+            "rows per step."]
 
 
 def _report(runs: list[dict], args) -> None:
@@ -264,7 +296,7 @@ def _report(runs: list[dict], args) -> None:
     if len({r["objective"] for r in objective_runs}) > 1:
         rows += [{"comparison": "objectives (Fig. 3)", **r} for r in summarise(objective_runs, "reverse_kl")]
     budget_note = f"{args.budget:g} s per run, {len(set(r['seed'] for r in runs))} seeds"
-    columns = ["comparison", "family", "structure", "objective", "seeds", "params", "steps", "skl@25%", "skl@50%", "skl@100%",
+    columns = ["comparison", "family", "structure", "objective", "seeds", "params", "budget", "steps", "skl@25%", "skl@50%", "skl@100%",
                "reverse_kl@25%", "reverse_kl@50%", "reverse_kl@100%", "note"]
     notes = "\n".join([
         "Values: mean ± sd over seeds, in nats, on 1 fixed set of "
@@ -279,7 +311,7 @@ def _report(runs: list[dict], args) -> None:
         "Goals (issue 18):",
         *_goals(skl_rows, budget_note),
         "",
-        "Analysis: `benchmarks/results/NOTES.md`, section \"GRF depth and the circuit over seeds\".",
+        "Analysis: `benchmarks/results/NOTES.md`, sections \"GRF depth and the circuit over seeds\" and \"The structured CNF\".",
     ])
     meta = {k: v for k, v in vars(args).items() if k not in ("runs_from", "results_dir")}
     loads = [r["load_average_1min"] for r in runs if "load_average_1min" in r]
@@ -307,6 +339,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=10, help="seeds per cell (0 .. seeds-1)")
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--budget", type=float, default=300.0, help="training seconds per run")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="training time: elapsed seconds, or this process's CPU seconds (the same work at any machine load)")
     p.add_argument("--num-evals", type=int, default=20, help="evaluations per run after the one at step 0")
     p.add_argument("--eval-sims", type=int, default=1000)
     p.add_argument("--evidence-proposals", type=int, default=20_000, help="importance proposals per observation for log p(x)")
@@ -315,6 +349,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--flow-options", default="{}", help="JSON: flow name (cnf, spline3, grf) -> extra options")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--runs-from", nargs="*", default=[], help="merge the *_runs.json of earlier runs instead of training")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the runs of the existing OUT_runs.json whose cells this invocation does not run")
     p.add_argument("--out", default="circuit_seeds")
     p.add_argument("--results-dir", default=None, help="folder for the tables and figures (default: benchmarks/results)")
     return p
@@ -341,7 +377,7 @@ def main(argv=None) -> int:
     torch.manual_seed(EVAL_SEED)  # then the simulator, as benchmarks/circuit.py does
     sims = probe.simulator().simulate(args.eval_sims)
     evidence = float(log_evidence(sims["x0"].double(), sims["x1"].double(), args.evidence_proposals, EVAL_SEED).mean())
-    runs = []
+    runs = _merge_earlier(args, _cells(args)) if args.merge else []
     for family, structure, objective in _cells(args):
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             study = family == args.objective_family and structure == "faithful"

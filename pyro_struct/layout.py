@@ -13,7 +13,6 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 from torch.distributions import biject_to
-from torch.distributions.transforms import ComposeTransform, IndependentTransform
 
 from .flows.base import OutputMap
 
@@ -23,13 +22,6 @@ __all__ = ["SiteBlock", "LatentLayout", "ObservedLayout", "PlateLayout", "Nested
 
 def _numel(shape: Sequence[int]) -> int:
     return int(math.prod(int(s) for s in shape))
-
-
-def _is_identity(t) -> bool:
-    """Whether a transform (from ``biject_to``) is the identity: a real site's (perhaps made independent)."""
-    while isinstance(t, IndependentTransform):
-        t = t.base_transform
-    return isinstance(t, ComposeTransform) and not t.parts
 
 
 def _sum_to_batch(t: torch.Tensor, batch_shape: torch.Size) -> torch.Tensor:

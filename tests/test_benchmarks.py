@@ -153,11 +153,12 @@ def test_circuit_seeds_records_curves_on_a_training_clock_and_writes_tables_and_
     rc = seeds_main([
         "--families", "grf", "--structures", "faithful", "--objective-family", "grf", "--objectives", "fkl",
         "--seeds", "2", "--budget", "1.5", "--num-evals", "3", "--eval-sims", "50", "--evidence-proposals", "500",
-        "--results-dir", str(tmp_path), "--out", "tiny",
+        "--results-dir", str(tmp_path), "--out", "tiny", "--clock", "cpu",  # CPU seconds: steps as long at any load
     ])
     assert rc == 0
     runs = json.loads((tmp_path / "tiny_runs.json").read_text())
     assert sorted((r["objective"], r["seed"]) for r in runs) == [("fkl", 0), ("fkl", 1), ("skl", 0), ("skl", 1)]
+    assert all(r["clock"] == "cpu" and r["budget"] == 1.5 for r in runs)
     for r in runs:
         curve = r["curve"]
         assert len(curve) == 4 and curve[0]["step"] == 0 and curve[0]["seconds"] == 0.0
@@ -170,6 +171,36 @@ def test_circuit_seeds_records_curves_on_a_training_clock_and_writes_tables_and_
     assert {row["comparison"] for row in table["rows"]} == {"structures (Fig. 2)", "objectives (Fig. 3)"}
     assert "Goals (issue 18)" in table["notes"]
     assert (tmp_path / "tiny.png").stat().st_size > 0 and (tmp_path / "tiny_objectives.png").stat().st_size > 0
+
+    # --merge keeps the cells this invocation does not run: fkl stays, skl is replaced, elbo is added
+    rc = seeds_main([
+        "--families", "grf", "--structures", "faithful", "--objective-family", "grf", "--objectives", "elbo",
+        "--seeds", "1", "--first-seed", "7", "--budget", "0.5", "--num-evals", "1", "--eval-sims", "50",
+        "--evidence-proposals", "500", "--results-dir", str(tmp_path), "--out", "tiny", "--merge",
+    ])
+    assert rc == 0
+    merged = json.loads((tmp_path / "tiny_runs.json").read_text())
+    assert sorted((r["objective"], r["seed"]) for r in merged) == [("elbo", 7), ("fkl", 0), ("fkl", 1), ("skl", 7)]
+
+
+def test_circuit_seeds_clock_drives_training_progress_and_evaluates_outside_the_schedule():
+    from benchmarks.circuit_seeds import _Clock
+
+    class Follower:
+        def __init__(self):
+            self.seen = []
+
+        def set_training_progress(self, progress):
+            self.seen.append(progress)
+
+    follower = Follower()
+    clock = _Clock(10.0, [0.0], lambda: {"at_eval": follower.seen[-1]}, lambda g, s, b: 0.0, [follower])
+    clock.objective(None, None, None)  # the evaluation at 0 s, then the first step
+    clock.seconds = 4.0
+    clock.objective(None, None, None)
+    # evaluations run at the flow's final settings (progress None); steps see the clock's fraction
+    assert clock.curve[0]["at_eval"] is None
+    assert follower.seen[-1] >= 0.4 and follower.seen[1] == 0.0
 
 
 def test_amortization_svi_recipe_converges_on_a_tiny_linear_gaussian_network():
