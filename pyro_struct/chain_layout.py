@@ -14,12 +14,12 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .layout import SiteBlock, _permutation, _sum_to_batch, robust_moments
+from .layout import LevelMoments, SiteBlock, _permutation, _sum_to_batch
 
 __all__ = ["ChainLayout"]
 
 
-class ChainLayout(nn.Module):
+class ChainLayout(LevelMoments, nn.Module):
     """Site values <-> the chain flow's globals and steps (see the module docstring).
 
     Args:
@@ -29,6 +29,8 @@ class ChainLayout(nn.Module):
     Attributes:
         global_labels: global latent labels in the flow's order; stems: latent / observed chain stems.
     """
+
+    moment_names = ("global", "step", "global_obs", "obs")
 
     def __init__(self, bn, template):
         super().__init__()
@@ -215,18 +217,6 @@ class ChainLayout(nn.Module):
         return self.global_scale.log().sum() + length * self.step_scale.log().sum()
 
     # ------------------------------------------------------------ statistics
-    def _reset(self) -> None:
-        for name in ("global", "step", "global_obs", "obs"):
-            getattr(self, f"{name}_loc").zero_()
-            getattr(self, f"{name}_scale").fill_(1.0)
-
-    def _copy_moments(self, pairs) -> None:
-        for name, y in pairs:
-            if y is not None and y.shape[-1]:
-                loc, scale = robust_moments(y.reshape(-1, y.shape[-1]))
-                getattr(self, f"{name}_loc").copy_(loc)
-                getattr(self, f"{name}_scale").copy_(scale)
-
     @torch.no_grad()
     def set_statistics(self, simulations: Mapping[str, torch.Tensor]) -> None:
         """Standardise by simulations site -> ``(n, *shape)``: globals per coordinate, steps per coordinate pooled over ``t``."""

@@ -17,7 +17,7 @@ from torch.distributions import biject_to
 from .flows.base import OutputMap
 
 __all__ = ["SiteBlock", "LatentLayout", "ObservedLayout", "PlateLayout", "NestedPlateLayout", "robust_moments",
-           "compress_tails", "CONTEXT_TAIL"]
+           "compress_tails", "CONTEXT_TAIL", "LevelMoments"]
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -359,7 +359,28 @@ class _PlateSite:
         return out
 
 
-class PlateLayout(nn.Module):
+class LevelMoments:
+    """Standardisation buffers ``{name}_loc`` / ``{name}_scale`` per level of a shared-weight layout
+    (plate, nested plate, chain): :attr:`moment_names` lists the levels, each pooled over its members."""
+
+    moment_names: tuple = ()
+
+    def _reset(self) -> None:
+        """Every level back to the identity standardisation (loc 0, scale 1)."""
+        for name in self.moment_names:
+            getattr(self, f"{name}_loc").zero_()
+            getattr(self, f"{name}_scale").fill_(1.0)
+
+    def _copy_moments(self, pairs) -> None:
+        """Set ``{name}_loc`` / ``{name}_scale`` to the robust moments of each ``(name, values (..., k))`` pair."""
+        for name, y in pairs:
+            if y is not None and y.shape[-1]:
+                loc, scale = robust_moments(y.reshape(-1, y.shape[-1]))
+                getattr(self, f"{name}_loc").copy_(loc)
+                getattr(self, f"{name}_scale").copy_(scale)
+
+
+class PlateLayout(LevelMoments, nn.Module):
     """Site values <-> the plate flow's globals ``(*batch, g)`` and members ``(*batch, N, k)``, for any ``N``.
 
     Latent sites outside the plate form the global vector (in the template's ``global_order``),
@@ -376,6 +397,8 @@ class PlateLayout(nn.Module):
         global_labels, member_labels: latent labels of the flow's globals / member-0 columns.
         global_observed_labels, member_observed_labels: observed labels of the context columns.
     """
+
+    moment_names = ("global", "member", "global_obs", "member_obs")
 
     def __init__(self, bn, template):
         super().__init__()
@@ -524,20 +547,10 @@ class PlateLayout(nn.Module):
     def set_statistics(self, simulations: Mapping[str, torch.Tensor]) -> None:
         """Standardise by simulations site -> ``(n, *shape)``: globals per coordinate, members per
         coordinate pooled over the members (and so over data sets of any size)."""
-        for name in ("global", "member", "global_obs", "member_obs"):
-            getattr(self, f"{name}_loc").zero_()
-            getattr(self, f"{name}_scale").fill_(1.0)
+        self._reset()
         g_ctx, m_obs, batch, n = self.observe({s.name: simulations[s.name] for s in self.observed}, "standardisation", False, False)
         y_g, y_m, _ = self.pack({s.name: simulations[s.name] for s in self.latent}, batch, n)
         self._copy_moments((("global", y_g), ("member", y_m), ("global_obs", g_ctx), ("member_obs", m_obs)))
-
-    def _copy_moments(self, pairs) -> None:
-        """Set ``{name}_loc`` / ``{name}_scale`` to the moments of each ``(name, values (..., k))`` pair."""
-        for name, y in pairs:
-            if y is not None and y.shape[-1]:
-                loc, scale = robust_moments(y.reshape(-1, y.shape[-1]))
-                getattr(self, f"{name}_loc").copy_(loc)
-                getattr(self, f"{name}_scale").copy_(scale)
 
     @torch.no_grad()
     def set_observed_statistics(self, observations: Mapping[str, torch.Tensor]) -> None:
@@ -610,7 +623,7 @@ class _NestedSite:
 _LEVELS = ("global", "group", "member")
 
 
-class NestedPlateLayout(nn.Module):
+class NestedPlateLayout(LevelMoments, nn.Module):
     """Site values <-> the nested plate flow's globals ``(*batch, t)``, groups ``(*batch, G, h)``
     and members ``(*batch, G, M, k)``, for any ``G`` and ``M``.
 
@@ -625,6 +638,8 @@ class NestedPlateLayout(nn.Module):
         bn: the model's :class:`~pyro_struct.BayesNet`.
         template: the :class:`~pyro_struct.plates.NestedPlateInverse`.
     """
+
+    moment_names = tuple(k for name in _LEVELS for k in (name, f"{name}_obs"))
 
     def __init__(self, bn, template):
         super().__init__()
@@ -793,19 +808,6 @@ class NestedPlateLayout(nn.Module):
         """The standardisation's ``log|du/dy|`` at ``sizes = (G, M)``."""
         G, M = sizes
         return self.global_scale.log().sum() + G * self.group_scale.log().sum() + G * M * self.member_scale.log().sum()
-
-    def _reset(self) -> None:
-        for name in _LEVELS:
-            for kind in (name, f"{name}_obs"):
-                getattr(self, f"{kind}_loc").zero_()
-                getattr(self, f"{kind}_scale").fill_(1.0)
-
-    def _copy_moments(self, pairs) -> None:
-        for name, y in pairs:
-            if y is not None and y.shape[-1]:
-                loc, scale = robust_moments(y.reshape(-1, y.shape[-1]))
-                getattr(self, f"{name}_loc").copy_(loc)
-                getattr(self, f"{name}_scale").copy_(scale)
 
     @torch.no_grad()
     def set_statistics(self, simulations: Mapping[str, torch.Tensor]) -> None:
