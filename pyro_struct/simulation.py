@@ -182,9 +182,10 @@ class _BatchedFactories(TorchFunctionMode):
 
 
 def _dirichlet_draw(fn) -> torch.Tensor | None:
-    """A draw of ``fn`` as normalised Gammas when it is a Dirichlet or Beta (possibly masked,
-    ``Independent`` or transformed), else ``None``: torch draws those through an
-    ``autograd.Function`` that vmap cannot batch."""
+    """A draw of ``fn`` as normalised Gammas when it is a Dirichlet or Beta, or by
+    :func:`_lkj_cholesky_draw` when an LKJ Cholesky factor (possibly masked, ``Independent`` or
+    transformed), else ``None``: torch draws those through an ``autograd.Function`` that vmap
+    cannot batch."""
     if isinstance(fn, (tdist.Independent, MaskedDistribution)):
         return _dirichlet_draw(fn.base_dist)
     if isinstance(fn, tdist.TransformedDistribution):
@@ -192,6 +193,8 @@ def _dirichlet_draw(fn) -> torch.Tensor | None:
         for t in fn.transforms if x is not None else ():
             x = t(x)
         return x
+    if isinstance(fn, tdist.LKJCholesky):
+        return _lkj_cholesky_draw(fn)
     if isinstance(fn, tdist.Beta):
         concentration = torch.stack([fn.concentration1, fn.concentration0], -1).expand(fn.batch_shape + (2,))
     elif isinstance(fn, tdist.Dirichlet):
@@ -201,6 +204,45 @@ def _dirichlet_draw(fn) -> torch.Tensor | None:
     g = torch._standard_gamma(concentration).clamp(min=torch.finfo(concentration.dtype).tiny)
     x = g / g.sum(-1, keepdim=True)
     return x[..., 0] if isinstance(fn, tdist.Beta) else x
+
+
+def _lkj_cholesky_draw(fn: tdist.LKJCholesky) -> torch.Tensor:
+    """A draw of an LKJ Cholesky factor by the onion method (Lewandowski et al. 2009, sec. 3.2).
+
+    torch's ``LKJCholesky.sample`` (2.13) gives row ``k >= 2`` a radius ``y ~ Beta((k + 1) / 2, ...)``
+    where the onion method has ``Beta(k / 2, ...)``: its correlations beyond the first column are too
+    spread (LKJ(3, 1): variance 0.30 where the law, and its own ``log_prob``, have 0.25). Simulations
+    must follow the density that the model scores, so every strategy draws here; the Beta draws are
+    normalised Gammas and nothing is written in place, so that vmap batches it too."""
+    k = torch.arange(fn.dim, dtype=fn.concentration.dtype, device=fn.concentration.device)
+    # row 0 has no direction to draw (its radius is unused); row k >= 1 has k free coordinates
+    conc1 = torch.where(k == 0, torch.full_like(k, 0.5), k / 2)
+    conc0 = fn.concentration.unsqueeze(-1) + 0.5 * (fn.dim - 2) - 0.5 * (k - 1).clamp(min=0)
+    y = _dirichlet_draw(tdist.Beta(conc1.expand(conc0.shape), conc0)).unsqueeze(-1)  # (*batch, dim, 1)
+    u = torch.randn(fn.batch_shape + fn.event_shape, dtype=y.dtype, device=y.device).tril(-1)
+    u = torch.where((k == 0)[:, None], torch.zeros_like(u), u / u.norm(dim=-1, keepdim=True).clamp(min=1e-30))
+    w = torch.sqrt(y) * u
+    diag = torch.clamp(1 - torch.sum(w**2, dim=-1), min=torch.finfo(w.dtype).tiny).sqrt()
+    return w + torch.diag_embed(diag)
+
+
+def _lkj_base(fn):
+    """The ``LKJCholesky`` under masks and ``Independent`` wrappers of ``fn``, else ``None``."""
+    while isinstance(fn, (tdist.Independent, MaskedDistribution)):
+        fn = fn.base_dist
+    return fn if isinstance(fn, tdist.LKJCholesky) else None
+
+
+class _LKJSampling(Messenger):
+    """Draws unobserved ``LKJCholesky`` sites by :func:`_lkj_cholesky_draw` (torch's sampler
+    does not follow its own density); entered outside the particle plate by every run."""
+
+    def _pyro_sample(self, msg) -> None:
+        if msg["is_observed"] or msg["value"] is not None or msg["args"] or msg["kwargs"]:
+            return
+        fn = _lkj_base(msg["fn"])
+        if fn is not None:
+            msg["value"] = _lkj_cholesky_draw(fn).expand(msg["fn"].batch_shape + msg["fn"].event_shape)
 
 
 class _VmapSampling(Messenger):
@@ -298,7 +340,8 @@ class ModelSimulator:
         # argument validation is checked while deciding; later runs skip it: it costs more than
         # the model itself on small models (and it cannot run under vmap)
         validate = not self._validated if validate is None else validate
-        with poutine.block(), pyro.validation_enabled(validate):
+        # outside the particle plate, so that it sees each site's distribution broadcast over particles
+        with poutine.block(), _LKJSampling(), pyro.validation_enabled(validate):
             if particles is None:
                 tr = poutine.trace(fn).get_trace(*self.model_args, **self.model_kwargs)
             else:
