@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .layout import LevelMoments, SiteBlock, _permutation, _sum_to_batch
+from .layout import LevelMoments, SiteBlock, _permutation, _sum_to_batch, compress_tails
 
 __all__ = ["ChainLayout"]
 
@@ -100,9 +100,9 @@ class ChainLayout(LevelMoments, nn.Module):
         stacked = [torch.stack([v.expand(lead + b.shape) for v in vs], len(lead)) for (stem, b), vs in zip(stems, out)]
         return stacked, torch.Size(lead)
 
-    def observe(self, values: Mapping[str, Any], where: str = "posterior", check_finite: bool = True):
+    def observe(self, values: Mapping[str, Any], where: str = "posterior", check_finite: bool = True, compress: bool = True):
         """Observed values site -> ``(*batch, *shape)`` -> ``(global context (*batch, cg) or None, chain
-        observations (*batch, T, ko), batch, T)``, standardised. Errors name the site."""
+        observations (*batch, T, ko), batch, T)``, standardised and (``compress``) tail-compressed. Errors name the site."""
         T = self.length_of(values, where)
         known = {b.name for b in self.global_obs_sites} | {self.chain.site_name(s, t) for s, _ in self.obs_stems for t in range(T)}
         unknown = [k for k in values if k not in known]
@@ -121,11 +121,13 @@ class ChainLayout(LevelMoments, nn.Module):
             batch = torch.broadcast_shapes(batch, b.check_shape(v, where, "observation"))
             glob.append(v)
         glob = [v.expand(batch + b.shape).reshape(batch + (b.size,)) for v, b in zip(glob, self.global_obs_sites)]
-        g_ctx = (torch.cat(glob, -1) - self.global_obs_loc) / self.global_obs_scale if glob else None
+        # (compress=False: the raw standardised values, which the statistics are computed from)
+        squash = compress_tails if compress else (lambda t: t)
+        g_ctx = squash((torch.cat(glob, -1) - self.global_obs_loc) / self.global_obs_scale) if glob else None
         nb = len(batch)
         obs = [v.expand(batch + v.shape[nb:]).reshape(batch + (T, -1)) for v in stacked]
         obs = torch.cat(obs, -1) if obs else ref.new_zeros(batch + (T, 0))
-        return g_ctx, (obs - self.obs_loc) / self.obs_scale, torch.Size(batch), T
+        return g_ctx, squash((obs - self.obs_loc) / self.obs_scale), torch.Size(batch), T
 
     # ------------------------------------------------------------ latent
     def pack(self, values: Mapping[str, torch.Tensor], batch_shape: torch.Size, length: int):
@@ -223,7 +225,7 @@ class ChainLayout(LevelMoments, nn.Module):
         self._reset()
         obs_names = [b.name for b in self.global_obs_sites] + [self.chain.site_name(s, t) for s, _ in self.obs_stems
                                                                 for t in range(self.traced_length)]
-        g_ctx, obs, batch, T = self.observe({k: simulations[k] for k in obs_names}, "standardisation", False)
+        g_ctx, obs, batch, T = self.observe({k: simulations[k] for k in obs_names}, "standardisation", False, False)
         y_g, y_s, _ = self.pack({k: simulations[k] for k in self.site_names(T)}, batch, T)
         self._copy_moments((("global", y_g), ("step", y_s), ("global_obs", g_ctx), ("obs", obs)))
 
@@ -231,5 +233,5 @@ class ChainLayout(LevelMoments, nn.Module):
     def set_observed_statistics(self, observations: Mapping[str, torch.Tensor]) -> None:
         """Standardise the context by observations (steps pooled); the latents are left unstandardised."""
         self._reset()
-        g_ctx, obs, _, _ = self.observe(observations, "standardisation", False)
+        g_ctx, obs, _, _ = self.observe(observations, "standardisation", False, False)
         self._copy_moments((("global_obs", g_ctx), ("obs", obs)))

@@ -724,10 +724,10 @@ class NestedPlateLayout(LevelMoments, nn.Module):
         return self._batch(self.latent, {k: torch.as_tensor(v) for k, v in values.items()}, where, "the value", sizes)[0]
 
     # ------------------------------------------------------------ observed
-    def observe(self, values: Mapping[str, Any], where: str = "posterior", check_finite: bool = True):
+    def observe(self, values: Mapping[str, Any], where: str = "posterior", check_finite: bool = True, compress: bool = True):
         """Observed values site -> ``(*batch, *shape)`` -> ``(global context (*batch, cg) or None,
         group observations (*batch, G, ch), member observations (*batch, G, M, ko), batch, (G, M))``,
-        standardised. Errors name the site."""
+        standardised and (``compress``) tail-compressed. Errors name the site."""
         known = {s.name for s in self.observed}
         unknown = [k for k in values if k not in known]
         if unknown:
@@ -746,7 +746,8 @@ class NestedPlateLayout(LevelMoments, nn.Module):
             parts = [s.to_matrix(tensors[s.name].expand(batch + tensors[s.name].shape[tensors[s.name].dim() - len(s.shape):]), nb)
                      for s in self.observed if s.level == lv]
             m = torch.cat(parts, -1) if parts else ref.new_zeros(batch + tuple(sizes[:lv]) + (0,))
-            out.append((m - getattr(self, f"{name}_obs_loc")) / getattr(self, f"{name}_obs_scale"))
+            standardised = (m - getattr(self, f"{name}_obs_loc")) / getattr(self, f"{name}_obs_scale")
+            out.append(compress_tails(standardised) if compress else standardised)
         return (out[0] if out[0].shape[-1] else None), out[1], out[2], batch, sizes
 
     # ------------------------------------------------------------ latent
@@ -813,7 +814,7 @@ class NestedPlateLayout(LevelMoments, nn.Module):
     def set_statistics(self, simulations: Mapping[str, torch.Tensor]) -> None:
         """Standardise by simulations site -> ``(n, *shape)``: per coordinate of each level, pooled over its groups / members."""
         self._reset()
-        g, h, m, batch, sizes = self.observe({s.name: simulations[s.name] for s in self.observed}, "standardisation", False)
+        g, h, m, batch, sizes = self.observe({s.name: simulations[s.name] for s in self.observed}, "standardisation", False, False)
         ys = self.pack({s.name: simulations[s.name] for s in self.latent}, batch, sizes)[:3]
         self._copy_moments(list(zip(_LEVELS, ys)) + list(zip((f"{n}_obs" for n in _LEVELS), (g, h, m))))
 
@@ -821,5 +822,5 @@ class NestedPlateLayout(LevelMoments, nn.Module):
     def set_observed_statistics(self, observations: Mapping[str, torch.Tensor]) -> None:
         """Standardise the observations only (latents mean 0, sd 1)."""
         self._reset()
-        g, h, m, _, _ = self.observe(observations, "standardisation", False)
+        g, h, m, _, _ = self.observe(observations, "standardisation", False, False)
         self._copy_moments(list(zip((f"{n}_obs" for n in _LEVELS), (g, h, m))))

@@ -204,3 +204,57 @@ def test_straf_takes_one_normaliser_per_layer():
         StrAF(A, context_dim=1, normalizer=["spline", "affine"], num_layers=3)
     with pytest.raises(ValueError, match="unknown normalizer 'splin'"):
         StrAF(A, context_dim=1, normalizer=["splin"])
+
+
+def _plated(x=None):
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    with pyro.plate("n", 5):
+        pyro.sample("x", dist.Normal(mu, 1.0), obs=x)
+
+
+def _nested(x=None):
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    with pyro.plate("g", 3, dim=-2):
+        a = pyro.sample("a", dist.Normal(mu, 1.0))
+        with pyro.plate("m", 4, dim=-1):
+            pyro.sample("x", dist.Normal(a, 1.0), obs=x)
+
+
+def _chain(T=6, y=None):
+    z = torch.tensor(0.0)
+    for t in pyro.markov(range(T)):
+        z = pyro.sample(f"z_{t}", dist.Normal(0.8 * z, 1.0))
+        pyro.sample(f"y_{t}", dist.Normal(z, 1.0), obs=None if y is None else y[t])
+
+
+def _outlier_layouts():
+    """(layout, mild observations, the same with one value at 1e30) for the three shared-weight layouts."""
+    torch.manual_seed(0)
+    x = torch.randn(5)
+    plate = StructuredGuide(_plated, observed=["x"], plates="auto", hidden_sizes=(4,)).plate_layout
+    xn = torch.randn(3, 4)
+    nested = StructuredGuide(_nested, observed=["x"], plates="auto", hidden_sizes=(4,)).plate_layout
+    y = {f"y_{t}": torch.randn(()) for t in range(6)}
+    chain = StructuredGuide(_chain, observed=list(y), chains="auto", hidden_sizes=(4,), rnn_hidden=2).chain_layout
+    out = []
+    for layout, obs, site in ((plate, {"x": x}, "x"), (nested, {"x": xn}, "x"), (chain, y, "y_3")):
+        far = dict(obs)
+        far[site] = obs[site].clone().reshape(-1)
+        far[site][0] = 1e30
+        far[site] = far[site].reshape(obs[site].shape)
+        out.append((layout, obs, far))
+    return out
+
+
+@pytest.mark.parametrize("index", [0, 1, 2], ids=["plate", "nested plate", "chain"])
+def test_every_shared_weight_layout_compresses_context_tails(index):
+    layout, obs, far = _outlier_layouts()[index]
+    layout.set_observed_statistics(obs)
+    mild = [t for t in layout.observe(obs) if isinstance(t, torch.Tensor)]
+    raw = [t for t in layout.observe(obs, compress=False) if isinstance(t, torch.Tensor)]
+    for a, b in zip(mild, raw):  # values within the bound are unchanged
+        assert torch.allclose(a, b)
+    squashed = [t for t in layout.observe(far) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
+    assert all(torch.isfinite(t).all() and t.abs().max() < 100 for t in squashed)
+    assert max(float(t.abs().max()) for t in layout.observe(far, compress=False)
+               if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()) > 1e20
