@@ -11,9 +11,9 @@ import torch
 
 from ..training import TrainingError
 from ..training.loop import train
-from .psis import model_log_joint, posterior_context
+from .psis import model_log_joint, posterior_context, psis_smooth
 
-__all__ = ["refine", "RefinementRecord", "elbo"]
+__all__ = ["refine", "RefinementRecord", "elbo", "ESTIMATORS"]
 
 
 @dataclass
@@ -28,7 +28,10 @@ class RefinementRecord:
         seconds: wall-clock time of the optimisation.
         history: the training loss of every step (the negative ELBO summed over the batch; with
             the STL estimator its value, though not its gradient, is the same).
-        kept_amortized: the refined ELBO ended lower, so the amortised parameters were kept.
+        kept_amortized: the refined posterior ended worse, so the amortised parameters were kept.
+        ess_before, ess_after: ``(*batch,)`` importance-sampling effective sample size of
+            ``num_eval_particles`` draws, as a fraction of them (1: ``q`` is the posterior).
+        estimator: the refinement objective (see :func:`refine`).
     """
 
     elbo_before: torch.Tensor
@@ -39,6 +42,9 @@ class RefinementRecord:
     seconds: float
     history: list = field(default_factory=list)
     kept_amortized: bool = False
+    ess_before: torch.Tensor | None = None
+    ess_after: torch.Tensor | None = None
+    estimator: str = "stl"
 
     @property
     def kl_reduction(self) -> torch.Tensor:
@@ -76,6 +82,31 @@ class _NoData:
         return None
 
 
+def _forward_kl_loss(guide, context, observations, batch_shape, num_particles: int):
+    """``batch -> KL(p(z | x) || q) + const`` summed over the batch, estimated by self-normalised
+    (Pareto-smoothed) importance weights of the guide's own draws: ``-sum_i w_i log q(z_i | x)``
+    with ``z_i ~ q`` and ``w`` held fixed (the wake-phase update of reweighted wake-sleep,
+    Bornschein & Bengio 2015). It covers the posterior's mass where the reverse KL would shrink."""
+    particles = torch.Size((num_particles,)) + batch_shape
+
+    def loss(_batch):
+        with torch.no_grad():
+            z, log_q = guide.rsample_q(context, num_particles, batch_shape)
+            log_w, _ = psis_smooth(model_log_joint(guide, z, observations, batch_shape) - log_q)
+        return -(log_w.exp() * guide.log_q(z, context, particles)).sum(0).sum()
+
+    return loss
+
+
+def _ess_fraction(guide, context, observations, batch_shape, num_particles: int) -> torch.Tensor:
+    """``(*batch,)`` effective sample size ``1 / sum w^2`` of ``num_particles`` raw importance weights, over ``num_particles``."""
+    with torch.no_grad():
+        z, log_q = guide.rsample_q(context, num_particles, batch_shape)
+        log_w = torch.nan_to_num(model_log_joint(guide, z, observations, batch_shape) - log_q, nan=-math.inf, posinf=-math.inf)
+        log_w = log_w - torch.logsumexp(log_w, 0)
+        return 1.0 / torch.exp(2 * log_w).sum(0) / num_particles
+
+
 def _reverse_kl_loss(guide, context, observations, batch_shape, num_particles: int, estimator: str):
     """``batch -> KL(q || p) + const`` summed over the batch (the negative ELBO), reparameterised.
 
@@ -97,6 +128,10 @@ def _reverse_kl_loss(guide, context, observations, batch_shape, num_particles: i
     return loss
 
 
+#: refinement objectives: the reverse KL (two gradient estimators) or the importance-weighted forward KL
+ESTIMATORS = ("stl", "reparam", "forward")
+
+
 def refine(
     post,
     num_steps: int = 50,
@@ -109,42 +144,55 @@ def refine(
     """Semi-amortised correction of an amortised posterior for its observations.
 
     A deep copy of the guide starts from the amortised solution and takes ``num_steps``
-    Adam steps on the reverse KL (the negative ELBO, reparameterised) for these observations
-    only; a batch is refined jointly (the sum of its ELBOs). The guide itself is not changed.
+    Adam steps for these observations only; a batch is refined jointly (the sum of its
+    losses). The guide itself is not changed.
 
     Args:
         post: a :class:`~pyro_struct.Posterior`.
         num_steps: optimisation steps.
         lr: Adam's base learning rate (cosine-annealed over the steps; small: the amortised solution is close).
         num_particles: draws of ``q`` per observation and step.
-        num_eval_particles: draws per observation for the ELBO before and after.
+        num_eval_particles: draws per observation for the ELBO and the ESS before and after.
         clip_grad: maximum gradient norm.
-        estimator: ``"stl"`` (default), the "sticking the landing" gradient of Roeder et al.
-            (2017): ``log q`` is scored with the parameters held fixed, which drops the score
-            term whose noise does not vanish at the optimum, so a nearly exact guide is not
-            pushed away from it; or ``"reparam"``, the plain reparameterised ELBO gradient.
+        estimator: the reverse KL (the negative ELBO, reparameterised) with ``"stl"`` (default),
+            the "sticking the landing" gradient of Roeder et al. (2017): ``log q`` is scored with
+            the parameters held fixed, which drops the score term whose noise does not vanish at
+            the optimum, so a nearly exact guide is not pushed away from it; or ``"reparam"``, the
+            plain reparameterised gradient. Or ``"forward"``: the forward KL ``KL(p(z | x) || q)``
+            estimated with Pareto-smoothed importance weights of the guide's own draws (reweighted
+            wake-sleep's wake-phase update): mass-covering, so it widens a too-narrow posterior
+            where the reverse KL shrinks it further, and it makes the guide a better proposal for
+            :meth:`~pyro_struct.Posterior.importance`. Use more particles (hundreds) with it.
 
-    If the refined ELBO ends below the amortised one, the amortised parameters are kept
+    If the refined posterior ends worse than the amortised one (a lower ELBO for the reverse KL,
+    a lower importance-sampling ESS for ``"forward"``), the amortised parameters are kept
     (``.refinement.kept_amortized``) with a warning, so refinement never makes a posterior worse.
 
     Returns:
         a new :class:`~pyro_struct.Posterior` of the refined copy (``.guide`` is the copy,
         specialised to these observations) with ``.refinement``, a :class:`RefinementRecord`
-        holding the ELBO before and after.
+        holding the ELBO and the ESS before and after.
     """
     _check_options(num_steps, lr, num_particles, num_eval_particles, clip_grad)
-    if estimator not in ("stl", "reparam"):
-        raise ValueError(f"refine: estimator must be 'stl' or 'reparam'; got {estimator!r}")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"refine: estimator must be one of {ESTIMATORS}; got {estimator!r}")
     guide = copy.deepcopy(post.guide)
     context = posterior_context(post)
     context = None if context is None else context.detach()
-    batch_shape = torch.Size(post.batch_shape)
-    params = [p for p in guide.flow.parameters() if p.requires_grad]
-    if not params:
+    batch_shape, obs = torch.Size(post.batch_shape), post.observations
+    if not any(p.requires_grad for p in guide.flow.parameters()):
         raise ValueError("refine: the guide's flow has no trainable parameters")
-    before, _ = elbo(guide, context, post.observations, batch_shape, num_eval_particles)
+
+    def scores():
+        return (elbo(guide, context, obs, batch_shape, num_eval_particles)[0],
+                _ess_fraction(guide, context, obs, batch_shape, num_eval_particles))
+
+    before = scores()
     initial = copy.deepcopy(guide.flow.state_dict())
-    loss_fn = _reverse_kl_loss(guide, context, post.observations, batch_shape, num_particles, estimator)
+    if estimator == "forward":
+        loss_fn = _forward_kl_loss(guide, context, obs, batch_shape, num_particles)
+    else:
+        loss_fn = _reverse_kl_loss(guide, context, obs, batch_shape, num_particles, estimator)
     try:
         result = train(
             guide.flow, loss_fn, _NoData(), num_steps=num_steps, lr=lr, clip_grad=clip_grad, progress=False, desc="refine"
@@ -157,19 +205,29 @@ def refine(
     guide.eval()
     for p in guide.parameters():
         p.requires_grad_(False)
-    after, _ = elbo(guide, context, post.observations, batch_shape, num_eval_particles)
-    kept = bool(after.sum() < before.sum())
+    after = scores()
+    kept = _worse(before, after, estimator, lr)
     if kept:
-        # the parameters are shared by the batch: keep the amortised ones when the total ELBO fell
-        warnings.warn(
-            f"refine: the ELBO fell ({float(before.sum()):.3f} -> {float(after.sum()):.3f} summed over the batch), so "
-            f"the amortised posterior is returned unchanged; try a smaller lr (now {lr:g}) or more particles",
-            stacklevel=2,
-        )
         guide.flow.load_state_dict(initial)
         after = before
-    refined = guide.posterior(dict(post.observations))
+    refined = guide.posterior(dict(obs))
     refined.refinement = RefinementRecord(
-        before.detach(), after.detach(), num_steps, float(lr), num_particles, seconds, history, kept_amortized=kept
+        before[0].detach(), after[0].detach(), num_steps, float(lr), num_particles, seconds, history,
+        kept_amortized=kept, ess_before=before[1], ess_after=after[1], estimator=estimator,
     )
     return refined
+
+
+def _worse(before, after, estimator: str, lr: float) -> bool:
+    """Whether the refined ``(elbo, ess)`` is worse than the amortised one by the estimator's own
+    measure (the parameters are shared by the batch, so its total); warns when it is."""
+    i, what = (1, "ESS") if estimator == "forward" else (0, "ELBO")
+    b, a = float(before[i].sum()), float(after[i].sum())
+    if not a < b:
+        return False
+    warnings.warn(
+        f"refine: the {what} fell ({b:.3f} -> {a:.3f} summed over the batch), so the amortised posterior is returned "
+        f"unchanged; try a smaller lr (now {lr:g}) or more particles",
+        stacklevel=3,
+    )
+    return True
