@@ -128,7 +128,7 @@ def run_model(m: ZooModel, budget: float | None, reference: dict, num_samples: i
 
 
 #: the semi-amortised answer: forward-KL refinement at the observation, then importance resampling
-REFINEMENT = {"num_steps": 200, "num_particles": 256, "lr": 5e-3, "estimator": "forward"}
+REFINEMENT = {"num_steps": 200, "num_particles": 256, "num_eval_particles": 2000, "lr": 5e-3, "estimator": "forward"}
 
 
 def _importance_row(post, m: ZooModel, reference: dict, num_samples: int, prefix: str, seconds: float = 0.0) -> dict:

@@ -199,8 +199,29 @@ def test_forward_refinement_covers_the_posterior_and_raises_the_ess(net, obs, un
     assert record.ess_after.sum() > record.ess_before.sum(), record
     fkl_before, fkl_after = _exact_forward_kl(net, post, obs), _exact_forward_kl(net, refined, obs)
     assert (fkl_after < 0.25 * fkl_before).all() and (record.ess_after > 0.8).all(), (fkl_before, fkl_after, record)
+    assert record.pareto_k_before.shape == record.pareto_k_after.shape == (4,) and (record.pareto_k_after < 0.7).all()
     for k, v in undertrained.state_dict().items():
         assert torch.equal(v, before_state[k]), f"refine changed the guide's {k}"
+
+
+def test_a_forward_refinement_is_judged_by_its_weights():
+    from pyro_struct.diagnostics.refinement import _worse
+
+    def scores(elbo, ess, k):
+        return torch.tensor([elbo]), torch.tensor([ess]), torch.tensor([k])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # a higher ESS with a tail past 0.7 is worse; a lower k past 0.7 is better whatever the ESS
+        assert _worse(scores(0.0, 0.5, 0.5), scores(0.0, 0.9, 0.8), "forward", 1e-2)
+        assert not _worse(scores(0.0, 0.5, 1.2), scores(0.0, 0.1, 0.9), "forward", 1e-2)
+        # both tails reliable: the ESS decides, and the ELBO does not matter
+        assert _worse(scores(5.0, 0.6, 0.2), scores(9.0, 0.4, 0.1), "forward", 1e-2)
+        assert not _worse(scores(9.0, 0.4, 0.3), scores(5.0, 0.6, 0.5), "forward", 1e-2)
+        # the reverse KL is judged by its ELBO alone
+        assert _worse(scores(9.0, 0.4, 0.3), scores(5.0, 0.9, 0.1), "stl", 1e-2)
+    with pytest.warns(UserWarning, match="Pareto-k"):
+        _worse(scores(0.0, 0.5, 0.5), scores(0.0, 0.9, 0.8), "forward", 1e-2)
 
 
 # ------------------------------------------------------------------------------ calibration

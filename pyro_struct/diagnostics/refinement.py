@@ -11,7 +11,7 @@ import torch
 
 from ..training import TrainingError
 from ..training.loop import train
-from .psis import model_log_joint, posterior_context, psis_smooth
+from .psis import K_THRESHOLD, model_log_joint, posterior_context, psis_smooth
 
 __all__ = ["refine", "RefinementRecord", "elbo", "ESTIMATORS"]
 
@@ -31,6 +31,7 @@ class RefinementRecord:
         kept_amortized: the refined posterior ended worse, so the amortised parameters were kept.
         ess_before, ess_after: ``(*batch,)`` importance-sampling effective sample size of
             ``num_eval_particles`` draws, as a fraction of them (1: ``q`` is the posterior).
+        pareto_k_before, pareto_k_after: ``(*batch,)`` PSIS Pareto-k of those weights.
         estimator: the refinement objective (see :func:`refine`).
     """
 
@@ -44,6 +45,8 @@ class RefinementRecord:
     kept_amortized: bool = False
     ess_before: torch.Tensor | None = None
     ess_after: torch.Tensor | None = None
+    pareto_k_before: torch.Tensor | None = None
+    pareto_k_after: torch.Tensor | None = None
     estimator: str = "stl"
 
     @property
@@ -98,13 +101,15 @@ def _forward_kl_loss(guide, context, observations, batch_shape, num_particles: i
     return loss
 
 
-def _ess_fraction(guide, context, observations, batch_shape, num_particles: int) -> torch.Tensor:
-    """``(*batch,)`` effective sample size ``1 / sum w^2`` of ``num_particles`` raw importance weights, over ``num_particles``."""
+def _importance_scores(guide, context, observations, batch_shape, num_particles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(*batch,)`` effective sample size ``1 / sum w^2`` of ``num_particles`` raw importance weights
+    (as a fraction of them) and their PSIS Pareto-k."""
     with torch.no_grad():
         z, log_q = guide.rsample_q(context, num_particles, batch_shape)
         log_w = torch.nan_to_num(model_log_joint(guide, z, observations, batch_shape) - log_q, nan=-math.inf, posinf=-math.inf)
+        k = psis_smooth(log_w)[1]
         log_w = log_w - torch.logsumexp(log_w, 0)
-        return 1.0 / torch.exp(2 * log_w).sum(0) / num_particles
+        return 1.0 / torch.exp(2 * log_w).sum(0) / num_particles, k
 
 
 def _reverse_kl_loss(guide, context, observations, batch_shape, num_particles: int, estimator: str):
@@ -164,8 +169,8 @@ def refine(
             where the reverse KL shrinks it further, and it makes the guide a better proposal for
             :meth:`~pyro_struct.Posterior.importance`. Use more particles (hundreds) with it.
 
-    If the refined posterior ends worse than the amortised one (a lower ELBO for the reverse KL,
-    a lower importance-sampling ESS for ``"forward"``), the amortised parameters are kept
+    If the refined posterior ends worse than the amortised one (a lower ELBO for the reverse KL;
+    for ``"forward"`` a higher Pareto-k where either exceeds 0.7, else a lower ESS), the amortised parameters are kept
     (``.refinement.kept_amortized``) with a warning, so refinement never makes a posterior worse.
 
     Returns:
@@ -185,7 +190,7 @@ def refine(
 
     def scores():
         return (elbo(guide, context, obs, batch_shape, num_eval_particles)[0],
-                _ess_fraction(guide, context, obs, batch_shape, num_eval_particles))
+                *_importance_scores(guide, context, obs, batch_shape, num_eval_particles))
 
     before = scores()
     initial = copy.deepcopy(guide.flow.state_dict())
@@ -213,20 +218,29 @@ def refine(
     refined = guide.posterior(dict(obs))
     refined.refinement = RefinementRecord(
         before[0].detach(), after[0].detach(), num_steps, float(lr), num_particles, seconds, history,
-        kept_amortized=kept, ess_before=before[1], ess_after=after[1], estimator=estimator,
+        kept_amortized=kept, ess_before=before[1], ess_after=after[1], pareto_k_before=before[2],
+        pareto_k_after=after[2], estimator=estimator,
     )
     return refined
 
 
 def _worse(before, after, estimator: str, lr: float) -> bool:
-    """Whether the refined ``(elbo, ess)`` is worse than the amortised one by the estimator's own
-    measure (the parameters are shared by the batch, so its total); warns when it is."""
-    i, what = (1, "ESS") if estimator == "forward" else (0, "ELBO")
-    b, a = float(before[i].sum()), float(after[i].sum())
+    """Whether the refined ``(elbo, ess, pareto_k)`` is worse than the amortised one by the
+    estimator's own measure, totalled over the batch (its parameters are shared); warns when it is.
+
+    The reverse KL is judged by its ELBO. A forward refinement is for importance sampling, so it
+    is judged by the weights: by the worst Pareto-k where either posterior's exceeds 0.7 (a
+    heavier tail is worse whatever the ESS), else by the ESS."""
+    if estimator != "forward":
+        what, b, a = "ELBO", float(before[0].sum()), float(after[0].sum())
+    elif max(float(before[2].max()), float(after[2].max())) > K_THRESHOLD:
+        what, b, a = "Pareto-k (negated)", -float(before[2].max()), -float(after[2].max())
+    else:
+        what, b, a = "ESS", float(before[1].sum()), float(after[1].sum())
     if not a < b:
         return False
     warnings.warn(
-        f"refine: the {what} fell ({b:.3f} -> {a:.3f} summed over the batch), so the amortised posterior is returned "
+        f"refine: the {what} fell ({b:.3f} -> {a:.3f} over the batch), so the amortised posterior is returned "
         f"unchanged; try a smaller lr (now {lr:g}) or more particles",
         stacklevel=3,
     )
