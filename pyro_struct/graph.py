@@ -45,6 +45,9 @@ class SiteInfo:
             ``cond_indep_stack``); ``dim`` is negative, counted from the right of the batch shape.
         covariate: an observed site that is a model argument, not a random variable
             (:mod:`pyro_struct.covariates`): a conditioning input like an observation.
+        scale_parents: names of the sites that the ``scale`` (or ``scale_tril``) parameter of
+            the site's distribution depends on, as traced (a funnel's ``z ~ Normal(0, exp(v / 2))``
+            has ``("v",)``); empty where the distribution has no such parameter.
     """
 
     name: str
@@ -57,9 +60,11 @@ class SiteInfo:
     event_dim: int = 0
     plates: tuple = ()
     covariate: bool = False
+    scale_parents: tuple = ()
 
     def __post_init__(self):
         self.shape = tuple(self.shape)
+        self.scale_parents = tuple(self.scale_parents)
         self.node_shape = tuple(self.shape if self.node_shape is None else self.node_shape)
         self.plates = tuple(tuple(p) for p in self.plates)
 

@@ -130,9 +130,11 @@ class StructuredGuide(PyroModule):
             such a chain, a one-time warning names them and ``guide.chain_note`` says why.
         **flow_options: passed to the flow class (e.g. ``num_layers``, ``hidden_sizes``). The default
             StrAF has one affine layer, or, where a latent site is constrained (a positive scale, an
-            interval, a simplex) and neither ``normalizer`` nor ``num_layers`` is given, a spline layer
-            on the base noise then an affine layer (:data:`~pyro_struct.compile.CONSTRAINED_NORMALIZERS`): measured on
-            eight schools, the affine flow alone cannot skew ``log tau`` (its sd stayed 1.7x NUTS's).
+            interval, a simplex) or a latent's scale is set by another latent (a funnel,
+            :func:`~pyro_struct.compile.latent_scale_sites`) and neither ``normalizer`` nor ``num_layers``
+            is given, a spline layer on the base noise then an affine layer
+            (:data:`~pyro_struct.compile.CONSTRAINED_NORMALIZERS`): measured on eight schools, the affine
+            flow alone cannot skew ``log tau`` (its sd stayed 1.7x NUTS's).
 
     Shapes: :meth:`posterior` answers observations of shape ``(*batch, *site_shape)``;
     ``posterior(...).sample(n)`` returns ``(n, *batch, *site_shape)`` per latent site.

@@ -258,3 +258,32 @@ def test_every_shared_weight_layout_compresses_context_tails(index):
     assert all(torch.isfinite(t).all() and t.abs().max() < 100 for t in squashed)
     assert max(float(t.abs().max()) for t in layout.observe(far, compress=False)
                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()) > 1e20
+
+
+def _funnel(y=None):
+    v = pyro.sample("v", dist.Normal(0.0, 3.0))
+    with pyro.plate("k", 3):
+        z = pyro.sample("z", dist.Normal(0.0, torch.exp(v / 2)))
+        pyro.sample("y", dist.Normal(z, 1.0), obs=y)
+
+
+def _located(y=None):  # the same sites, v moves z's location only
+    v = pyro.sample("v", dist.Normal(0.0, 3.0))
+    with pyro.plate("k", 3):
+        z = pyro.sample("z", dist.Normal(v, 1.0))
+        pyro.sample("y", dist.Normal(z, torch.exp(z / 2)), obs=y)  # an observation's scale set by a latent
+
+
+def test_a_latent_set_scale_gets_a_spline_layer_by_default():
+    from pyro_struct.compile import latent_scale_sites
+    from pyro_struct.models import LinearGaussianNetwork
+
+    funnel = StructuredGuide(_funnel, observed=["y"], hidden_sizes=(8,))
+    assert funnel.bn.sites["z"].scale_parents == ("v",) and latent_scale_sites(funnel.bn) == ["z"]
+    assert funnel.flow.normalizer_name == "spline+affine"
+    located = StructuredGuide(_located, observed=["y"], hidden_sizes=(8,))
+    assert located.bn.sites["z"].scale_parents == () and located.bn.sites["y"].scale_parents == ("z",)
+    assert latent_scale_sites(located.bn) == [] and located.flow.normalizer_name == "affine"
+    net = LinearGaussianNetwork.random(6, seed=1)
+    assert StructuredGuide(net.model).flow.normalizer_name == "affine"
+    assert StructuredGuide(_funnel, observed=["y"], hidden_sizes=(8,), normalizer="affine").flow.normalizer_name == "affine"

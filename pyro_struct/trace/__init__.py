@@ -196,6 +196,8 @@ def _resolve_sites(first: Probe, observed, granularity: str) -> list:
         )
     transforms: dict = {}
     layouts = [site_layout(r, i, r.name in observed_names, granularity, transforms) for i, r in enumerate(records)]
+    for i, (lay, r) in enumerate(zip(layouts, records)):
+        lay.scale_parents = tuple(records[u].name for u in positions(r.scale_prov) if u != i)
     offset = 0
     for lay in layouts:
         lay.node_offset, offset = offset, offset + lay.n_nodes

@@ -117,6 +117,7 @@ def build_bayesnet(layouts: list[SiteLayout], site_pairs: Mapping) -> BayesNet:
         SiteInfo(
             name=lay.name, shape=lay.shape, support=lay.support, observed=lay.observed,
             block=lay.block, node_shape=lay.node_shape, event_dim=lay.event_dim, plates=lay.plates,
+            scale_parents=lay.scale_parents,
         )
         for lay in layouts
     ]

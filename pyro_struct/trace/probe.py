@@ -92,6 +92,7 @@ class Record:
     prov: int = 0  # provenance bits of the distribution (site level)
     nondiff: int = 0  # the part of prov reached through ops that gradients cannot see through
     taint: int = 0  # provenance of values that escaped to Python before this site
+    scale_prov: int = 0  # provenance bits of the distribution's scale parameter (``scale``, ``scale_tril``)
     plates: tuple = ()  # (name, dim, size) of each vectorised plate the site is in
 
     @property
@@ -191,9 +192,25 @@ class _ProbeMessenger(Messenger):
         mode = self.mode
         if mode is not None:
             record.prov, record.nondiff = object_bits(fn, mode)
+            record.scale_prov = _scale_bits(fn, mode)
             record.taint = mode.taint
             mode.tag(leaf, 1 << len(self.probe.records))
         self.probe.records.append(record)
+
+
+def _scale_bits(fn: Distribution, mode: ProvenanceMode) -> int:
+    """Provenance of the scale parameter of ``fn`` (under its wrappers): which sites set how wide
+    it is, as opposed to where it is (a funnel: ``z ~ Normal(0, exp(v / 2))``)."""
+    base = strip_wrappers(fn)
+    bits = 0
+    for name in ("scale", "scale_tril"):
+        try:
+            value = getattr(base, name, None)
+        except Exception:  # noqa: BLE001 -- a lazily computed parameter that fails to compute carries no scale
+            value = None
+        if isinstance(value, torch.Tensor):
+            bits |= object_bits(value, mode)[0]
+    return bits
 
 
 class _TailFailure(Exception):
@@ -327,6 +344,7 @@ class SiteLayout:
     n_groups: int
     node_offset: int = 0
     plates: tuple = ()
+    scale_parents: tuple = ()  # names of the sites its distribution's scale depends on
 
     @property
     def events_per_group(self) -> int:
