@@ -89,15 +89,36 @@ def test_default_blocks_let_every_observation_and_ancestor_reach_every_latent(d,
     A[0, d:] = True
     for i in range(1, d):
         A[i, i - 1] = True
-    flow = _flow(A, c, seed=seed, hidden_sizes=(8,))
+    flow = _flow(A, c, seed=seed, hidden_sizes=(8,), block_mask="structure")
     assert flow.num_layers == default_num_layers(A) == min(dag.propagation_depth(A) + 3, 8)
     assert flow.num_layers >= dag.propagation_depth(A)  # (d <= 8: the cap keeps full reach here)
     assert _dependence(flow, d, c).eq(transitive_closure(A)).all()
     # the rule is no looser than needed for reach: on the bare chain, one block fewer than the
     # propagation depth leaves the last latent independent of the observations (structurally zero)
     if p == 0.0:
-        short = _flow(A, c, seed=seed, hidden_sizes=(8,), num_layers=d - 1)
+        short = _flow(A, c, seed=seed, hidden_sizes=(8,), num_layers=d - 1, block_mask="structure")
         assert not _dependence(short, d, c)[d - 1, d:].any()
+
+
+@pytest.mark.parametrize("d, c, p, seed", [(6, 1, 0.0, 0), (7, 2, 0.3, 1), (5, 3, 0.6, 2)])
+def test_closure_blocks_reach_every_ancestor_in_one_block_and_keep_the_flow_structure(d, c, p, seed):
+    A = random_dag_adjacency(d, c, p=p, seed=seed)
+    A[0, d:] = True
+    for i in range(1, d):
+        A[i, i - 1] = True
+    C = transitive_closure(A)
+    # one closure block already has the whole closure's pattern (an H block only H's), never more
+    one = _flow(A, c, seed=seed, hidden_sizes=(16,), num_layers=1, block_mask="closure")
+    assert _dependence(one, d, c).eq(C).all()
+    h_block = _flow(A, c, seed=seed, hidden_sizes=(16,), num_layers=1, block_mask="structure")
+    assert _dependence(h_block, d, c).eq(A | torch.eye(d, d + c, dtype=torch.bool)).all()
+    # the default (closure) then needs SIReN-VAE's 4 blocks whatever the depth of H, and stays exact
+    flow = _flow(A, c, seed=seed, hidden_sizes=(16,))
+    assert flow.block_mask == "closure"
+    assert flow.num_layers == 4 < default_num_layers(A)
+    _scale_weights(flow, 3.0)
+    check_all(flow, logdet_atol=1e-5, roundtrip_atol=1e-6)
+    assert _dependence(flow, d, c).eq(C).all()
 
 
 def test_default_blocks_are_four_on_a_complete_dag_and_follow_the_circuit_structure():
@@ -313,6 +334,7 @@ def test_introspection():
         ({"inverse_max_iter": 0}, "inverse_max_iter"),
         ({"inverse_tol": 0.0}, "inverse_tol"),
         ({"inverse_gradient": "adjoint"}, "inverse_gradient"),
+        ({"block_mask": "dense"}, "block_mask"),
     ],
 )
 def test_bad_options_raise_clear_errors(kwargs, match):
