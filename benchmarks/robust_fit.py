@@ -57,6 +57,7 @@ OPTIONS = {
     "before": (lambda: RobustSymmetrizedKL(0, 0, log_ratio_bound=None, mask_nonfinite=False), {"normalizer": "affine"}),
     "no_warmup": (lambda: RobustSymmetrizedKL(warmup_steps=0, ramp_steps=0), {}),
     "no_clip": (lambda: RobustSymmetrizedKL(log_ratio_bound=None), {}),
+    "fixed_clip": (lambda: RobustSymmetrizedKL(bound_doubling_steps=None), {}),
     "spline": (lambda: "skl", {"normalizer": "spline"}),
     "affine_spline": (lambda: "skl", {"normalizer": ["affine", "spline"]}),
     "affine3": (lambda: "skl", {"num_layers": 3}),

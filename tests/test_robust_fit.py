@@ -121,6 +121,32 @@ def test_warm_up_schedule_follows_the_global_step():
         RobustSymmetrizedKL(log_ratio_bound=0)
 
 
+def test_the_clip_bound_doubles_after_the_ramp_and_lets_far_samples_count_later():
+    objective = RobustSymmetrizedKL(warmup_steps=10, ramp_steps=4, log_ratio_bound=20.0, bound_doubling_steps=5)
+    assert [objective.bound_at(s) for s in (0, 14, 19, 24)] == [20.0, 20.0, 40.0, 80.0]
+    assert RobustSymmetrizedKL(bound_doubling_steps=None).bound_at(10**6) == 20.0
+    assert RobustSymmetrizedKL(log_ratio_bound=None).bound_at(10**6) is None
+    for bad in (0, -3, True):
+        with pytest.raises(ValueError, match="bound_doubling_steps"):
+            RobustSymmetrizedKL(bound_doubling_steps=bad)
+    # the same guide and simulations: compressed at the first step, taken at full weight much later
+    guide = StructuredGuide(eight_schools, observed=["y"], hidden_sizes=(8,))
+    sim = guide.simulator()
+    guide.set_standardization(sim.simulate(256))
+    guide.latent_layout.scale[guide.latent_layout.perm.tolist().index(1)] *= 30  # a too-wide log tau
+    sims = sim.simulate(256)
+    objective = RobustSymmetrizedKL(warmup_steps=0, ramp_steps=0)
+    values = []
+    for steps in (0, 40_000):
+        guide.history = [0.0] * steps
+        torch.manual_seed(0)
+        with torch.no_grad():
+            values.append(float(objective(guide, sim, sims)))
+        values.append(objective.last_stats["compressed"])
+    assert values[1] > 0 and values[3] == 0 and values[2] > values[0]
+    assert objective.last_stats["log_ratio_bound"] > 1e38
+
+
 def test_warm_up_is_reproduced_across_resume(tmp_path):
     # the reverse term switches on at step 6 of the global step, whether or not the fit was resumed there
     objective = RobustSymmetrizedKL(warmup_steps=6, ramp_steps=4)

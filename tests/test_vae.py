@@ -253,7 +253,7 @@ def test_standardisation_comes_from_the_data_or_the_prior_as_chosen():
     x = _true_data(300, 6) * 3.0 + 2.0
     plate = ps.StructuredGuide(plate_vae(_decoder()), plates="auto", observed=["x"], hidden_sizes=(8,))
     plate.fit(objective="elbo", data={"x": x}, num_steps=0, progress=False)
-    # (the standardisation's location and scale: the median and half the central 68% range)
+    # (the standardisation's location and scale: the median and the central 95% range over 2 x 1.96)
     loc, scale = robust_moments(x)
     assert torch.allclose(plate.plate_layout.member_obs_loc, loc, atol=1e-4)
     assert torch.allclose(plate.plate_layout.member_obs_scale, scale, atol=1e-4)

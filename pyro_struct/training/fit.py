@@ -371,10 +371,11 @@ def fit(
             density is extreme at simulations or guide samples (heavy-tailed scales, funnels, state
             spaces): the first 100 global steps train the forward term only and the next 100 ramp
             the reverse term in (counted by ``len(guide.history)``, so ``resume`` continues the same
-            schedule); per-simulation log-ratios beyond 20 nats are compressed logarithmically; and
-            simulations whose terms are not finite are dropped from that step's mean, with gradient 0.
-            Its bias: only samples more than 20 nats from the posterior are down-weighted, and every
-            term is 0 at ``q = p``, so it vanishes as the guide converges; the dropped samples are
+            schedule); per-simulation log-ratios beyond a bound are compressed logarithmically (20
+            nats until the ramp ends, then doubling every 250 steps); and simulations whose terms
+            are not finite are dropped from that step's mean, with gradient 0. Its bias: only
+            samples beyond the bound are down-weighted, every term is 0 at ``q = p``, and the bound
+            grows, so it vanishes as training goes on; the dropped samples are
             those where the model's density is ``-inf`` at a guide sample. The plain, unbiased
             estimator is ``objective=RobustSymmetrizedKL(0, 0, None, False)``
             (:func:`~pyro_struct.objectives.symmetrized_kl` evaluates it). With ``data``: ``"elbo"``
