@@ -167,6 +167,15 @@ def _merge_earlier(args, cells) -> list[dict]:
     return [r for r in json.load(open(path)) if (r["family"], r["structure"], r["objective"]) not in redone]
 
 
+def _seeds_per_cell(runs) -> dict:
+    """(family, structure, objective) -> how many runs (seeds) the cell has."""
+    cells: dict[tuple, int] = {}
+    for r in runs:
+        key = (r["family"], r["structure"], r["objective"])
+        cells[key] = cells.get(key, 0) + 1
+    return cells
+
+
 def _stat(values) -> tuple[float, float]:
     vals = [v for v in values if v is not None and math.isfinite(v)]
     if not vals:
@@ -311,9 +320,14 @@ def _report(runs: list[dict], args) -> None:
         "Goals (issue 18):",
         *_goals(skl_rows, budget_note),
         "",
-        "Analysis: `benchmarks/results/NOTES.md`, sections \"GRF depth and the circuit over seeds\" and \"The structured CNF\".",
+        "Analysis: `benchmarks/results/NOTES.md`, section \"Seventh session\" (and, for earlier tables, \"GRF depth and the circuit over seeds\" and \"The structured CNF\").",
     ])
     meta = {k: v for k, v in vars(args).items() if k not in ("runs_from", "results_dir")}
+    if args.runs_from:  # a merge trains nothing: the runs' own settings, not this invocation's defaults
+        meta = {"runs_from": [Path(p).name for p in args.runs_from], "out": args.out,
+                "seeds_per_cell": sorted({n for n in _seeds_per_cell(runs).values()}),
+                "budgets": sorted({f"{r.get('budget', 'wall')} s {r.get('clock', 'wall')}" for r in runs}),
+                "eval_sims": args.eval_sims}
     loads = [r["load_average_1min"] for r in runs if "load_average_1min" in r]
     meta["load_average_at_run_ends"] = f"{min(loads)}-{max(loads)}" if loads else "not recorded"
     meta["load_average_at_report"] = [round(v, 2) for v in os.getloadavg()]

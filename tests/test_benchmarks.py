@@ -182,6 +182,11 @@ def test_circuit_seeds_records_curves_on_a_training_clock_and_writes_tables_and_
     merged = json.loads((tmp_path / "tiny_runs.json").read_text())
     assert sorted((r["objective"], r["seed"]) for r in merged) == [("elbo", 7), ("fkl", 0), ("fkl", 1), ("skl", 7)]
 
+    # --runs-from trains nothing, and its settings are the runs' own (not this invocation's defaults)
+    assert seeds_main(["--runs-from", str(tmp_path / "tiny_runs.json"), "--results-dir", str(tmp_path), "--out", "again"]) == 0
+    meta = json.loads((tmp_path / "again.json").read_text())["meta"]
+    assert meta["budgets"] == ["0.5 s wall", "1.5 s cpu"] and meta["seeds_per_cell"] == [1, 2] and "seeds" not in meta
+
 
 def test_circuit_seeds_clock_drives_training_progress_and_evaluates_outside_the_schedule():
     from benchmarks.circuit_seeds import _Clock
