@@ -188,6 +188,36 @@ def test_circuit_seeds_records_curves_on_a_training_clock_and_writes_tables_and_
     assert meta["budgets"] == ["0.5 s wall", "1.5 s cpu"] and meta["seeds_per_cell"] == [1, 2] and "seeds" not in meta
 
 
+def _synthetic_run(structure, objective, seed, final, reverse_kl=None):
+    curve = [{"seconds": float(k), "step": 10 * k, "skl": final + 4 - k, "reverse_kl": reverse_kl} for k in range(5)]
+    return {"family": "cnf", "flow": "cnf", "structure": structure, "objective": objective, "seed": seed, "params": 1,
+            "H_edges": 1, "clock": "cpu", "budget": 300.0, "curve": curve, "steps": 40, "note": None}
+
+
+def test_circuit_seeds_report_tells_resolved_from_unresolved_gaps_and_counts_seeds_per_cell(tmp_path):
+    from benchmarks.circuit_seeds import main as seeds_main
+
+    runs = [_synthetic_run("faithful", "skl", s, 1.0 + 0.01 * s) for s in range(10)]
+    runs += [_synthetic_run("dense", "skl", s, 0.5 + 0.01 * s) for s in range(3)]  # dense lower, tight: resolved
+    runs += [_synthetic_run("faithful", "elbo", s, 9.0, reverse_kl=2.0 + s) for s in range(2)]
+    runs.append(_synthetic_run("faithful", "skl", 10, 1.05, reverse_kl=3.0))  # the only skl run with a reverse KL
+    path = tmp_path / "syn_runs.json"
+    path.write_text(json.dumps(runs))
+    assert seeds_main(["--runs-from", str(path), "--results-dir", str(tmp_path), "--out", "syn"]) == 0
+    table = json.loads((tmp_path / "syn.json").read_text())
+    notes = table["notes"]
+    assert "NO, at 25%" in notes and ": resolved)" in notes and "unresolved" not in notes
+    assert "cnf dense skl: 3" in notes and "cnf faithful elbo: 2" in notes and "cnf faithful skl" not in notes
+    fig3 = {r["objective"]: r["seeds"] for r in table["rows"] if r["comparison"] == "objectives (Fig. 3)"}
+    assert fig3 == {"skl": 1, "elbo": 2}
+
+    # a gap smaller than the seeds' spread is reported, but as unresolved
+    noisy = [_synthetic_run("faithful", "skl", s, 1.0 + s) for s in range(3)] + [_synthetic_run("dense", "skl", s, 0.9 + s) for s in range(3)]
+    path.write_text(json.dumps(noisy))
+    assert seeds_main(["--runs-from", str(path), "--results-dir", str(tmp_path), "--out", "syn"]) == 0
+    assert ": unresolved)" in json.loads((tmp_path / "syn.json").read_text())["notes"]
+
+
 def test_circuit_seeds_clock_drives_training_progress_and_evaluates_outside_the_schedule():
     from benchmarks.circuit_seeds import _Clock
 
