@@ -266,10 +266,11 @@ def plot_curves(runs: list[dict], path, metric: str, by: str, title: str) -> Non
     plt.close(fig)
 
 
-def _goals(skl_rows: list[dict], budget_note: str) -> list[str]:
+def _goals(skl_rows: list[dict], budget_note: str, runs: list[dict]) -> list[str]:
     """The issue's goals, checked on the mean curves: faithful below 2 nats at the end of the budget, and
-    faithful at or below dense at every budget fraction in the table. A miss whose gap is within the
-    standard error of the difference of the two means (sd / sqrt(seeds), combined) is marked unresolved."""
+    faithful at or below dense at every budget fraction in the table. A miss whose gap is within two
+    standard errors of the difference of the two means (sd / sqrt(seeds), combined) is marked unresolved.
+    Then both at equal steps, which separates a structure's cost per step from what a step buys."""
     lines = []
     for family in dict.fromkeys(r["family"] for r in skl_rows):
         by = {r["structure"]: r for r in skl_rows if r["family"] == family}
@@ -283,7 +284,22 @@ def _goals(skl_rows: list[dict], budget_note: str) -> list[str]:
             misses = [_miss(k[5:], faithful, by["dense"]) for k in faithful if k.startswith("_skl@")
                       if not faithful[k][0] <= by["dense"][k][0]]
             lines.append(f"  faithful <= dense (mean) at every budget fraction: {'yes' if not misses else 'NO, at ' + '; '.join(misses)}.")
+            lines.append("  " + _at_equal_steps([r for r in runs if r["family"] == family]))
     return lines
+
+
+def _at_equal_steps(runs: list[dict]) -> str:
+    """Mean skl of faithful and dense at the fewest final steps any of their runs reached (log-linear
+    interpolation between evaluations), and each structure's mean steps in the budget."""
+    pair = {s: [r for r in runs if r["structure"] == s] for s in ("faithful", "dense")}
+    step = min(r["curve"][-1]["step"] for rs in pair.values() for r in rs)
+    at = {}
+    for s, rs in pair.items():
+        logs = [_interp(step, [p["step"] for p in r["curve"]], [math.log10(max(p["skl"], 1e-12)) for p in r["curve"]]) for r in rs]
+        at[s] = _stat(10 ** v for v in logs)
+    steps = {s: statistics.fmean(r["steps"] for r in rs) for s, rs in pair.items()}
+    return (f"at equal steps ({step}): faithful {at['faithful'][0]:.3g} ± {at['faithful'][1]:.2g}, dense {at['dense'][0]:.3g} ± "
+            f"{at['dense'][1]:.2g} nats; steps in the budget: faithful {steps['faithful']:.0f}, dense {steps['dense']:.0f}.")
 
 
 def _miss(fraction: str, faithful: dict, dense: dict) -> str:
@@ -335,7 +351,7 @@ def _report(runs: list[dict], args) -> None:
         *_protocol_note(runs, args),
         "",
         "Goals (issue 18):",
-        *_goals(skl_rows, budget_note),
+        *_goals(skl_rows, budget_note, structure_runs),
         "",
         "Analysis: `benchmarks/results/NOTES.md`, section \"Seventh session\" (and, for earlier tables, \"GRF depth and the circuit over seeds\" and \"The structured CNF\").",
     ])

@@ -207,6 +207,7 @@ def test_circuit_seeds_report_tells_resolved_from_unresolved_gaps_and_counts_see
     table = json.loads((tmp_path / "syn.json").read_text())
     notes = table["notes"]
     assert "NO, at 25%" in notes and ": resolved)" in notes and "unresolved" not in notes
+    assert "at equal steps (40): faithful 1.05 ± 0.029, dense 0.51 ± 0.01 nats" in notes
     assert "cnf dense skl: 3" in notes and "cnf faithful elbo: 2" in notes and "cnf faithful skl" not in notes
     fig3 = {r["objective"]: r["seeds"] for r in table["rows"] if r["comparison"] == "objectives (Fig. 3)"}
     assert fig3 == {"skl": 1, "elbo": 2}
