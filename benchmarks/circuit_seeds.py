@@ -287,7 +287,26 @@ def _goals(skl_rows: list[dict], budget_note: str, runs: list[dict]) -> list[str
                       if not faithful[k][0] <= by["dense"][k][0]]
             lines.append(f"  faithful <= dense (mean) at every budget fraction: {'yes' if not misses else 'NO, at ' + '; '.join(misses)}.")
             lines.append("  " + _at_equal_steps([r for r in runs if r["family"] == family]))
+            lines.append("  " + _paired([r for r in runs if r["family"] == family]))
     return lines
+
+
+def _paired(runs: list[dict], fractions=(0.25, 0.5, 1.0)) -> str:
+    """Faithful against dense seed by seed (the runs of one seed share their initial simulations and
+    evaluation set): on how many seeds faithful is at or below dense at each budget fraction, and the
+    two medians, which one bad seed cannot move the way it moves a mean."""
+    by_seed = {s: {r["seed"]: r for r in runs if r["structure"] == s} for s in ("faithful", "dense")}
+    seeds = sorted(set(by_seed["faithful"]) & set(by_seed["dense"]))
+    parts = []
+    for f in fractions:
+        pairs = [(_at_fraction(by_seed["faithful"][s]["curve"], f, "skl"), _at_fraction(by_seed["dense"][s]["curve"], f, "skl"))
+                 for s in seeds]
+        pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+        if pairs:
+            wins = sum(a <= b for a, b in pairs)
+            parts.append(f"{100 * f:.0f}%: {wins}/{len(pairs)} seeds, median {statistics.median(a for a, _ in pairs):.3g} "
+                         f"vs {statistics.median(b for _, b in pairs):.3g}")
+    return "paired by seed, faithful <= dense on: " + ("; ".join(parts) if parts else "no seed run with both structures") + "."
 
 
 def _at_equal_steps(runs: list[dict]) -> str:

@@ -208,6 +208,8 @@ def test_circuit_seeds_report_tells_resolved_from_unresolved_gaps_and_counts_see
     notes = table["notes"]
     assert "NO, at 25%" in notes and ": resolved)" in notes and "unresolved" not in notes
     assert "at equal steps (40): faithful 1.05 ± 0.029, dense 0.51 ± 0.01 nats" in notes
+    # seeds 0-2 have both structures; dense is lower on each of them
+    assert "paired by seed, faithful <= dense on: 25%: 0/3 seeds, median 4.01 vs 3.51;" in notes
     assert "cnf dense skl: 3" in notes and "cnf faithful elbo: 2" in notes and "cnf faithful skl" not in notes
     fig3 = {r["objective"]: r["seeds"] for r in table["rows"] if r["comparison"] == "objectives (Fig. 3)"}
     assert fig3 == {"skl": 1, "elbo": 2}
@@ -216,7 +218,8 @@ def test_circuit_seeds_report_tells_resolved_from_unresolved_gaps_and_counts_see
     noisy = [_synthetic_run("faithful", "skl", s, 1.0 + s) for s in range(3)] + [_synthetic_run("dense", "skl", s, 0.9 + s) for s in range(3)]
     path.write_text(json.dumps(noisy))
     assert seeds_main(["--runs-from", str(path), "--results-dir", str(tmp_path), "--out", "syn"]) == 0
-    assert ": unresolved)" in json.loads((tmp_path / "syn.json").read_text())["notes"]
+    notes = json.loads((tmp_path / "syn.json").read_text())["notes"]
+    assert ": unresolved)" in notes and "100%: 0/3 seeds, median 2 vs 1.9." in notes
 
 
 def test_circuit_seeds_clock_drives_training_progress_and_evaluates_outside_the_schedule():
