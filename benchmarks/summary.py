@@ -9,8 +9,11 @@ every regime side by side, and checks the goals of the defaults:
 * ``circuit``: the best flow's symmetrised-KL estimate at most 2 nats within 5 minutes, the
   faithful structure no worse than dense and far better than random at equal budget.
 
+* ``lgbn`` ``skl``: the GRF's and the CNF's faithful rows at or below their dense rows (issue 18).
+
 Later files override earlier ones for the same row (network, method, structure, regime, fit
-options). Writes ``summary.md``.
+options); a glob stem (``lgbn_s8_*_s[01]``) is one entry whose seeds of a row are averaged. Writes
+``summary.md``.
 
 Usage: ``python -m benchmarks summary [--lgbn STEM ...] [--circuit STEM ...] [--circuit-goal STEM ...]``
 """
@@ -30,6 +33,8 @@ LGBN_TABLES = [
     "lgbn_skl_all_ecoli70", "lgbn_skl_straf_ecoli70", "lgbn_skl_all_magic-niab",
     "lgbn_fkl_ecoli70", "lgbn_fkl_magic-niab", "lgbn_fkl5000_cnf_ecoli70", "lgbn_fkl5000_cnf_magic-niab",
     "lgbn_fkl_cnf_500samples_ecoli70", "lgbn_fkl_cnf_500samples_magic-niab", "lgbn_fkl5000_wd0.3",
+    # GRF and CNF, faithful and dense run side by side (equal load), seeds 0-1
+    "lgbn_s8_*_s[01]", "lgbn_s9_*_mn_s[01]",
 ]
 CIRCUIT_TABLES = ["circuit_grid_90s"]
 CIRCUIT_GOAL_TABLES = ["circuit_300s_spline3_lr1e-2_faithful", "circuit_300s_spline3_lr1e-2_dense", "circuit_300s_spline3_lr1e-2_random"]
@@ -38,20 +43,41 @@ KL_GOAL = 0.05
 
 
 def load_rows(stems, results_dir: Path = RESULTS_DIR) -> tuple[list[dict], list[str]]:
-    """Rows of the tables ``stems`` (each row gets ``_table``, ``_fit`` and ``_budget``: its file, fit
-    options and wall-clock budget per row), and the stems that were missing."""
+    """Rows of the tables ``stems`` (each row gets ``_table``, ``_fit``, ``_budget`` and ``_seed``: its
+    stem, fit options, wall-clock budget and seed), and the stems that matched no file. A stem may be
+    a glob (``lgbn_s8_*_s[01]``): its tables are one entry, whose rows of the same kind are seeds of one
+    comparison (:func:`lgbn_summary` averages them)."""
     rows, missing = [], []
     for stem in stems:
-        path = Path(results_dir) / f"{stem}.json"
-        if not path.is_file():
+        paths = sorted(Path(results_dir).glob(f"{stem}.json"))
+        if not paths:
             missing.append(stem)
-            continue
-        table = json.loads(path.read_text())
-        fit = table["meta"].get("fit_options") or {}
-        extra = {"_table": stem, "_fit": json.dumps(fit, sort_keys=True) if fit else "", "_budget": table["meta"].get("budget")}
-        for r in table["rows"]:
-            rows.append({**r, **extra})
+        for path in paths:
+            table = json.loads(path.read_text())
+            fit = table["meta"].get("fit_options") or {}
+            extra = {"_table": stem, "_fit": json.dumps(fit, sort_keys=True) if fit else "",
+                     "_budget": table["meta"].get("budget"), "_seed": table["meta"].get("seed")}
+            rows.extend({**r, **extra} for r in table["rows"])
     return rows, missing
+
+
+def _latest_by_kind(rows: list[dict]) -> dict:
+    """(network, method, structure, regime, fit) -> the row of the latest table entry that has it; where
+    that entry (a glob) has several seeds of the kind, their mean KLs, with ``_seeds`` set to how many."""
+    groups: dict = {}
+    for r in rows:
+        if "forward_kl" not in r:
+            continue
+        key = (r["network"], r["method"], r["structure"], r["regime"], r["_fit"])
+        if key in groups and groups[key][0]["_table"] == r["_table"]:
+            groups[key].append(r)
+        else:  # a later entry replaces the earlier rows of this kind
+            groups[key] = [r]
+    latest = {}
+    for key, rs in groups.items():
+        mean = {k: sum(r[k] for r in rs) / len(rs) for k in ("forward_kl", "reverse_kl", "train_s") if all(r.get(k) is not None for r in rs)}
+        latest[key] = {**rs[-1], **mean, "_seeds": len(rs)}
+    return latest
 
 
 def _fmt(v) -> str:
@@ -66,13 +92,13 @@ def _check(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
 
+def _source(row: dict) -> str:
+    return row["_table"] if row["_seeds"] == 1 else f"mean of {row['_seeds']} seeds, `{row['_table']}`"
+
+
 def lgbn_summary(rows: list[dict]) -> list[str]:
     """Markdown lines: one table per network (method x structure by regime) and the goal checks."""
-    latest: dict = {}
-    for r in rows:
-        if "forward_kl" not in r:
-            continue
-        latest[(r["network"], r["method"], r["structure"], r["regime"], r["_fit"])] = r
+    latest = _latest_by_kind(rows)
     out = []
     for network in sorted({k[0] for k in latest}):
         out += [f"### {network}", "", "Mean exact KL, forward / reverse (nats); table of each row in brackets.", ""]
@@ -82,7 +108,7 @@ def lgbn_summary(rows: list[dict]) -> list[str]:
             cells = []
             for regime in REGIMES:
                 r = latest.get((network, method, structure, regime, fit))
-                cells.append("" if r is None else f"{_fmt(r['forward_kl'])} / {_fmt(r['reverse_kl'])} ({r['_table']})")
+                cells.append("" if r is None else f"{_fmt(r['forward_kl'])} / {_fmt(r['reverse_kl'])} ({_source(r)})")
             label = method + (f" {fit}" if fit else "")
             out.append(f"| {label} | {structure} | " + " | ".join(cells) + " |")
         out.append("")
@@ -97,6 +123,12 @@ def lgbn_summary(rows: list[dict]) -> list[str]:
                 f"- Default guide, `skl`, {default['train_s']:.0f} s: {_fmt(default['forward_kl'])} / "
                 f"{_fmt(default['reverse_kl'])} nats, goal <= {KL_GOAL}: {_check(ok)}."
             )
+        for flow in ("grf", "cnf"):
+            faithful, dense = get(flow, "faithful", "skl"), get(flow, "dense", "skl")
+            if faithful is not None and dense is not None:
+                ok = faithful["forward_kl"] <= dense["forward_kl"] and faithful["reverse_kl"] <= dense["reverse_kl"]
+                out.append(f"- `skl`, {flow}: faithful {_fmt(faithful['forward_kl'])} / {_fmt(faithful['reverse_kl'])}, dense "
+                           f"{_fmt(dense['forward_kl'])} / {_fmt(dense['reverse_kl'])} nats, faithful <= dense: {_check(ok)}.")
         for flow in ("straf", "grf", "cnf"):
             faithful, dense = get(flow, "faithful", "fkl5000"), get(flow, "dense", "fkl5000")
             if faithful is None or dense is None:

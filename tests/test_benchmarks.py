@@ -101,6 +101,16 @@ def test_summary_checks_the_goals_from_the_tables(tmp_path):
     assert "StrAF faithful / sbi NPE = 0.20, goal <= 0.25: met" in text
     assert "Tables not found: missing" in text
 
+    # a glob entry is one comparison over seeds: its rows of a kind are averaged, and it overrides earlier rows
+    (tmp_path / "old.json").write_text(json.dumps({"rows": [row("grf", "faithful", "skl", 9.0, 9.0)], "meta": {"seed": 0}}))
+    for seed, (f, d) in enumerate([(0.010, 0.011), (0.020, 0.017)]):
+        rows = [row("grf", "faithful", "skl", f, f), row("grf", "dense", "skl", d, d)]
+        (tmp_path / f"side_s{seed}.json").write_text(json.dumps({"rows": rows, "meta": {"seed": seed}}))
+    assert summary_main(["--lgbn", "old", "side_s*", "--circuit", "--circuit-goal", "--results-dir", str(tmp_path)]) == 0
+    text = (tmp_path / "summary.md").read_text()
+    assert "0.015 / 0.015 (mean of 2 seeds, `side_s*`)" in text and "(old)" not in text
+    assert "`skl`, grf: faithful 0.015 / 0.015, dense 0.014 / 0.014 nats, faithful <= dense: **missed**" in text
+
 
 def test_scaling_times_steps_in_a_memory_capped_child(monkeypatch):
     import resource
