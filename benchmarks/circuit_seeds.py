@@ -2,8 +2,10 @@
 
 Weilbach et al.'s Figure 2 setting: the symmetrised KL (nats, on fixed simulations, 0 at the exact
 posterior) against training wall-clock and against steps, mean +- sd over seeds, for each flow family
-(CNF, the best StrAF of ``circuit_300s_*``: spline, 3 layers; GRF) and structure (faithful, dense =
-FFJORD-like full connectivity, random with the faithful edge count). Their Figure 3: the CNF with the
+(CNF, the best StrAF of ``circuit_300s_*``: spline, 3 layers; GRF) and structure (faithful; dense =
+every latent after all earlier ones and all observations, masked lower-triangular; random with the
+faithful edge count; for the CNF also ``ffjord``, FFJORD's unconstrained field, ``velocity_mask="full"``,
+the paper's dense baseline). Their Figure 3: the CNF with the
 faithful structure trained on the forward / reverse (ELBO) / symmetrised KL, each measured as the
 expected reverse KL ``E_x KL(q(z|x) || p(z|x))`` (the negative ELBO plus ``E_x log p(x)``, the
 evidence by importance sampling with the circuit's analytic conditionals,
@@ -14,10 +16,11 @@ that time; the evaluations (every ``budget / --num-evals`` seconds) stop the clo
 the issue's full protocol (10 seeds, 5 CPU-minutes per run); ``--seeds``, ``--budget``, ``--families``
 reduce it; ``--merge`` keeps the earlier runs of the cells not re-run. ``--runs-from a.json b.json`` merges the runs of earlier invocations (e.g. run in parallel)
 into one table and figure without training. The goal lines give every faithful-above-dense gap in
-standard errors of the difference of the means (resolved above 2) and each pair at equal steps.
+standard errors of the difference of the means (resolved above 2), each pair at equal steps, and
+each pair seed by seed (wins and medians).
 
 Usage: ``python -m benchmarks circuit_seeds [--seeds 10] [--budget 300] [--families cnf straf grf]
-[--structures faithful dense random] [--objective-family cnf] [--objectives fkl elbo skl] [--out NAME]``
+[--structures faithful dense random ffjord] [--objective-family cnf] [--objectives fkl elbo skl] [--out NAME]``
 """
 
 from __future__ import annotations
@@ -44,6 +47,12 @@ __all__ = ["main", "FAMILIES", "train_with_curve", "summarise", "plot_curves", "
 
 #: family -> the circuit benchmark's flow name (``spline3``: the best StrAF of ``circuit_300s_*``)
 FAMILIES = {"cnf": "cnf", "straf": "spline3", "grf": "grf"}
+#: structures of this benchmark beyond the library's inverse kinds: name -> (the one family it applies
+#: to, the inverse kind, flow options). "ffjord": the CNF whose field sees every latent and observation
+#: (FFJORD), the paper's dense baseline; the library's "dense" CNF is masked lower-triangular.
+BASELINES = {"ffjord": ("cnf", "dense", {"velocity_mask": "full"})}
+#: what the faithful structure is compared with, in this order, where a family has the runs
+COMPARED = ("dense", "ffjord")
 
 #: seed of the fixed evaluation simulations, the same for every run so that curves are comparable: the
 #: 1,000 simulations that ``circuit_*.md`` evaluates its seed-0 rows on. The symmetrised KL of one
@@ -143,7 +152,11 @@ def _evaluator(guide, sims, mean_log_evidence: float | None):
 
 def _run(family: str, structure: str, objective: str, seed: int, args, sims, mean_log_evidence) -> dict:
     flow = FAMILIES[family]
-    guide = make_guide(flow, structure, args.flow_options, seed)
+    kind, options = structure, args.flow_options
+    if structure in BASELINES:
+        _, kind, extra = BASELINES[structure]
+        options = {**options, flow: {**options.get(flow, {}), **extra}}
+    guide = make_guide(flow, kind, options, seed)
     result = train_with_curve(guide, objective, args.budget, args.num_evals, _evaluator(guide, sims, mean_log_evidence),
                               args.batch_size, args.lr, seed, args.clock)
     params = int(guide.structure.num_effective_parameters)
@@ -282,37 +295,38 @@ def _goals(skl_rows: list[dict], budget_note: str, runs: list[dict]) -> list[str
         final = faithful["_skl@1.0"][0]
         lines.append(f"- {family}: faithful final {final:.3g} nats: {'meets' if final < 2 else 'MISSES'} the 2-nat goal "
                      f"({faithful['seeds']} seeds, {budget_note}).")
-        if "dense" in by:
-            misses = [_miss(k[5:], faithful, by["dense"]) for k in faithful if k.startswith("_skl@")
-                      if not faithful[k][0] <= by["dense"][k][0]]
-            lines.append(f"  faithful <= dense (mean) at every budget fraction: {'yes' if not misses else 'NO, at ' + '; '.join(misses)}.")
-            lines.append("  " + _at_equal_steps([r for r in runs if r["family"] == family]))
-            lines.append("  " + _paired([r for r in runs if r["family"] == family]))
+        for other in (s for s in COMPARED if s in by):
+            misses = [_miss(k[5:], faithful, by[other]) for k in faithful if k.startswith("_skl@")
+                      if not faithful[k][0] <= by[other][k][0]]
+            lines.append(f"  faithful <= {other} (mean) at every budget fraction: {'yes' if not misses else 'NO, at ' + '; '.join(misses)}.")
+            mine = [r for r in runs if r["family"] == family]
+            lines.append("  " + _at_equal_steps(mine, other))
+            lines.append("  " + _paired(mine, other))
     return lines
 
 
-def _paired(runs: list[dict], fractions=(0.25, 0.5, 1.0)) -> str:
-    """Faithful against dense seed by seed (the runs of one seed share their initial simulations and
-    evaluation set): on how many seeds faithful is at or below dense at each budget fraction, and the
+def _paired(runs: list[dict], other: str = "dense", fractions=(0.25, 0.5, 1.0)) -> str:
+    """Faithful against ``other`` seed by seed (the runs of one seed share their initial simulations and
+    evaluation set): on how many seeds faithful is at or below it at each budget fraction, and the
     two medians, which one bad seed cannot move the way it moves a mean."""
-    by_seed = {s: {r["seed"]: r for r in runs if r["structure"] == s} for s in ("faithful", "dense")}
-    seeds = sorted(set(by_seed["faithful"]) & set(by_seed["dense"]))
+    by_seed = {s: {r["seed"]: r for r in runs if r["structure"] == s} for s in ("faithful", other)}
+    seeds = sorted(set(by_seed["faithful"]) & set(by_seed[other]))
     parts = []
     for f in fractions:
-        pairs = [(_at_fraction(by_seed["faithful"][s]["curve"], f, "skl"), _at_fraction(by_seed["dense"][s]["curve"], f, "skl"))
+        pairs = [(_at_fraction(by_seed["faithful"][s]["curve"], f, "skl"), _at_fraction(by_seed[other][s]["curve"], f, "skl"))
                  for s in seeds]
         pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
         if pairs:
             wins = sum(a <= b for a, b in pairs)
             parts.append(f"{100 * f:.0f}%: {wins}/{len(pairs)} seeds, median {statistics.median(a for a, _ in pairs):.3g} "
                          f"vs {statistics.median(b for _, b in pairs):.3g}")
-    return "paired by seed, faithful <= dense on: " + ("; ".join(parts) if parts else "no seed run with both structures") + "."
+    return f"paired by seed, faithful <= {other} on: " + ("; ".join(parts) if parts else "no seed run with both structures") + "."
 
 
-def _at_equal_steps(runs: list[dict]) -> str:
-    """Mean skl of faithful and dense at the fewest final steps any of their runs reached (log-linear
+def _at_equal_steps(runs: list[dict], other: str = "dense") -> str:
+    """Mean skl of faithful and ``other`` at the fewest final steps any of their runs reached (log-linear
     interpolation between evaluations), and each structure's mean steps in the budget."""
-    pair = {s: [r for r in runs if r["structure"] == s] for s in ("faithful", "dense")}
+    pair = {s: [r for r in runs if r["structure"] == s] for s in ("faithful", other)}
     step = min(r["curve"][-1]["step"] for rs in pair.values() for r in rs)
     at = {}
     for s, rs in pair.items():
@@ -320,8 +334,8 @@ def _at_equal_steps(runs: list[dict]) -> str:
         logs = [_interp(step, [p["step"] for p in ps], [math.log10(max(p["skl"], 1e-12)) for p in ps]) for ps in points if ps]
         at[s] = _stat(10 ** v for v in logs)
     steps = {s: statistics.fmean(r["steps"] for r in rs) for s, rs in pair.items()}
-    return (f"at equal steps ({step}): faithful {at['faithful'][0]:.3g} ± {at['faithful'][1]:.2g}, dense {at['dense'][0]:.3g} ± "
-            f"{at['dense'][1]:.2g} nats; steps in the budget: faithful {steps['faithful']:.0f}, dense {steps['dense']:.0f}.")
+    return (f"at equal steps ({step}): faithful {at['faithful'][0]:.3g} ± {at['faithful'][1]:.2g}, {other} {at[other][0]:.3g} ± "
+            f"{at[other][1]:.2g} nats; steps in the budget: faithful {steps['faithful']:.0f}, {other} {steps[other]:.0f}.")
 
 
 def _miss(fraction: str, faithful: dict, dense: dict) -> str:
@@ -438,6 +452,10 @@ def main(argv=None) -> int:
     unknown = [f for f in args.families + ([args.objective_family] if args.objective_family else []) if f not in FAMILIES]
     if unknown:
         raise SystemExit(f"unknown family {unknown[0]!r}; choose from {', '.join(FAMILIES)}")
+    misplaced = [(s, f) for s in args.structures if s in BASELINES for f in args.families if f != BASELINES[s][0]]
+    if misplaced:
+        s, f = misplaced[0]
+        raise SystemExit(f"--structures {s} is a {BASELINES[s][0]} baseline; run it with --families {BASELINES[s][0]}, not {f}")
     if args.runs_from:
         runs = [r for path in args.runs_from for r in json.load(open(path))]
         _report(runs, args)

@@ -231,6 +231,30 @@ def test_circuit_seeds_report_tells_resolved_from_unresolved_gaps_and_counts_see
     notes = json.loads((tmp_path / "syn.json").read_text())["notes"]
     assert ": unresolved)" in notes and "100%: 0/3 seeds, median 2 vs 1.9." in notes
 
+    # the FFJORD baseline is compared with faithful as dense is
+    path.write_text(json.dumps(noisy + [_synthetic_run("ffjord", "skl", s, 2.0 + s) for s in range(3)]))
+    assert seeds_main(["--runs-from", str(path), "--results-dir", str(tmp_path), "--out", "syn"]) == 0
+    notes = json.loads((tmp_path / "syn.json").read_text())["notes"]
+    assert "faithful <= ffjord (mean) at every budget fraction: yes." in notes
+    assert "paired by seed, faithful <= ffjord on: 25%: 3/3 seeds" in notes
+
+
+def test_circuit_seeds_ffjord_baseline_trains_the_cnf_with_a_full_field_and_only_the_cnf(tmp_path):
+    from benchmarks.circuit_seeds import main as seeds_main
+
+    with pytest.raises(SystemExit, match="--structures ffjord is a cnf baseline; run it with --families cnf, not grf"):
+        seeds_main(["--families", "grf", "--structures", "ffjord", "--results-dir", str(tmp_path)])
+    assert seeds_main([
+        "--families", "cnf", "--structures", "ffjord", "--objective-family", "", "--seeds", "1", "--budget", "0.3",
+        "--num-evals", "1", "--eval-sims", "20", "--evidence-proposals", "100", "--results-dir", str(tmp_path), "--out", "ff",
+    ]) == 0
+    (run,) = json.loads((tmp_path / "ff_runs.json").read_text())
+    from benchmarks.circuit import make_guide
+
+    dense = make_guide("cnf", "dense", {}, 0)
+    # the full field has more unmasked weights than the lower-triangular dense one
+    assert run["structure"] == "ffjord" and run["params"] > int(dense.structure.num_effective_parameters)
+
 
 def test_circuit_seeds_clock_drives_training_progress_and_evaluates_outside_the_schedule():
     from benchmarks.circuit_seeds import _Clock

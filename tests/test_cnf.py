@@ -12,6 +12,9 @@ from pyro_struct.flows.cnf import StructuredCNF
 from tests.flow_properties import (
     check_all,
     check_jacobian_structure,
+    check_log_prob_consistency,
+    check_logdet,
+    check_round_trip,
     chain_adjacency,
     random_dag_adjacency,
 )
@@ -465,4 +468,22 @@ def test_velocity_masks_between_h_and_its_closure_keep_the_sample_structure(velo
     J = torch.autograd.functional.jacobian(lambda v: flow.velocity(v[:-1], v[-1:], 0.5), torch.cat([y, x]))
     assert (J[3, -1] != 0) == (velocity_mask != "structure"), "only the closures let f_3 see x directly"
     with pytest.raises(ValueError, match="velocity_mask"):
-        StructuredCNF(A, context_dim=1, velocity_mask="full")
+        StructuredCNF(A, context_dim=1, velocity_mask="dense")
+
+
+def test_full_velocity_mask_is_ffjord_unconstrained_with_an_exact_density():
+    A = chain_adjacency(4, context_dim=1)
+    flow = _flow(A, context_dim=1, velocity_mask="full")
+    assert flow.velocity_adjacency.all()
+    z, x = torch.randn(3, 4), torch.randn(3, 1)
+    div = flow.divergence_at(z, x, 0.3)
+    for b in range(3):
+        J = torch.autograd.functional.jacobian(lambda v: flow.velocity(v[:4], v[4:], 0.3), torch.cat([z[b], x[b]]))
+        assert (J != 0).all(), "every latent's velocity sees every latent and the observation"
+        assert torch.allclose(div[b], torch.trace(J[:, :4]), atol=1e-12)
+    # the sample then depends on everything, outside H's closure too (z0 on z3)
+    J = torch.autograd.functional.jacobian(lambda e: flow.forward(e, x[:1])[0], torch.randn(1, 4))
+    assert J[0, 0, 0, 3].abs() > 1e-6
+    check_logdet(flow, atol=1e-6)
+    check_round_trip(flow, atol=1e-6)
+    check_log_prob_consistency(flow)

@@ -41,7 +41,7 @@ _FIXED_GRID_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_a
 
 _TIME_GATINGS = ("paper", "gate_and_bias", "gate", "none")
 
-_VELOCITY_MASKS = ("structure", "context_closure", "closure")
+_VELOCITY_MASKS = ("structure", "context_closure", "closure", "full")
 
 # The tolerance schedule reaches the final tolerances at this fraction of training.
 _TIGHTEN_BY = 0.8
@@ -197,6 +197,9 @@ class StructuredCNF(ConditionalFlow):
             ``L`` layers each masked with ``H`` let it see ancestors up to ``L`` hops away. Measured on
             the circuit at 60 ``skl`` steps (2 seeds): 22.3 / 18.5 nats against 29.0 / 31.7 for the
             context closure, at the same NFE (the context closure in turn beat ``H``: ``flows.md``).
+            ``"full"`` is FFJORD's unconstrained field (every latent's velocity sees every latent and
+            every observation, whatever ``H``): a baseline with no structural guarantee, since the
+            sample then depends on all of them.
 
     The CNF is one ODE, so it has no ``num_layers`` option; :attr:`num_passes` is the number of
     network evaluations of the last sampling call (the solver's NFE, plus one pass of the
@@ -354,11 +357,14 @@ class StructuredCNF(ConditionalFlow):
 
     def _velocity_mask(self, kind: str) -> torch.Tensor:
         """The velocity field's latent-level adjacency (before the diagonal): ``H`` itself, ``H`` with
-        the transitive closure's context columns, or the whole transitive closure. All three give the
+        the transitive closure's context columns, or the whole transitive closure (or, ``"full"``,
+        everything: the FFJORD baseline, outside what follows). All three give the
         sample ``z(T)`` exactly the closure's dependence pattern (a path in ``H`` is what an ODE
         propagates), so the structural guarantee is the same; they differ in how many hops information
         from ``x`` and the ancestors must travel through time inside the solve."""
         A = self.adjacency.clone()
+        if kind == "full":  # FFJORD: no structure at all
+            return torch.ones_like(A)
         if kind == "structure":
             return A
         C = transitive_closure(A, reflexive=False)
