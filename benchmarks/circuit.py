@@ -166,7 +166,8 @@ def nuts_reference(num_samples: int, warmup: int, seed: int, progress: bool = Fa
 
 
 def make_guide(flow: str, structure: str, flow_options: dict, seed: int) -> ps.StructuredGuide:
-    """The circuit's guide for a flow family or a named StrAF variant (:data:`VARIANTS`), seeded first.
+    """The circuit's guide for a flow family or a named StrAF variant (:data:`VARIANTS`), seeded first;
+    ``seed`` also draws the ``"random"`` structure, so seeds of a random cell are different structures.
 
     Args:
         flow: ``"straf"``, ``"grf"``, ``"cnf"`` or a variant name.
@@ -177,7 +178,8 @@ def make_guide(flow: str, structure: str, flow_options: dict, seed: int) -> ps.S
     pyro.set_rng_seed(seed)
     kind, options = ("straf", dict(VARIANTS[flow])) if flow in VARIANTS else (flow, {})
     options.update(flow_options.get(flow, {}))
-    return ps.StructuredGuide(arithmetic_circuit(), flow=kind, structure=structure, observed=OBSERVED, **options)
+    return ps.StructuredGuide(arithmetic_circuit(), flow=kind, structure=structure, observed=OBSERVED, structure_seed=seed,
+                              **options)
 
 
 def evaluate_skl(guide, simulator, sims) -> tuple[float | None, str | None]:

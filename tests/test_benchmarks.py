@@ -311,3 +311,15 @@ def test_amortization_mean_field_optimum_minimises_the_reverse_kl():
             worse[i, i] *= factor
             assert float(gaussian_kl(m, worse, mean_p, cov_p)) > best
     assert float(gaussian_kl(*family_optimum(net, obs_i, "AutoMultivariateNormal"), mean_p, cov_p)) == pytest.approx(0, abs=1e-9)
+
+
+def test_circuit_random_structure_is_drawn_per_seed_and_keeps_the_faithful_edge_count():
+    from benchmarks.circuit import make_guide
+
+    def parents(g):
+        return {v: tuple(g.inverse.parents(v)) for v in g.inverse.order}
+
+    a, b = make_guide("straf", "random", {}, 0), make_guide("straf", "random", {}, 1)
+    assert parents(a) != parents(b)
+    assert a.inverse.num_edges == b.inverse.num_edges == make_guide("straf", "faithful", {}, 0).inverse.num_edges
+    assert parents(make_guide("straf", "faithful", {}, 0)) == parents(make_guide("straf", "faithful", {}, 1))
