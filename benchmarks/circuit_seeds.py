@@ -53,6 +53,7 @@ FAMILIES = {"cnf": "cnf", "straf": "spline3", "grf": "grf"}
 BASELINES = {"ffjord": ("cnf", "dense", {"velocity_mask": "full"})}
 #: what the faithful structure is compared with, in this order, where a family has the runs
 COMPARED = ("dense", "ffjord")
+CELL = ("family", "structure", "objective")  # what makes a row of the table: its runs are its seeds
 
 #: seed of the fixed evaluation simulations, the same for every run so that curves are comparable: the
 #: 1,000 simulations that ``circuit_*.md`` evaluates its seed-0 rows on. The symmetrised KL of one
@@ -182,13 +183,17 @@ def _merge_earlier(args, cells) -> list[dict]:
     return [r for r in json.load(open(path)) if (r["family"], r["structure"], r["objective"]) not in redone]
 
 
+def group_runs(runs: list[dict], *fields: str) -> dict[tuple, list[dict]]:
+    """The runs grouped by the values of ``fields`` (first-seen order), e.g. ``("family", "structure")``."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault(tuple(r[f] for f in fields), []).append(r)
+    return groups
+
+
 def _seeds_per_cell(runs) -> dict:
     """(family, structure, objective) -> how many runs (seeds) the cell has."""
-    cells: dict[tuple, int] = {}
-    for r in runs:
-        key = (r["family"], r["structure"], r["objective"])
-        cells[key] = cells.get(key, 0) + 1
-    return cells
+    return {key: len(rs) for key, rs in group_runs(runs, *CELL).items()}
 
 
 def _stat(values) -> tuple[float, float]:
@@ -205,11 +210,8 @@ def summarise(runs: list[dict], metric: str, fractions=(0.25, 0.5, 1.0)) -> list
         runs: run records of :func:`_run` (with ``curve``).
         metric: ``"skl"`` or ``"reverse_kl"``.
     """
-    groups: dict[tuple, list[dict]] = {}
-    for r in runs:
-        groups.setdefault((r["family"], r["structure"], r["objective"]), []).append(r)
     rows = []
-    for (family, structure, objective), rs in groups.items():
+    for (family, structure, objective), rs in group_runs(runs, *CELL).items():
         row = {"family": family, "structure": structure, "objective": objective, "seeds": len(rs),
                "params": rs[0]["params"], "steps": round(statistics.fmean(r["steps"] for r in rs)),
                # runs before the --clock option were timed by the wall clock; their budget is in the settings
@@ -259,12 +261,10 @@ def plot_curves(runs: list[dict], path, metric: str, by: str, title: str) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    families = list(dict.fromkeys(r["family"] for r in runs))
+    families = group_runs(runs, "family")
     fig, axes = plt.subplots(2, len(families), figsize=(4.5 * len(families), 7), squeeze=False)
-    for col, family in enumerate(families):
-        mine = [r for r in runs if r["family"] == family]
-        for label in dict.fromkeys(r[by] for r in mine):
-            group = [r for r in mine if r[by] == label]
+    for col, ((family,), mine) in enumerate(families.items()):
+        for (label,), group in group_runs(mine, by).items():
             for row, x in enumerate(("seconds", "step")):
                 grid, mean, sd = _band(group, metric, x)
                 ax = axes[row][col]
@@ -287,6 +287,7 @@ def _goals(skl_rows: list[dict], budget_note: str, runs: list[dict]) -> list[str
     standard errors of the difference of the two means (sd / sqrt(seeds), combined) is marked unresolved.
     Then both at equal steps, which separates a structure's cost per step from what a step buys."""
     lines = []
+    cells = group_runs(runs, "family", "structure")
     for family in dict.fromkeys(r["family"] for r in skl_rows):
         by = {r["structure"]: r for r in skl_rows if r["family"] == family}
         if "faithful" not in by:
@@ -299,17 +300,18 @@ def _goals(skl_rows: list[dict], budget_note: str, runs: list[dict]) -> list[str
             misses = [_miss(k[5:], faithful, by[other]) for k in faithful if k.startswith("_skl@")
                       if not faithful[k][0] <= by[other][k][0]]
             lines.append(f"  faithful <= {other} (mean) at every budget fraction: {'yes' if not misses else 'NO, at ' + '; '.join(misses)}.")
-            mine = [r for r in runs if r["family"] == family]
-            lines.append("  " + _at_equal_steps(mine, other))
-            lines.append("  " + _paired(mine, other))
+            pair = {"faithful": cells.get((family, "faithful"), []), other: cells.get((family, other), [])}
+            lines.append("  " + _at_equal_steps(pair, other))
+            lines.append("  " + _paired(pair, other))
     return lines
 
 
-def _paired(runs: list[dict], other: str = "dense", fractions=(0.25, 0.5, 1.0)) -> str:
-    """Faithful against ``other`` seed by seed (the runs of one seed share their initial simulations and
-    evaluation set): on how many seeds faithful is at or below it at each budget fraction, and the
-    two medians, which one bad seed cannot move the way it moves a mean."""
-    by_seed = {s: {r["seed"]: r for r in runs if r["structure"] == s} for s in ("faithful", other)}
+def _paired(pair: dict[str, list[dict]], other: str = "dense", fractions=(0.25, 0.5, 1.0)) -> str:
+    """Faithful against ``other`` seed by seed (``pair``: structure -> its runs, one family; the runs of
+    one seed share their initial simulations and evaluation set): on how many seeds faithful is at or
+    below it at each budget fraction, and the two medians, which one bad seed cannot move the way it
+    moves a mean."""
+    by_seed = {s: {r["seed"]: r for r in pair[s]} for s in ("faithful", other)}
     seeds = sorted(set(by_seed["faithful"]) & set(by_seed[other]))
     parts = []
     for f in fractions:
@@ -323,10 +325,9 @@ def _paired(runs: list[dict], other: str = "dense", fractions=(0.25, 0.5, 1.0)) 
     return f"paired by seed, faithful <= {other} on: " + ("; ".join(parts) if parts else "no seed run with both structures") + "."
 
 
-def _at_equal_steps(runs: list[dict], other: str = "dense") -> str:
-    """Mean skl of faithful and ``other`` at the fewest final steps any of their runs reached (log-linear
+def _at_equal_steps(pair: dict[str, list[dict]], other: str = "dense") -> str:
+    """Mean skl of faithful and ``other`` (``pair``: structure -> its runs, one family) at the fewest final steps any of their runs reached (log-linear
     interpolation between evaluations), and each structure's mean steps in the budget."""
-    pair = {s: [r for r in runs if r["structure"] == s] for s in ("faithful", other)}
     step = min(r["curve"][-1]["step"] for rs in pair.values() for r in rs)
     at = {}
     for s, rs in pair.items():
