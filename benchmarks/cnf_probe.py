@@ -12,7 +12,9 @@ Two measurements behind the CNF section of ``benchmarks/results/NOTES.md``:
   learning rate, batch 256) with given CNF options, recording the solver's NFE per forward
   (sampling) and inverse (density) solve over training and the symmetrised KL at the end, on the
   1,000 fixed simulations of ``circuit_seeds`` (seed 1), solved at ``eval_tol`` (default: the
-  flow's own ``rtol``/``atol``). Counting NFE and steps, not seconds, keeps it independent of
+  flow's own ``rtol``/``atol``), and how far the trained map is from triangular
+  (:func:`off_structure_mass`: FFJORD's field may couple every coordinate; the faithful and dense
+  CNFs are triangular by construction, so theirs is a check that reads zero). Counting NFE and steps, not seconds, keeps it independent of
   the machine's load.
 
 ``--from-jsonl FILE`` rebuilds the table from lines printed by earlier ``--configs`` runs.
@@ -31,13 +33,14 @@ import time
 
 import torch
 
+from pyro_struct.dag import transitive_closure
 from pyro_struct.objectives import get_objective
 
-from .circuit import evaluate_skl, make_guide
+from .circuit import CIRCUIT_OBSERVATION, evaluate_skl, make_guide
 from .circuit_seeds import EVAL_SEED
 from .report import write_results
 
-__all__ = ["main", "evaluation_costs", "probe_training"]
+__all__ = ["main", "evaluation_costs", "probe_training", "off_structure_mass"]
 
 
 def _best_ms(fn, calls: int = 20, repeats: int = 7) -> float:
@@ -106,7 +109,28 @@ def probe_training(structure: str, opts: dict, steps: int, seed: int = 0, lr: fl
         "nfe_fwd_every_10": str(fwd[::10]), "nfe_inv_every_10": str(inv[::10]),
         "nfe_fwd_last20%": sum(fwd[-tail:]) / tail, "nfe_inv_last20%": sum(inv[-tail:]) / tail,
         "eval_tol": eval_tol or flow.rtol, "skl": skl, "note": note, "load_average_1min": round(os.getloadavg()[0], 2),
+        **off_structure_mass(guide),
     }
+
+
+def off_structure_mass(guide, num_draws: int = 16, seed: int = 0) -> dict:
+    """How far a trained flow's map ``eps -> z`` at the circuit's observation is from the faithful
+    pattern: the share of the squared Jacobian ``dz/deps`` ``(d, d)`` outside the reflexive closure of
+    the faithful ``H`` (where a faithful flow is exactly zero) and above the diagonal of the guide's
+    own order (where a lower-triangular ``dense`` flow is zero), averaged over ``num_draws`` noise draws."""
+    faithful = make_guide("cnf", "faithful", {}, seed)
+    d = guide.flow.dim
+    order = [faithful.latent_sites.index(site) for site in guide.latent_sites]
+    closure = transitive_closure(faithful.flow.adjacency[:, :d], reflexive=True)[order][:, order]
+    above = torch.triu(torch.ones(d, d, dtype=torch.bool), diagonal=1)
+    context = guide.posterior(**CIRCUIT_OBSERVATION).context.reshape(-1)
+    torch.manual_seed(seed)
+    shares = {"outside": 0.0, "above": 0.0}
+    for _ in range(num_draws):
+        J = torch.autograd.functional.jacobian(lambda e: guide.flow(e, context)[0], torch.randn(d)).pow(2)
+        shares["outside"] += float(J[~closure].sum() / J.sum()) / num_draws
+        shares["above"] += float(J[above].sum() / J.sum()) / num_draws
+    return {"jacobian_outside_closure_H": shares["outside"], "jacobian_above_diagonal": shares["above"]}
 
 
 def _row_from_line(r: dict) -> dict:
@@ -138,7 +162,10 @@ def main(argv=None) -> int:
     notes = ("timing rows: ms per call, batch 256, 1 thread, best of 7 x 20 calls, on a shared loaded machine. "
              "training rows: skl steps at constant lr 1e-2, batch 256; NFE per solve (forward = sampling, inverse = "
              "density) every 10 steps and averaged over the last 20% of steps; skl in nats on circuit_seeds' 1,000 "
-             "fixed simulations (seed 1), solved at eval_tol.")
+             "fixed simulations (seed 1), solved at eval_tol. jacobian_outside_closure_H / jacobian_above_diagonal: share "
+             "of the squared Jacobian dz/deps at the circuit observation (16 noise draws) outside the faithful H's "
+             "reflexive closure (zero for a faithful flow) and above the guide's own diagonal (zero for a "
+             "lower-triangular flow).")
     columns = list(dict.fromkeys(k for r in rows for k in r))  # timing and training rows have their own columns
     write_results(args.out, rows, columns, meta={"argv": sys.argv[1:] if argv is None else argv}, notes=notes)
     return 0

@@ -323,3 +323,17 @@ def test_circuit_random_structure_is_drawn_per_seed_and_keeps_the_faithful_edge_
     assert parents(a) != parents(b)
     assert a.inverse.num_edges == b.inverse.num_edges == make_guide("straf", "faithful", {}, 0).inverse.num_edges
     assert parents(make_guide("straf", "faithful", {}, 0)) == parents(make_guide("straf", "faithful", {}, 1))
+
+
+def test_cnf_probe_off_structure_mass_is_zero_for_triangular_flows_and_not_for_ffjord():
+    from benchmarks.circuit import make_guide
+    from benchmarks.cnf_probe import off_structure_mass
+
+    # a non-zero initial field (init_scale=1), so every flow moves its noise
+    faithful = off_structure_mass(make_guide("cnf", "faithful", {"cnf": {"init_scale": 1.0}}, 0), num_draws=2)
+    assert faithful == {"jacobian_outside_closure_H": 0.0, "jacobian_above_diagonal": 0.0}
+    dense = off_structure_mass(make_guide("cnf", "dense", {"cnf": {"init_scale": 1.0}}, 0), num_draws=2)
+    assert dense["jacobian_above_diagonal"] == 0.0 and dense["jacobian_outside_closure_H"] > 1e-6
+    ffjord = make_guide("cnf", "dense", {"cnf": {"init_scale": 1.0, "velocity_mask": "full"}}, 0)
+    full = off_structure_mass(ffjord, num_draws=2)
+    assert full["jacobian_above_diagonal"] > 1e-6 and full["jacobian_outside_closure_H"] > 1e-6
