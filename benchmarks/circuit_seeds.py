@@ -326,8 +326,9 @@ def _paired(pair: dict[str, list[dict]], other: str = "dense", fractions=(0.25, 
 
 
 def _at_equal_steps(pair: dict[str, list[dict]], other: str = "dense") -> str:
-    """Mean skl of faithful and ``other`` (``pair``: structure -> its runs, one family) at the fewest final steps any of their runs reached (log-linear
-    interpolation between evaluations), and each structure's mean steps in the budget."""
+    """Mean skl of faithful and ``other`` (``pair``: structure -> its runs, one family) at the fewest
+    final steps any of their runs reached (log-linear interpolation between evaluations), and each
+    structure's mean steps in the budget."""
     step = min(r["curve"][-1]["step"] for rs in pair.values() for r in rs)
     at = {}
     for s, rs in pair.items():

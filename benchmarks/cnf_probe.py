@@ -14,8 +14,8 @@ Two measurements behind the CNF section of ``benchmarks/results/NOTES.md``:
   1,000 fixed simulations of ``circuit_seeds`` (seed 1), solved at ``eval_tol`` (default: the
   flow's own ``rtol``/``atol``), and how far the trained map is from triangular
   (:func:`off_structure_mass`: FFJORD's field may couple every coordinate; the faithful and dense
-  CNFs are triangular by construction, so theirs is a check that reads zero). Counting NFE and steps, not seconds, keeps it independent of
-  the machine's load.
+  CNFs are triangular by construction, so theirs is a check that reads zero). Counting NFE and
+  steps, not seconds, keeps it independent of the machine's load.
 
 ``--from-jsonl FILE`` rebuilds the table from lines printed by earlier ``--configs`` runs.
 
