@@ -43,7 +43,7 @@ from .circuit import evaluate_skl, log_evidence, make_guide
 from .report import RESULTS_DIR, write_results
 from .training_budget import apply_training_arguments
 
-__all__ = ["main", "FAMILIES", "train_with_curve", "summarise", "plot_curves", "family_label"]
+__all__ = ["main", "FAMILIES", "train_with_curve", "summarise", "plot_curves", "family_label", "group_runs", "latest_per_seed"]
 
 #: family -> the circuit benchmark's flow name (``spline3``: the best StrAF of ``circuit_300s_*``)
 FAMILIES = {"cnf": "cnf", "straf": "spline3", "grf": "grf"}
@@ -189,6 +189,16 @@ def group_runs(runs: list[dict], *fields: str) -> dict[tuple, list[dict]]:
     for r in runs:
         groups.setdefault(tuple(r[f] for f in fields), []).append(r)
     return groups
+
+
+def latest_per_seed(runs: list[dict]) -> list[dict]:
+    """The runs with one per (family, structure, objective, seed): a later run replaces an earlier one
+    in place (e.g. a seed re-run for the objective comparison, which also measures the reverse KL,
+    replaces that seed's structure-only run instead of counting twice)."""
+    kept: dict[tuple, dict] = {}
+    for r in runs:
+        kept[tuple(r[f] for f in CELL) + (r["seed"],)] = r
+    return list(kept.values())
 
 
 def _seeds_per_cell(runs) -> dict:
@@ -433,7 +443,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="Adam's learning rate (default: fit's default)")
     p.add_argument("--flow-options", default="{}", help="JSON: flow name (cnf, spline3, grf) -> extra options")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--runs-from", nargs="*", default=[], help="merge the *_runs.json of earlier runs instead of training")
+    p.add_argument("--runs-from", nargs="*", default=[], help="merge the *_runs.json of earlier runs instead of training (a later run of a cell and seed replaces an earlier one)")
     p.add_argument("--merge", action="store_true",
                    help="keep the runs of the existing OUT_runs.json whose cells this invocation does not run")
     p.add_argument("--out", default="circuit_seeds")
@@ -459,7 +469,7 @@ def main(argv=None) -> int:
         s, f = misplaced[0]
         raise SystemExit(f"--structures {s} is a {BASELINES[s][0]} baseline; run it with --families {BASELINES[s][0]}, not {f}")
     if args.runs_from:
-        runs = [r for path in args.runs_from for r in json.load(open(path))]
+        runs = latest_per_seed([r for path in args.runs_from for r in json.load(open(path))])
         _report(runs, args)
         return 0
     probe = make_guide("grf", "faithful", {}, EVAL_SEED)

@@ -204,6 +204,23 @@ def _synthetic_run(structure, objective, seed, final, reverse_kl=None):
             "H_edges": 1, "clock": "cpu", "budget": 300.0, "curve": curve, "steps": 40, "note": None}
 
 
+def test_circuit_seeds_runs_from_lets_a_later_run_of_a_seed_replace_the_earlier_one(tmp_path):
+    from benchmarks.circuit_seeds import latest_per_seed, main as seeds_main
+
+    old = [_synthetic_run("faithful", "skl", s, 1.0) for s in range(3)]
+    new = [_synthetic_run("faithful", "skl", 1, 2.0, reverse_kl=0.5), _synthetic_run("faithful", "elbo", 1, 3.0, reverse_kl=0.4)]
+    kept = latest_per_seed(old + new)
+    assert [(r["objective"], r["seed"], r["curve"][-1]["skl"]) for r in kept] == [("skl", 0, 1.0), ("skl", 1, 2.0), ("skl", 2, 1.0), ("elbo", 1, 3.0)]
+    (tmp_path / "old_runs.json").write_text(json.dumps(old))
+    (tmp_path / "new_runs.json").write_text(json.dumps(new))
+    assert seeds_main(["--runs-from", str(tmp_path / "old_runs.json"), str(tmp_path / "new_runs.json"),
+                       "--results-dir", str(tmp_path), "--out", "both"]) == 0
+    rows = json.loads((tmp_path / "both.json").read_text())["rows"]
+    fig2 = [r for r in rows if r["comparison"] == "structures (Fig. 2)"]
+    assert [r["seeds"] for r in fig2] == [3]  # seed 1 counted once, with its re-run
+    assert {r["objective"]: r["seeds"] for r in rows if r["comparison"] == "objectives (Fig. 3)"} == {"skl": 1, "elbo": 1}
+
+
 def test_circuit_seeds_report_tells_resolved_from_unresolved_gaps_and_counts_seeds_per_cell(tmp_path):
     from benchmarks.circuit_seeds import main as seeds_main
 
