@@ -7,7 +7,8 @@ Two measurements behind the CNF section of ``benchmarks/results/NOTES.md``:
   network alone, with the time gates and slopes, the exact divergence in closed form (what the
   flow uses with at most two hidden layers), the same divergence summed path by path
   (``_path_divergence``, the deeper networks' method), and the Hutchinson estimate; for the
-  default flow and for ``augment=10``.
+  default faithful and dense flows, the FFJORD field (``velocity_mask="full"``) and ``augment=10``,
+  plus one evaluation with its backward pass (a training step's cost per solver evaluation).
 - ``--configs``: short ``skl`` trainings of the circuit guide (a fixed number of steps, constant
   learning rate, batch 256) with given CNF options, recording the solver's NFE per forward
   (sampling) and inverse (density) solve over training and the symmetrised KL at the end, on the
@@ -54,25 +55,48 @@ def _best_ms(fn, calls: int = 20, repeats: int = 7) -> float:
     return round(1000 * best, 3)
 
 
-def evaluation_costs(options: dict, batch: int = 256) -> dict:
-    """Milliseconds of the pieces of one field evaluation of the faithful circuit CNF with ``options``."""
-    flow = make_guide("cnf", "faithful", {"cnf": options}, 0).flow
+#: the fields ``--timing`` compares: the default faithful and dense CNFs, the FFJORD field (every
+#: coordinate), and the augmented faithful one (structure, options)
+TIMED_FIELDS = (("faithful", {}), ("dense", {}), ("faithful", {"velocity_mask": "full"}), ("faithful", {"augment": 10}))
+
+
+def evaluation_costs(options: dict, batch: int = 256, structure: str = "faithful", repeats: int = 7) -> dict:
+    """Milliseconds of the pieces of one field evaluation of the circuit CNF (``structure``, ``options``).
+
+    ``field_forward_backward_ms`` is one field-and-divergence evaluation with the backward pass of
+    its sum through the parameters and the state (a training step's cost per solver evaluation).
+    Each is the best of ``repeats`` x 20 calls (the best of many is the least disturbed by a loaded machine).
+    """
+    def ms(fn):
+        return _best_ms(fn, repeats=repeats)
+
+    guide = make_guide("cnf", structure, {"cnf": options}, 0)
+    flow = guide.flow
     y, x = torch.randn(batch, flow.state_dim), torch.randn(batch, flow.context_dim)
     t = torch.tensor(0.5)
     inputs = torch.cat([y, x], -1)
+
+    def forward_backward():
+        yg = y.clone().requires_grad_(True)
+        v, div = flow._velocity_and_divergence(yg, x, t, None)
+        (v.sum() + div.sum()).backward()
+
+    fwd_bwd = ms(forward_backward)
     with torch.no_grad():
         post = flow._gate(t)
         run = flow.net.run(inputs, post=post, need_slopes=True)
         W = [layer.masked_weight for layer in flow.net.layers]
         return {
-            "options": json.dumps(options), "state_dim": flow.state_dim, "hidden": str(flow.net.hidden_sizes),
+            "structure": structure, "options": json.dumps(options), "state_dim": flow.state_dim,
+            "hidden": str(flow.net.hidden_sizes), "params": int(guide.structure.num_effective_parameters),
             "diagonal_paths": int(flow._diag_paths.shape[1]),
-            "net_ms": _best_ms(lambda: flow.net.run(inputs)),
-            "gated_net_with_slopes_ms": _best_ms(lambda: flow.net.run(inputs, post=flow._gate(t), need_slopes=True)),
-            "divergence_closed_form_ms": _best_ms(lambda: flow._exact_divergence(run.slopes[:-1], run.slopes[-1])),
-            "divergence_path_sum_ms": _best_ms(lambda: flow._path_divergence(W, run.slopes[:-1], run.slopes[-1])),
-            "field_and_exact_divergence_ms": _best_ms(lambda: flow._velocity_and_divergence(y, x, t, None)),
-            "field_and_hutchinson_ms": _best_ms(lambda: flow._velocity_and_divergence(y, x, t, torch.ones_like(y))),
+            "net_ms": ms(lambda: flow.net.run(inputs)),
+            "gated_net_with_slopes_ms": ms(lambda: flow.net.run(inputs, post=flow._gate(t), need_slopes=True)),
+            "divergence_closed_form_ms": ms(lambda: flow._exact_divergence(run.slopes[:-1], run.slopes[-1])),
+            "divergence_path_sum_ms": ms(lambda: flow._path_divergence(W, run.slopes[:-1], run.slopes[-1])),
+            "field_and_exact_divergence_ms": ms(lambda: flow._velocity_and_divergence(y, x, t, None)),
+            "field_and_hutchinson_ms": ms(lambda: flow._velocity_and_divergence(y, x, t, torch.ones_like(y))),
+            "field_forward_backward_ms": fwd_bwd,
         }
 
 
@@ -147,19 +171,21 @@ def _row_from_line(r: dict) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks cnf_probe", description=__doc__.splitlines()[0])
     p.add_argument("--timing", action="store_true", help="time the pieces of one field evaluation")
+    p.add_argument("--repeats", type=int, default=7, help="--timing: best of this many repeats of 20 calls")
     p.add_argument("--configs", type=json.loads, default=[], help="JSON list of training probes")
     p.add_argument("--from-jsonl", nargs="*", default=[], help="rebuild the table from earlier --configs lines")
     p.add_argument("--out", default="cnf_probe")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(1)
-    rows = [dict(kind="timing", **evaluation_costs(o)) for o in ({}, {"augment": 10})] if args.timing else []
+    rows = [dict(kind="timing", **evaluation_costs(o, structure=s, repeats=args.repeats)) for s, o in TIMED_FIELDS] if args.timing else []
     sims = _fixed_simulations() if args.configs else None
     for config in args.configs:
         rows.append(dict(kind="training", **probe_training(**config, sims=sims)))
         print(json.dumps(rows[-1]), flush=True)
     for path in args.from_jsonl:
         rows += [dict(kind="training", **_row_from_line(json.loads(line))) for line in open(path) if line.strip()]
-    notes = ("timing rows: ms per call, batch 256, 1 thread, best of 7 x 20 calls, on a shared loaded machine. "
+    notes = (f"timing rows: ms per call, batch 256, 1 thread, best of {args.repeats} x 20 calls, on a shared loaded machine "
+             f"(load average {', '.join(f'{v:.1f}' for v in os.getloadavg())} at the end). "
              "training rows: skl steps at constant lr 1e-2, batch 256; NFE per solve (forward = sampling, inverse = "
              "density) every 10 steps and averaged over the last 20% of steps; skl in nats on circuit_seeds' 1,000 "
              "fixed simulations (seed 1), solved at eval_tol. jacobian_outside_closure_H / jacobian_above_diagonal: share "

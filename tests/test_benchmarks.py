@@ -354,3 +354,16 @@ def test_cnf_probe_off_structure_mass_is_zero_for_triangular_flows_and_not_for_f
     ffjord = make_guide("cnf", "dense", {"cnf": {"init_scale": 1.0, "velocity_mask": "full"}}, 0)
     full = off_structure_mass(ffjord, num_draws=2)
     assert full["jacobian_above_diagonal"] > 1e-6 and full["jacobian_outside_closure_H"] > 1e-6
+
+
+def test_cnf_probe_timing_covers_faithful_dense_and_ffjord_fields(monkeypatch):
+    import benchmarks.cnf_probe as probe
+
+    monkeypatch.setattr(probe, "_best_ms", lambda fn, calls=20, repeats=7: (fn(), 1.0)[1])  # one call each, no timing
+    rows = {(s, json.dumps(o)): probe.evaluation_costs(o, batch=8, structure=s) for s, o in probe.TIMED_FIELDS}
+    faithful, dense = rows[("faithful", "{}")], rows[("dense", "{}")]
+    ffjord = rows[("faithful", json.dumps({"velocity_mask": "full"}))]
+    # the masks decide the parameters and the diagonal paths: FFJORD's field has every one
+    assert faithful["params"] < dense["params"] < ffjord["params"]
+    assert faithful["diagonal_paths"] < ffjord["diagonal_paths"] == faithful["state_dim"] * 64 * 64
+    assert rows[("faithful", json.dumps({"augment": 10}))]["state_dim"] == 11 * faithful["state_dim"]
