@@ -46,6 +46,7 @@ __all__ = [
     "build_flow",
     "benchmark_row",
     "summarise",
+    "nfe_goal_lines",
 ]
 
 FAMILIES = ("straf", "grf", "cnf")
@@ -375,6 +376,29 @@ def summarise(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     return summary, comparison
 
 
+def nfe_goal_lines(rows: list[dict]) -> list[str]:
+    """Issue 18's NFE goal per model (the CNF's work at equal accuracy, faithful below dense), paired
+    by seed, with what the structure leaves to save: the faithful field's unmasked parameters
+    against dense (with the closure velocity mask, the closure of ``H`` sets them)."""
+    lines = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        pair = {s: {r["seed"]: r for r in rows if r["model"] == model and r["family"] == "cnf" and r["structure"] == s}
+                for s in ("faithful", "dense")}
+        seeds = sorted(set(pair["faithful"]) & set(pair["dense"]))
+        if not seeds:
+            continue
+        f, d = ([pair[s][k]["nfe_eq_acc"] for k in seeds] for s in ("faithful", "dense"))
+        below, ties = sum(a < b for a, b in zip(f, d)), sum(a == b for a, b in zip(f, d))
+        mean = {k: _mean_sd(v) for k, v in (("faithful", f), ("dense", d))}
+        shown = {k: f"{m:.3g}" + (f" ± {sd:.2g}" if len(seeds) > 1 else "") for k, (m, sd) in mean.items()}
+        params = _mean_sd([pair["faithful"][k]["params_eff"] / pair["dense"][k]["params_eff"] for k in seeds])[0]
+        met = "met" if mean["faithful"][0] < mean["dense"][0] else "NOT met"
+        lines.append(f"- {model}: NFE at equal accuracy faithful {shown['faithful']}, dense {shown['dense']} "
+                     f"({len(seeds)} seeds; faithful below dense on {below}, equal on {ties}): {met}. The faithful "
+                     f"field has {params:.2f} of dense's unmasked parameters.")
+    return lines
+
+
 def _merge_earlier(args, rows: list[dict], curves: list[dict]) -> dict | None:
     """``--merge``: keep the per-seed rows (and GRF curves) of ``NAME.json`` that this run did not
     redo, in place, in ``rows`` / ``curves``; returns a note of what was kept and the earlier settings."""
@@ -400,7 +424,7 @@ def main(argv=None) -> int:
     rows, curves = [], []
     start = time.perf_counter()
     for name in args.models:
-        problem = build_problem(name, seed=args.seeds[0])
+        problem = build_problem(name)  # one standardisation and held-out set for every seed (and --merge)
         held_out = problem.sample(args.heldout, seed=2)
         for seed in args.seeds:
             train = problem.sample(args.steps * args.batch, seed=1000 * (seed + 1) + 1)
@@ -446,6 +470,10 @@ def main(argv=None) -> int:
         "negative = faithful better):",
         "",
         markdown_table(comparison) if comparison else "(no pairs)\n",
+        "Goal (issue 18): the CNF's NFE at equal accuracy, faithful < dense (mean over seeds):",
+        "",
+        *(nfe_goal_lines(rows) or ["(no CNF pairs)"]),
+        "",
         f"GRF inversion residual max|y + g(y) - z| (max over blocks, {min(512, args.heldout)} held-out points, "
         f"seed {args.seeds[0]}) against the iteration cap per block:",
         "",

@@ -367,3 +367,19 @@ def test_cnf_probe_timing_covers_faithful_dense_and_ffjord_fields(monkeypatch):
     assert faithful["params"] < dense["params"] < ffjord["params"]
     assert faithful["diagonal_paths"] < ffjord["diagonal_paths"] == faithful["state_dim"] * 64 * 64
     assert rows[("faithful", json.dumps({"augment": 10}))]["state_dim"] == 11 * faithful["state_dim"]
+
+
+def test_flows_nfe_goal_pairs_seeds_and_says_when_it_is_missed():
+    from benchmarks.flows import nfe_goal_lines
+
+    def row(model, structure, seed, nfe, params):
+        return {"model": model, "family": "cnf", "structure": structure, "seed": seed, "nfe_eq_acc": nfe, "params_eff": params}
+
+    rows = [row("a", "faithful", 0, 27, 90), row("a", "dense", 0, 33, 100), row("a", "faithful", 1, 27, 90),
+            row("a", "dense", 1, 27, 100), row("b", "faithful", 0, 54, 50), row("b", "dense", 0, 48, 100),
+            row("b", "dense", 1, 10, 100)]  # seed 1 of b has no faithful run: not paired
+    a, b = nfe_goal_lines(rows + [{**rows[0], "family": "straf", "nfe_eq_acc": None}])
+    assert a.startswith("- a: NFE at equal accuracy faithful 27 ± 0, dense 30 ± 4.2 (2 seeds; faithful below dense on 1, equal on 1): met.")
+    assert a.endswith("0.90 of dense's unmasked parameters.")
+    assert b.startswith("- b: NFE at equal accuracy faithful 54, dense 48 (1 seeds; faithful below dense on 0, equal on 0): NOT met.")
+    assert "0.50 of dense's" in b
