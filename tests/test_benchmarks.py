@@ -193,7 +193,8 @@ def test_circuit_seeds_records_curves_on_a_training_clock_and_writes_tables_and_
     assert sorted((r["objective"], r["seed"]) for r in merged) == [("elbo", 7), ("fkl", 0), ("fkl", 1), ("skl", 7)]
 
     # --runs-from trains nothing, and its settings are the runs' own (not this invocation's defaults)
-    assert seeds_main(["--runs-from", str(tmp_path / "tiny_runs.json"), "--results-dir", str(tmp_path), "--out", "again"]) == 0
+    assert seeds_main(["--runs-from", str(tmp_path / "tiny_runs.json"), "--objective-family", "grf", "--results-dir", str(tmp_path),
+                       "--out", "again"]) == 0
     meta = json.loads((tmp_path / "again.json").read_text())["meta"]
     assert meta["budgets"] == ["0.5 s wall", "1.5 s cpu"] and meta["seeds_per_cell"] == [1, 2] and "seeds" not in meta
 
@@ -204,20 +205,24 @@ def _synthetic_run(structure, objective, seed, final, reverse_kl=None):
             "H_edges": 1, "clock": "cpu", "budget": 300.0, "curve": curve, "steps": 40, "note": None}
 
 
-def test_circuit_seeds_runs_from_lets_a_later_run_of_a_seed_replace_the_earlier_one(tmp_path):
+def test_circuit_seeds_runs_from_keeps_one_run_per_seed_and_kind_and_structures_prefer_structure_runs(tmp_path):
     from benchmarks.circuit_seeds import latest_per_seed, main as seeds_main
 
     old = [_synthetic_run("faithful", "skl", s, 1.0) for s in range(3)]
-    new = [_synthetic_run("faithful", "skl", 1, 2.0, reverse_kl=0.5), _synthetic_run("faithful", "elbo", 1, 3.0, reverse_kl=0.4)]
+    new = [_synthetic_run("faithful", "skl", 1, 2.0, reverse_kl=0.5), _synthetic_run("faithful", "skl", 2, 4.0),
+           _synthetic_run("faithful", "elbo", 1, 3.0, reverse_kl=0.4)]
     kept = latest_per_seed(old + new)
-    assert [(r["objective"], r["seed"], r["curve"][-1]["skl"]) for r in kept] == [("skl", 0, 1.0), ("skl", 1, 2.0), ("skl", 2, 1.0), ("elbo", 1, 3.0)]
+    # seed 2's re-run replaces its earlier run; seed 1's objective-comparison run is a run of another kind
+    assert [(r["objective"], r["seed"], r["curve"][-1]["skl"]) for r in kept] == [
+        ("skl", 0, 1.0), ("skl", 1, 1.0), ("skl", 2, 4.0), ("skl", 1, 2.0), ("elbo", 1, 3.0)]
     (tmp_path / "old_runs.json").write_text(json.dumps(old))
     (tmp_path / "new_runs.json").write_text(json.dumps(new))
     assert seeds_main(["--runs-from", str(tmp_path / "old_runs.json"), str(tmp_path / "new_runs.json"),
                        "--results-dir", str(tmp_path), "--out", "both"]) == 0
     rows = json.loads((tmp_path / "both.json").read_text())["rows"]
     fig2 = [r for r in rows if r["comparison"] == "structures (Fig. 2)"]
-    assert [r["seeds"] for r in fig2] == [3]  # seed 1 counted once, with its re-run
+    # the structure row: seeds 0, 1 (its structure-only run, final 1.0) and 2 (the re-run, 4.0)
+    assert [r["seeds"] for r in fig2] == [3] and fig2[0]["skl@100%"] == "2 ± 1.7"
     assert {r["objective"]: r["seeds"] for r in rows if r["comparison"] == "objectives (Fig. 3)"} == {"skl": 1, "elbo": 1}
 
 
@@ -237,7 +242,7 @@ def test_circuit_seeds_report_tells_resolved_from_unresolved_gaps_and_counts_see
     assert "at equal steps (40): faithful 1.05 ± 0.029, dense 0.51 ± 0.01 nats" in notes
     # seeds 0-2 have both structures; dense is lower on each of them
     assert "paired by seed, faithful <= dense on: 25%: 0/3 seeds, median 4.01 vs 3.51;" in notes
-    assert "cnf dense skl: 3" in notes and "cnf faithful elbo: 2" in notes and "cnf faithful skl" not in notes
+    assert "seeds per cell: cnf dense skl: 3, Fig. 3 cnf faithful elbo: 2, Fig. 3 cnf faithful skl: 1;" in notes
     fig3 = {r["objective"]: r["seeds"] for r in table["rows"] if r["comparison"] == "objectives (Fig. 3)"}
     assert fig3 == {"skl": 1, "elbo": 2}
 
