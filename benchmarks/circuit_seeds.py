@@ -43,7 +43,7 @@ from .circuit import evaluate_skl, log_evidence, make_guide
 from .report import RESULTS_DIR, write_results
 from .training_budget import apply_training_arguments
 
-__all__ = ["main", "FAMILIES", "train_with_curve", "summarise", "plot_curves", "family_label", "group_runs", "latest_per_seed", "measured_reverse_kl"]
+__all__ = ["main", "FAMILIES", "train_with_curve", "summarise", "plot_curves", "family_label", "group_runs", "latest_per_seed", "measured_reverse_kl", "sign_test"]
 
 #: family -> the circuit benchmark's flow name (``spline3``: the best StrAF of ``circuit_300s_*``)
 FAMILIES = {"cnf": "cnf", "straf": "spline3", "grf": "grf"}
@@ -346,9 +346,16 @@ def _paired(pair: dict[str, list[dict]], other: str = "dense", fractions=(0.25, 
         pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
         if pairs:
             wins = sum(a <= b for a, b in pairs)
-            parts.append(f"{100 * f:.0f}%: {wins}/{len(pairs)} seeds, median {statistics.median(a for a, _ in pairs):.3g} "
-                         f"vs {statistics.median(b for _, b in pairs):.3g}")
+            parts.append(f"{100 * f:.0f}%: {wins}/{len(pairs)} seeds (sign test p = {sign_test(wins, len(pairs)):.2g}), "
+                         f"median {statistics.median(a for a, _ in pairs):.3g} vs {statistics.median(b for _, b in pairs):.3g}")
     return f"paired by seed, faithful <= {other} on: " + ("; ".join(parts) if parts else "no seed run with both structures") + "."
+
+
+def sign_test(wins: int, n: int) -> float:
+    """Two-sided sign-test p-value of ``wins`` out of ``n`` paired seeds against a fair coin (how often
+    a split at least this uneven comes from two structures that are equally good)."""
+    k = min(wins, n - wins)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
 
 
 def _at_equal_steps(pair: dict[str, list[dict]], other: str = "dense") -> str:

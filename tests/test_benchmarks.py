@@ -227,7 +227,11 @@ def test_circuit_seeds_runs_from_keeps_one_run_per_seed_and_kind_and_structures_
 
 
 def test_circuit_seeds_report_tells_resolved_from_unresolved_gaps_and_counts_seeds_per_cell(tmp_path):
-    from benchmarks.circuit_seeds import main as seeds_main
+    from benchmarks.circuit_seeds import main as seeds_main, sign_test
+
+    # two-sided sign test: P(a split at least this uneven | fair coin)
+    assert sign_test(5, 10) == 1.0 and sign_test(3, 10) == sign_test(7, 10) == 176 / 512
+    assert sign_test(0, 10) == sign_test(10, 10) == 2 / 1024
 
     runs = [_synthetic_run("faithful", "skl", s, 1.0 + 0.01 * s) for s in range(10)]
     runs += [_synthetic_run("dense", "skl", s, 0.5 + 0.01 * s) for s in range(3)]  # dense lower, tight: resolved
@@ -241,7 +245,7 @@ def test_circuit_seeds_report_tells_resolved_from_unresolved_gaps_and_counts_see
     assert "NO, at 25%" in notes and ": resolved)" in notes and "unresolved" not in notes
     assert "at equal steps (40): faithful 1.05 ± 0.029, dense 0.51 ± 0.01 nats" in notes
     # seeds 0-2 have both structures; dense is lower on each of them
-    assert "paired by seed, faithful <= dense on: 25%: 0/3 seeds, median 4.01 vs 3.51;" in notes
+    assert "paired by seed, faithful <= dense on: 25%: 0/3 seeds (sign test p = 0.25), median 4.01 vs 3.51;" in notes
     assert "seeds per cell: cnf dense skl: 3, Fig. 3 cnf faithful elbo: 2, Fig. 3 cnf faithful skl: 1;" in notes
     fig3 = {r["objective"]: r["seeds"] for r in table["rows"] if r["comparison"] == "objectives (Fig. 3)"}
     assert fig3 == {"skl": 1, "elbo": 2}
@@ -251,7 +255,7 @@ def test_circuit_seeds_report_tells_resolved_from_unresolved_gaps_and_counts_see
     path.write_text(json.dumps(noisy))
     assert seeds_main(["--runs-from", str(path), "--results-dir", str(tmp_path), "--out", "syn"]) == 0
     notes = json.loads((tmp_path / "syn.json").read_text())["notes"]
-    assert ": unresolved)" in notes and "100%: 0/3 seeds, median 2 vs 1.9." in notes
+    assert ": unresolved)" in notes and "100%: 0/3 seeds (sign test p = 0.25), median 2 vs 1.9." in notes
 
     # the FFJORD baseline is compared with faithful as dense is
     path.write_text(json.dumps(noisy + [_synthetic_run("ffjord", "skl", s, 2.0 + s) for s in range(3)]))
