@@ -27,6 +27,7 @@ guide's cost per observation, training divided over K observations) and time at 
 Usage::
 
     python -m benchmarks amortization            # writes benchmarks/results/amortization.{md,json}
+    python -m benchmarks amortization --network magic-niab   # amortization_magic-niab.{md,json}
     python -m benchmarks amortization --quick    # tiny budgets; prints, does not write results
 """
 
@@ -524,6 +525,7 @@ def _parser():
     p.add_argument("--note", default="", help="a note added to the table")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--quick", action="store_true", help="tiny budgets; prints but does not write results")
+    p.add_argument("--out", default=None, help="results file stem (default: amortization for ecoli70, amortization_NETWORK else)")
     return p
 
 
@@ -540,8 +542,9 @@ def main(argv=None) -> dict:
     print(table)
     if not args.quick:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "amortization.json").write_text(json.dumps(result, indent=2) + "\n")
-        (RESULTS / "amortization.md").write_text(table)
+        out = args.out or ("amortization" if args.network == "ecoli70" else f"amortization_{args.network}")
+        (RESULTS / f"{out}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (RESULTS / f"{out}.md").write_text(table)
     return result
 
 
