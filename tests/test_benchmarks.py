@@ -392,3 +392,13 @@ def test_flows_nfe_goal_pairs_seeds_and_says_when_it_is_missed():
     assert a.endswith("0.90 of dense's unmasked parameters.")
     assert b.startswith("- b: NFE at equal accuracy faithful 54, dense 48 (1 seeds; faithful below dense on 0, equal on 0): NOT met.")
     assert "0.50 of dense's" in b
+
+
+def test_amortization_loads_bnlearn_networks_and_the_deep_chain():
+    from benchmarks.amortization import load_network
+
+    chain = load_network("deep_chain")
+    assert (len(chain.latent_sites), len(chain.observed_sites)) == (64, 32)
+    assert len(load_network("ecoli70").latent_sites) == 22
+    with pytest.raises(ValueError, match="nope"):
+        load_network("nope")
