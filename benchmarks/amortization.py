@@ -372,6 +372,29 @@ def load_network(name: str) -> LinearGaussianNetwork:
     return LinearGaussianNetwork.from_name(name)
 
 
+def _method_of(key: str) -> str | None:
+    """The method (``--only`` choice) a result key holds, or ``None`` for config, machine and the rest."""
+    if key.startswith("svi_"):
+        return "svi"
+    return key if key in ("amortised", "nuts", "npe") else None
+
+
+def _earlier_result(args) -> dict:
+    """``--only``: the existing table's JSON, whose other methods are kept (same network, seed and observations)."""
+    path = RESULTS / f"{_out_name(args)}.json"
+    if not path.exists():
+        raise SystemExit(f"--only re-runs some methods of an existing table, but {path} does not exist; run without --only first")
+    earlier = json.loads(path.read_text())
+    mismatch = [k for k in ("network", "seed", "num_obs", "baseline_obs") if earlier["config"].get(k) != getattr(args, k)]
+    if mismatch:
+        raise SystemExit(f"--only: {path} was run with other {', '.join(mismatch)}; re-run every method instead")
+    return earlier
+
+
+def _out_name(args) -> str:
+    return args.out or ("amortization" if args.network == "ecoli70" else f"amortization_{args.network}")
+
+
 def run(args) -> dict:
     """Every method on the same observations; returns the JSON-able result (see :func:`compare`)."""
     torch.set_num_threads(1)  # every method on one thread, so CPU seconds compare
@@ -383,12 +406,21 @@ def run(args) -> dict:
                          "observed": len(network.observed_sites)}
     obs_all = network.sample_observations(args.num_obs, torch.Generator().manual_seed(args.seed + 1))
     obs_list = [{k: v[i] for k, v in obs_all.items()} for i in range(args.baseline_obs)]
-    result["amortised"] = run_amortised(network, obs_all, obs_list, args)
-    for family in args.svi_families:
+    earlier = _earlier_result(args) if args.only is not None else {}
+    keep = {k: v for k, v in earlier.items() if _method_of(k) not in (None, *args.only)}
+    result.update(keep)
+    done = {_method_of(k) for k in keep}
+    if keep:
+        result["kept_from_earlier_run"] = {"methods": sorted(done), "date_utc": earlier["machine"].get("date_utc"),
+                                           "commit": earlier["machine"].get("commit"), "config": earlier["config"]}
+    if "amortised" not in done:
+        result["amortised"] = run_amortised(network, obs_all, obs_list, args)
+    for family in args.svi_families if "svi" not in done else ():
         result[f"svi_{family}"] = run_svi(network, obs_list, family, svi_config(args), args.seed)
     nuts_obs = obs_list[: args.nuts_obs or args.baseline_obs]
-    result["nuts"] = run_nuts(network, nuts_obs, args.nuts_warmup, args.nuts_samples, args.nuts_prefixes, args.seed)
-    if args.npe_simulations:
+    if "nuts" not in done:
+        result["nuts"] = run_nuts(network, nuts_obs, args.nuts_warmup, args.nuts_samples, args.nuts_prefixes, args.seed)
+    if args.npe_simulations and "npe" not in done:
         try:
             import sbi  # noqa: F401
         except ImportError:
@@ -457,6 +489,15 @@ def _protocol(c: dict, r: dict) -> str:
     return "Full protocol" if all(ran.get(k, 0) >= v for k, v in FULL_PROTOCOL.items()) else "Reduced protocol"
 
 
+def _kept_note(r: dict) -> str:
+    """`` Kept from ...``: which methods an ``--only`` run took from the earlier run, and when that ran."""
+    kept = r.get("kept_from_earlier_run")
+    if not kept:
+        return ""
+    return (f" Only {', '.join(sorted({'amortised', 'svi', 'nuts', 'npe'} - set(kept['methods'])))} re-run here; "
+            f"{', '.join(kept['methods'])} kept from the run of {kept['date_utc']} (commit {kept['commit']}, same observations).")
+
+
 def to_markdown(r: dict) -> str:
     c, a, cmp_, m = r["config"], r["amortised"], r["comparison"], r["machine"]
     K, N = len(a["per_obs"]), c["num_obs"]
@@ -471,7 +512,7 @@ def to_markdown(r: dict) -> str:
         f"mean error = worst latent's |mean_q - mean_p| / sd_p; sd error = worst |sd_q / sd_p - 1|.", "",
         f"Run {m['date_utc']}, commit {m['commit']}, load average {', '.join(f'{x:.1f}' for x in m['load_average_at_start'])} "
         f"at the start and {', '.join(f'{x:.1f}' for x in m['load_average_at_end'])} at the end; {m['platform']}, "
-        f"torch {m['torch']}, pyro {m['pyro']}, seed {c['seed']}.", "",
+        f"torch {m['torch']}, pyro {m['pyro']}, seed {c['seed']}." + _kept_note(r), "",
         "| method | settings | convergence check | exact KL | mean error (sd) | sd error | CPU s per obs (answer / run) | "
         f"one-off training CPU s | CPU s per obs incl. training, K = {K} / {N} |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|",
@@ -542,6 +583,8 @@ def _parser():
     p.add_argument("--note", default="", help="a note added to the table")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--quick", action="store_true", help="tiny budgets; prints but does not write results")
+    p.add_argument("--only", nargs="*", default=None, choices=["amortised", "svi", "nuts", "npe"],
+                   help="re-run only these methods and keep the others from the existing table's JSON (same network and seed)")
     p.add_argument("--out", default=None, help="results file stem (default: amortization for ecoli70, amortization_NETWORK else)")
     return p
 
@@ -559,7 +602,7 @@ def main(argv=None) -> dict:
     print(table)
     if not args.quick:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        out = args.out or ("amortization" if args.network == "ecoli70" else f"amortization_{args.network}")
+        out = _out_name(args)
         (RESULTS / f"{out}.json").write_text(json.dumps(result, indent=2) + "\n")
         (RESULTS / f"{out}.md").write_text(table)
     return result

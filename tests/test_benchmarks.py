@@ -402,3 +402,20 @@ def test_amortization_loads_bnlearn_networks_and_the_deep_chain():
     assert len(load_network("ecoli70").latent_sites) == 22
     with pytest.raises(ValueError, match="nope"):
         load_network("nope")
+
+
+def test_amortization_only_keeps_the_other_methods_of_the_same_run_and_refuses_another(tmp_path, monkeypatch):
+    import benchmarks.amortization as am
+
+    monkeypatch.setattr(am, "RESULTS", tmp_path)
+    args = am._parser().parse_args(["--network", "magic-niab", "--only", "svi"])
+    with pytest.raises(SystemExit, match="does not exist; run without --only first"):
+        am._earlier_result(args)
+    config = {"network": "magic-niab", "seed": 0, "num_obs": 1000, "baseline_obs": 5}
+    earlier = {"config": config, "machine": {}, "amortised": 1, "svi_AutoNormal": 2, "nuts": 3, "npe": 4, "comparison": 5}
+    (tmp_path / "amortization_magic-niab.json").write_text(json.dumps(earlier))
+    kept = {k for k in am._earlier_result(args) if am._method_of(k) not in (None, *args.only)}
+    assert kept == {"amortised", "nuts", "npe"}  # svi is re-run; config, machine, comparison are recomputed
+    other = am._parser().parse_args(["--network", "magic-niab", "--only", "svi", "--seed", "3"])
+    with pytest.raises(SystemExit, match="other seed"):
+        am._earlier_result(other)
