@@ -427,7 +427,7 @@ def _report(runs: list[dict], args) -> None:
         "Goals (issue 18):",
         *_goals(skl_rows, budget_note, structure_runs),
         "",
-        "Analysis: `benchmarks/results/NOTES.md`, sections \"Ninth session\", \"Eighth session\" and \"Seventh session\" (and, for earlier tables, \"GRF depth and the circuit over seeds\" and \"The structured CNF\").",
+        "Analysis: `benchmarks/results/NOTES.md`, sections \"Eleventh session\", \"Tenth session\", \"Ninth session\", \"Eighth session\" and \"Seventh session\" (and, for earlier tables, \"GRF depth and the circuit over seeds\" and \"The structured CNF\").",
     ])
     meta = {k: v for k, v in vars(args).items() if k not in ("runs_from", "results_dir")}
     if args.runs_from:  # a merge trains nothing: the runs' own settings, not this invocation's defaults
