@@ -1,7 +1,8 @@
-"""Benchmark: the amortised default guide on ecoli70 against tuned per-observation SVI, NUTS and sbi's NPE.
+"""Benchmark: the amortised default guide on a linear-Gaussian network against tuned per-observation SVI, NUTS and sbi's NPE.
 
-ecoli70 is a linear-Gaussian network (22 latent nodes, 24 observed leaves), so every
-observation's posterior is a known Gaussian and every method is scored against it:
+The network (``--network``: ecoli70 by default, 22 latent nodes and 24 observed leaves; any bnlearn
+network by name, e.g. magic-niab; or ``deep_chain``, 64 latents of depth 34) is linear-Gaussian, so
+every observation's posterior is a known Gaussian and every method is scored against it:
 
 - exact ``KL(p(z|x) || q(z|x))``: closed form for SVI's Gaussian ``q`` and for the Gaussian
   moment-matched to NUTS's samples (which includes the chain's Monte Carlo error); the unbiased
@@ -372,11 +373,15 @@ def load_network(name: str) -> LinearGaussianNetwork:
     return LinearGaussianNetwork.from_name(name)
 
 
+#: the methods of the table, as ``--only`` names them
+METHODS = ("amortised", "svi", "nuts", "npe")
+
+
 def _method_of(key: str) -> str | None:
     """The method (``--only`` choice) a result key holds, or ``None`` for config, machine and the rest."""
     if key.startswith("svi_"):
         return "svi"
-    return key if key in ("amortised", "nuts", "npe") else None
+    return key if key in METHODS else None
 
 
 def _earlier_result(args) -> dict:
@@ -494,7 +499,7 @@ def _kept_note(r: dict) -> str:
     kept = r.get("kept_from_earlier_run")
     if not kept:
         return ""
-    return (f" Only {', '.join(sorted({'amortised', 'svi', 'nuts', 'npe'} - set(kept['methods'])))} re-run here; "
+    return (f" Only {', '.join(m for m in METHODS if m not in kept['methods'])} re-run here; "
             f"{', '.join(kept['methods'])} kept from the run of {kept['date_utc']} (commit {kept['commit']}, same observations).")
 
 
@@ -583,7 +588,7 @@ def _parser():
     p.add_argument("--note", default="", help="a note added to the table")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--quick", action="store_true", help="tiny budgets; prints but does not write results")
-    p.add_argument("--only", nargs="*", default=None, choices=["amortised", "svi", "nuts", "npe"],
+    p.add_argument("--only", nargs="*", default=None, choices=METHODS,
                    help="re-run only these methods and keep the others from the existing table's JSON (same network and seed)")
     p.add_argument("--out", default=None, help="results file stem (default: amortization for ecoli70, amortization_NETWORK else)")
     return p
