@@ -51,6 +51,10 @@ def _energize(flow: StructuredCNF, scale: float = 3.0, seed: int = 0) -> Structu
         if flow.aux is not None:  # r(a | z, x) away from N(0, I), so the bound is not trivially tight
             for layer in flow.aux.layers:
                 layer.weight.copy_(0.5 * torch.randn(layer.weight.shape, generator=g) * layer.mask)
+        if flow.base is not None:  # the base layer starts as the identity; give it a shift and a scale
+            for layer in flow.base.conditioners[0].layers:
+                layer.weight.copy_(0.5 * torch.randn(layer.weight.shape, generator=g) * layer.mask)
+                layer.bias.copy_(0.5 * torch.randn(layer.bias.shape, generator=g))  # roots move too
     return flow
 
 
@@ -484,6 +488,53 @@ def test_full_velocity_mask_is_ffjord_unconstrained_with_an_exact_density():
     # the sample then depends on everything, outside H's closure too (z0 on z3)
     J = torch.autograd.functional.jacobian(lambda e: flow.forward(e, x[:1])[0], torch.randn(1, 4))
     assert J[0, 0, 0, 3].abs() > 1e-6
+    check_logdet(flow, atol=1e-6)
+    check_round_trip(flow, atol=1e-6)
+    check_log_prob_consistency(flow)
+
+
+# ------------------------------------------------------------------ base layer
+@pytest.mark.parametrize("augment", [0, 2])
+@pytest.mark.parametrize("context_dim", [0, 2])
+def test_shared_suite_with_affine_base_layer(augment, context_dim):
+    A = random_dag_adjacency(5, context_dim, p=0.4, seed=3)
+    flow = _flow(A, context_dim, base_layer="affine", augment=augment, hidden_sizes=(12, 12))
+    assert torch.equal(flow.base.adjacency, flow.adjacency)  # masked with H itself
+    eps = torch.randn(6, flow.state_dim)
+    x = torch.randn(6, context_dim) if context_dim else None
+    u, _ = flow.base(eps[:, :5], x)
+    assert (u - eps[:, :5]).abs().mean() > 0.1  # the base layer moves (the suite would pass an identity)
+    y, logdet = flow.forward_state(eps, x)
+    stats = flow.last_stats["forward"]
+    assert stats["evaluations"] == stats["nfe"] + flow.base.num_passes + (1 if augment else 0)  # base passes count
+    # the state bijection is the base layer followed by the ODE: the same as doing the two by hand
+    flow.base, base = None, flow.base
+    v = torch.cat([u, eps[:, 5:]], -1)
+    y_ode, logdet_ode = flow.forward_state(v, x)
+    flow.base = base
+    assert torch.allclose(y, y_ode, atol=1e-10)
+    assert torch.allclose(logdet, logdet_ode + base(eps[:, :5], x)[1], atol=1e-10)
+    check_all(flow, logdet_atol=1e-6, roundtrip_atol=1e-6, jac_atol=0.0)
+
+
+def test_affine_base_layer_starts_as_the_identity_and_names_a_bad_option():
+    A = random_dag_adjacency(4, 1, p=0.6, seed=13)
+    torch.manual_seed(0)
+    flow = StructuredCNF(A, context_dim=1, init_scale=0.0, hidden_sizes=(8,), base_layer="affine")
+    eps, x = torch.randn(5, 4), torch.randn(5, 1)
+    z, logdet = flow.forward(eps, x)
+    assert torch.allclose(z, eps, atol=1e-14) and logdet.abs().max() < 1e-14
+    assert flow.num_effective_parameters() > StructuredCNF(A, context_dim=1, hidden_sizes=(8,)).num_effective_parameters()
+    with pytest.raises(ValueError, match="base_layer"):
+        StructuredCNF(A, context_dim=1, base_layer="spline")
+
+
+def test_ffjord_base_layer_is_dense_lower_triangular():
+    A = chain_adjacency(4, context_dim=1)
+    flow = _flow(A, context_dim=1, velocity_mask="full", base_layer="affine")
+    expected = torch.ones(4, 5, dtype=torch.bool)
+    expected[:, :4] = torch.tril(expected[:, :4], -1)
+    assert torch.equal(flow.base.adjacency, expected)
     check_logdet(flow, atol=1e-6)
     check_round_trip(flow, atol=1e-6)
     check_log_prob_consistency(flow)

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..nn import StrNN, get_activation
 from .base import ConditionalFlow, transitive_closure
+from .straf import StrAF
 
 __all__ = ["StructuredCNF", "augmented_adjacency"]
 
@@ -42,6 +43,8 @@ _FIXED_GRID_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_a
 _TIME_GATINGS = ("paper", "gate_and_bias", "gate", "none")
 
 _VELOCITY_MASKS = ("structure", "context_closure", "closure", "full")
+
+_BASE_LAYERS = (None, "affine")
 
 # The tolerance schedule reaches the final tolerances at this fraction of training.
 _TIGHTEN_BY = 0.8
@@ -200,6 +203,15 @@ class StructuredCNF(ConditionalFlow):
             ``"full"`` is FFJORD's unconstrained field (every latent's velocity sees every latent and
             every observation, whatever ``H``): a baseline with no structural guarantee, since the
             sample then depends on all of them.
+        base_layer: ``"affine"`` maps the noise through one affine StrAF layer masked with ``H``
+            (:class:`~pyro_struct.flows.StrAF`, identity at first) before the ODE, so the field
+            only has to correct a structured conditional location-scale map; ``None`` (default):
+            the ODE starts from the standard normal noise. The sample's dependence pattern is
+            unchanged (the layer's ``u_i`` depends on the noise and context of ``H``-ancestors of
+            ``i``). With ``velocity_mask="full"`` the layer sees every earlier latent and every
+            observation, so the FFJORD baseline stays free of structure. With augmentation it
+            maps the latents' noise only.
+        base_hidden_sizes: hidden widths of the base layer's conditioner (default ``hidden_sizes``).
 
     The CNF is one ODE, so it has no ``num_layers`` option; :attr:`num_passes` is the number of
     network evaluations of the last sampling call (the solver's NFE, plus one pass of the
@@ -247,10 +259,14 @@ class StructuredCNF(ConditionalFlow):
         init_scale: float = 0.0,
         tolerance_schedule: tuple[float, float] | None = (1e-3, 1e-3),
         velocity_mask: str = "closure",
+        base_layer: str | None = None,
+        base_hidden_sizes: Sequence[int] | None = None,
     ):
         super().__init__(adjacency, context_dim)
         if velocity_mask not in _VELOCITY_MASKS:
             raise ValueError(f"velocity_mask must be one of {_VELOCITY_MASKS}; got {velocity_mask!r}")
+        if base_layer not in _BASE_LAYERS:
+            raise ValueError(f"base_layer must be None or 'affine' (a StrAF affine layer before the ODE); got {base_layer!r}")
         self._check_options(activation, time_gating, T, divergence, hutchinson_noise, method, rtol, atol, augment,
                             aux_samples, init_scale, tolerance_schedule)
         import torchdiffeq  # noqa: F401  (fail here, with the name of the missing package, not mid-solve)
@@ -284,6 +300,9 @@ class StructuredCNF(ConditionalFlow):
                          mask_method=mask_method, require="smooth")
         self._build_gates(time_gating, float(init_scale))
         self.aux = self._build_auxiliary(A_f, aux_hidden_sizes) if self.augment else None
+        self.base_layer = base_layer
+        self.base = None if base_layer is None else self._build_base(
+            velocity_mask, hidden_sizes if base_hidden_sizes is None else base_hidden_sizes, mask_method)
 
         self.register_buffer("_diag_paths", self._diagonal_paths(), persistent=False)
         self._nfe = {"forward": 0, "inverse": 0, "backward": 0}
@@ -354,6 +373,17 @@ class StructuredCNF(ConditionalFlow):
         aux = StrNN(rows, hidden_sizes, num_params=2, activation=self.activation, require="smooth")
         aux.layers[-1].reset_masked_parameters(zero_init=True)
         return aux
+
+    def _build_base(self, velocity_mask: str, hidden_sizes: Sequence[int], mask_method: str) -> StrAF:
+        """The affine StrAF layer ``eps -> u`` before the ODE, masked with ``H`` (so ``u_i`` depends on the
+        noise and context of ``H``-ancestors only); for the FFJORD field (``"full"``) with every earlier
+        latent and every observation, so that baseline stays free of structure. Identity at first."""
+        A = self.adjacency
+        if velocity_mask == "full":
+            A = torch.ones_like(A)
+            A[:, : self.dim] = torch.tril(A[:, : self.dim], -1)
+        return StrAF(A, self.context_dim, num_layers=1, normalizer="affine", hidden_sizes=hidden_sizes,
+                     mask_method=mask_method)
 
     def _velocity_mask(self, kind: str) -> torch.Tensor:
         """The velocity field's latent-level adjacency (before the diagonal): ``H`` itself, ``H`` with
@@ -678,16 +708,37 @@ class StructuredCNF(ConditionalFlow):
         if not self.augment:
             raise ValueError(f"{what} needs augmenting dimensions; this flow was built with augment=0")
 
+    def _state_forward(self, e: torch.Tensor, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """State noise ``e`` ``(*batch, D)`` -> ``y`` and ``log|det dy/de|``: the base layer, then the ODE."""
+        if self.base is None:
+            return self._solve(e, x, "forward")
+        d = self.dim
+        head, ld0 = self.base(e[..., :d], x)
+        v = torch.cat([head, e[..., d:]], -1) if self.augment else head
+        y, ld = self._solve(v, x, "forward")
+        self.last_stats["forward"]["evaluations"] += self.base.last_stats["forward"]["evaluations"]
+        return y, ld0 + ld
+
+    def _state_inverse(self, y: torch.Tensor, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """State ``y`` ``(*batch, D)`` -> noise ``e`` and ``log|det de/dy|``: the ODE backwards, then the base layer's inverse."""
+        v, ld = self._solve(y, x, "inverse")
+        if self.base is None:
+            return v, ld
+        d = self.dim
+        head, ld0 = self.base.inverse(v[..., :d], x)
+        self.last_stats["inverse"]["evaluations"] += self.base.last_stats["inverse"]["evaluations"]
+        return (torch.cat([head, v[..., d:]], -1) if self.augment else head), ld + ld0
+
     def forward_state(self, e: torch.Tensor, x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The exact bijection on the state: noise ``e`` ``(*batch, D)`` -> ``y`` ``(*batch, D)`` and
         ``log|det dy/de|`` ``(*batch,)`` (without augmentation the same as :meth:`forward`)."""
         e, x = self._validate(e, x, "e", self.state_dim)
-        return self._solve(e, x, "forward")
+        return self._state_forward(e, x)
 
     def inverse_state(self, y: torch.Tensor, x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The inverse bijection: state ``y`` ``(*batch, D)`` -> ``e`` ``(*batch, D)`` and ``log|det de/dy|``."""
         y, x = self._validate(y, x, "y", self.state_dim)
-        return self._solve(y, x, "inverse")
+        return self._state_inverse(y, x)
 
     def state_log_prob(self, y: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """The exact ``log q(z, a | x)`` ``(*batch,)`` of states ``y = [z, a]`` ``(*batch, D)``."""
@@ -714,7 +765,7 @@ class StructuredCNF(ConditionalFlow):
         e = eps
         if self.augment:
             e = torch.cat([eps, torch.randn(eps.shape[:-1] + (d * self.augment,), dtype=eps.dtype, device=eps.device)], -1)
-        y, logdet = self._solve(e, x, "forward")
+        y, logdet = self._state_forward(e, x)
         log_q = self._standard_normal_log_prob(e) - logdet
         if not self.augment:
             return y, log_q, torch.zeros_like(log_q)
@@ -729,7 +780,7 @@ class StructuredCNF(ConditionalFlow):
             bound (class docstring), so ``base_log_prob(eps) - logdet`` is what every caller needs.
         """
         if not self.augment:
-            return self._solve(eps, x, "forward")
+            return self._state_forward(eps, x)
         y, log_q, log_r = self._sample_state(eps, x)
         return y[..., : self.dim], self.base_log_prob(eps) - (log_q - log_r)
 
@@ -742,9 +793,9 @@ class StructuredCNF(ConditionalFlow):
             docstring), so ``base_log_prob(eps) + logdet`` is the ELBO over the augmenting dims.
         """
         if not self.augment:
-            return self._solve(z, x, "inverse")
+            return self._state_inverse(z, x)
         a, log_r = self.auxiliary_sample(z, x)
-        e, logdet = self._solve(torch.cat([z, a], -1), x, "inverse")
+        e, logdet = self._state_inverse(torch.cat([z, a], -1), x)
         eps = e[..., : self.dim]
         return eps, self._standard_normal_log_prob(e) + logdet - log_r - self.base_log_prob(eps)
 
