@@ -6,6 +6,8 @@ follow the inverse structure ``H`` plus the diagonal, and time enters through pe
 so that it cannot open any connection the masks close. Optionally each latent carries
 ``augment`` extra dimensions (Weilbach et al.'s "local nuisance variables", after the augmented
 neural ODEs of Dupont et al. 2019), whose density is handled by an auxiliary-variable bound.
+By default one affine StrAF layer masked with ``H`` maps the noise before the ODE
+(``base_layer="affine"``), so the field only corrects a structured location-scale map.
 
 Example:
     >>> A = torch.tensor([[0, 0, 1], [1, 0, 0]], dtype=torch.bool)   # d=2 latents, 1 context column
@@ -203,10 +205,13 @@ class StructuredCNF(ConditionalFlow):
             ``"full"`` is FFJORD's unconstrained field (every latent's velocity sees every latent and
             every observation, whatever ``H``): a baseline with no structural guarantee, since the
             sample then depends on all of them.
-        base_layer: ``"affine"`` maps the noise through one affine StrAF layer masked with ``H``
-            (:class:`~pyro_struct.flows.StrAF`, identity at first) before the ODE, so the field
-            only has to correct a structured conditional location-scale map; ``None`` (default):
-            the ODE starts from the standard normal noise. The sample's dependence pattern is
+        base_layer: ``"affine"`` (default) maps the noise through one affine StrAF layer masked
+            with ``H`` (:class:`~pyro_struct.flows.StrAF`, identity at first) before the ODE, so the
+            field only has to correct a structured conditional location-scale map; ``None``: the ODE
+            starts from the standard normal noise (the default before; every CNF table of
+            ``benchmarks/results`` older than ``circuit_seeds_cnf_base.md`` was measured so). On the
+            arithmetic circuit (300 CPU-s of ``skl``, ``circuit_seeds_cnf_base.md``) it takes the
+            faithful CNF from 1.08 to about 0.36 nats, below FFJORD's field with the same layer. The sample's dependence pattern is
             unchanged (the layer's ``u_i`` depends on the noise and context of ``H``-ancestors of
             ``i``). With ``velocity_mask="full"`` the layer sees every earlier latent and every
             observation, so the FFJORD baseline stays free of structure. With augmentation it
@@ -259,7 +264,7 @@ class StructuredCNF(ConditionalFlow):
         init_scale: float = 0.0,
         tolerance_schedule: tuple[float, float] | None = (1e-3, 1e-3),
         velocity_mask: str = "closure",
-        base_layer: str | None = None,
+        base_layer: str | None = "affine",
         base_hidden_sizes: Sequence[int] | None = None,
     ):
         super().__init__(adjacency, context_dim)
@@ -643,11 +648,6 @@ class StructuredCNF(ConditionalFlow):
         """Integrate the state ``(v, 0)`` from ``0`` to ``T`` (``mode="forward"``) or ``T`` to ``0`` (``"inverse"``)."""
         from torchdiffeq import odeint, odeint_adjoint
 
-        ref = self._reference()
-        if ref.is_floating_point() and v.dtype != ref.dtype:
-            raise ValueError(
-                f"input dtype {v.dtype} does not match the flow's parameters ({ref.dtype}); convert one of them"
-            )
         ends = [0.0, self.T] if mode == "forward" else [self.T, 0.0]
         t = torch.tensor(ends, dtype=v.dtype, device=v.device)
         y0 = (v, torch.zeros(v.shape[:-1], dtype=v.dtype, device=v.device))
@@ -708,8 +708,16 @@ class StructuredCNF(ConditionalFlow):
         if not self.augment:
             raise ValueError(f"{what} needs augmenting dimensions; this flow was built with augment=0")
 
+    def _check_dtype(self, v: torch.Tensor) -> None:
+        ref = self._reference()
+        if ref.is_floating_point() and v.dtype != ref.dtype:
+            raise ValueError(
+                f"input dtype {v.dtype} does not match the flow's parameters ({ref.dtype}); convert one of them"
+            )
+
     def _state_forward(self, e: torch.Tensor, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """State noise ``e`` ``(*batch, D)`` -> ``y`` and ``log|det dy/de|``: the base layer, then the ODE."""
+        self._check_dtype(e)
         if self.base is None:
             return self._solve(e, x, "forward")
         d = self.dim
@@ -721,6 +729,7 @@ class StructuredCNF(ConditionalFlow):
 
     def _state_inverse(self, y: torch.Tensor, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """State ``y`` ``(*batch, D)`` -> noise ``e`` and ``log|det de/dy|``: the ODE backwards, then the base layer's inverse."""
+        self._check_dtype(y)
         v, ld = self._solve(y, x, "inverse")
         if self.base is None:
             return v, ld
@@ -816,5 +825,6 @@ class StructuredCNF(ConditionalFlow):
         return (
             f"{super().extra_repr()}, hidden={self.net.hidden_sizes}, T={self.T}, method={self.method!r}, "
             f"rtol={self.rtol}, atol={self.atol}, divergence={self.divergence!r}, adjoint={self.adjoint}, "
-            f"time_gating={self.time_gating!r}, include_diagonal={self.include_diagonal}, augment={self.augment}"
+            f"time_gating={self.time_gating!r}, include_diagonal={self.include_diagonal}, augment={self.augment}, "
+            f"base_layer={self.base_layer!r}"
         )
