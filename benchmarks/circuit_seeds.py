@@ -427,7 +427,8 @@ def _report(runs: list[dict], args) -> None:
         "Goals (issue 18):",
         *_goals(skl_rows, budget_note, structure_runs),
         "",
-        "Analysis: `benchmarks/results/NOTES.md`, sections \"Eleventh session\", \"Tenth session\", \"Ninth session\", \"Eighth session\" and \"Seventh session\" (and, for earlier tables, \"GRF depth and the circuit over seeds\" and \"The structured CNF\").",
+        *([args.note, ""] if args.note else []),
+        "Analysis: `benchmarks/results/NOTES.md`, sections \"Twelfth session\", \"Eleventh session\", \"Tenth session\", \"Ninth session\", \"Eighth session\" and \"Seventh session\" (and, for earlier tables, \"GRF depth and the circuit over seeds\" and \"The structured CNF\").",
     ])
     meta = {k: v for k, v in vars(args).items() if k not in ("runs_from", "results_dir")}
     if args.runs_from:  # a merge trains nothing: the runs' own settings, not this invocation's defaults
@@ -473,6 +474,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-from", nargs="*", default=[], help="merge the *_runs.json of earlier runs instead of training (a later run of a cell, seed and kind replaces an earlier one)")
     p.add_argument("--merge", action="store_true",
                    help="keep the runs of the existing OUT_runs.json whose cells this invocation does not run")
+    p.add_argument("--note", default="", help="a note added to the report above its analysis line (e.g. what an older run's defaults were)")
     p.add_argument("--out", default="circuit_seeds")
     p.add_argument("--results-dir", default=None, help="folder for the tables and figures (default: benchmarks/results)")
     return p

@@ -194,9 +194,11 @@ def test_circuit_seeds_records_curves_on_a_training_clock_and_writes_tables_and_
 
     # --runs-from trains nothing, and its settings are the runs' own (not this invocation's defaults)
     assert seeds_main(["--runs-from", str(tmp_path / "tiny_runs.json"), "--objective-family", "grf", "--results-dir", str(tmp_path),
-                       "--out", "again"]) == 0
+                       "--out", "again", "--note", "These runs predate a default."]) == 0
     meta = json.loads((tmp_path / "again.json").read_text())["meta"]
     assert meta["budgets"] == ["0.5 s wall", "1.5 s cpu"] and meta["seeds_per_cell"] == [1, 2] and "seeds" not in meta
+    report = (tmp_path / "again.md").read_text()
+    assert "These runs predate a default.\n\nAnalysis:" in report
 
 
 def _synthetic_run(structure, objective, seed, final, reverse_kl=None):
