@@ -35,6 +35,8 @@ LGBN_TABLES = [
     "lgbn_fkl_cnf_500samples_ecoli70", "lgbn_fkl_cnf_500samples_magic-niab", "lgbn_fkl5000_wd0.3",
     # GRF and CNF, faithful and dense run side by side (equal load), seeds 0-1
     "lgbn_s8_*_s[01]", "lgbn_s9_*_mn_s[01]",
+    # the CNF with its affine base layer (the default since the twelfth session), faithful and dense side by side
+    "lgbn_s12_cnf_*_s0",
 ]
 CIRCUIT_TABLES = ["circuit_grid_90s"]
 CIRCUIT_GOAL_TABLES = ["circuit_300s_spline3_lr1e-2_faithful", "circuit_300s_spline3_lr1e-2_dense", "circuit_300s_spline3_lr1e-2_random"]
