@@ -205,10 +205,11 @@ def test_nfe_of_fixed_step_solver_is_exact():
 
 
 # ------------------------------------------------------------------- adjoint
-def test_adjoint_gradients_match_backprop():
+@pytest.mark.parametrize("base_layer", [None, "affine"])
+def test_adjoint_gradients_match_backprop(base_layer):
     A = random_dag_adjacency(4, 2, p=0.6, seed=7)
-    direct = _flow(A, context_dim=2, rtol=1e-10, atol=1e-10)
-    adj = _flow(A, context_dim=2, rtol=1e-10, atol=1e-10, adjoint=True)
+    direct = _flow(A, context_dim=2, rtol=1e-10, atol=1e-10, base_layer=base_layer)
+    adj = _flow(A, context_dim=2, rtol=1e-10, atol=1e-10, adjoint=True, base_layer=base_layer)
     adj.load_state_dict(direct.state_dict())
     z, x = torch.randn(6, 4), torch.randn(6, 2)
     grads = []

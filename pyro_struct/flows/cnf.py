@@ -212,8 +212,8 @@ class StructuredCNF(ConditionalFlow):
             ``benchmarks/results`` older than ``circuit_seeds_cnf_base.md`` was measured so). On the
             arithmetic circuit (300 CPU-s of ``skl``, ``circuit_seeds_cnf_base.md``) it takes the
             faithful CNF from 1.08 to 0.46 nats over 10 seeds, below FFJORD's field with the same
-            layer at the end (0.53), with 40-50% fewer solver evaluations per solve (``cnf_base_layer.md``). The sample's dependence pattern is
-            unchanged (the layer's ``u_i`` depends on the noise and context of ``H``-ancestors of
+            layer at the end (0.53), with 40-50% fewer solver evaluations per solve
+            (``cnf_base_layer.md``). The sample's dependence pattern is unchanged (the layer's ``u_i`` depends on the noise and context of ``H``-ancestors of
             ``i``). With ``velocity_mask="full"`` the layer sees every earlier latent and every
             observation, so the FFJORD baseline stays free of structure. With augmentation it
             maps the latents' noise only.
