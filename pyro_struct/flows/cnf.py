@@ -716,28 +716,32 @@ class StructuredCNF(ConditionalFlow):
                 f"input dtype {v.dtype} does not match the flow's parameters ({ref.dtype}); convert one of them"
             )
 
+    def _base_map(self, v: torch.Tensor, x: torch.Tensor | None, mode: str):
+        """The base layer on the latent part of a state ``v`` ``(*batch, D)``: noise to the ODE's start
+        (``mode="forward"``) or back (``"inverse"``); the augmenting part passes through. Returns the
+        mapped state, its ``log|det|`` ``(*batch,)`` (or ``0.0``) and the layer's network evaluations."""
+        if self.base is None:
+            return v, 0.0, 0
+        d = self.dim
+        head, ld = (self.base if mode == "forward" else self.base.inverse)(v[..., :d], x)
+        out = torch.cat([head, v[..., d:]], -1) if self.augment else head
+        return out, ld, self.base.last_stats[mode]["evaluations"]
+
     def _state_forward(self, e: torch.Tensor, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """State noise ``e`` ``(*batch, D)`` -> ``y`` and ``log|det dy/de|``: the base layer, then the ODE."""
         self._check_dtype(e)
-        if self.base is None:
-            return self._solve(e, x, "forward")
-        d = self.dim
-        head, ld0 = self.base(e[..., :d], x)
-        v = torch.cat([head, e[..., d:]], -1) if self.augment else head
+        v, ld0, passes = self._base_map(e, x, "forward")
         y, ld = self._solve(v, x, "forward")
-        self.last_stats["forward"]["evaluations"] += self.base.last_stats["forward"]["evaluations"]
+        self.last_stats["forward"]["evaluations"] += passes  # _solve has just reset this call's stats
         return y, ld0 + ld
 
     def _state_inverse(self, y: torch.Tensor, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """State ``y`` ``(*batch, D)`` -> noise ``e`` and ``log|det de/dy|``: the ODE backwards, then the base layer's inverse."""
         self._check_dtype(y)
         v, ld = self._solve(y, x, "inverse")
-        if self.base is None:
-            return v, ld
-        d = self.dim
-        head, ld0 = self.base.inverse(v[..., :d], x)
-        self.last_stats["inverse"]["evaluations"] += self.base.last_stats["inverse"]["evaluations"]
-        return (torch.cat([head, v[..., d:]], -1) if self.augment else head), ld + ld0
+        e, ld0, passes = self._base_map(v, x, "inverse")
+        self.last_stats["inverse"]["evaluations"] += passes
+        return e, ld + ld0
 
     def forward_state(self, e: torch.Tensor, x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The exact bijection on the state: noise ``e`` ``(*batch, D)`` -> ``y`` ``(*batch, D)`` and
