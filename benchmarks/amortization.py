@@ -437,6 +437,11 @@ def run(args) -> dict:
     return result
 
 
+def _break_even(k) -> str:
+    """The break-even K: below one observation the amortised guide is cheaper from the first (not "0.0")."""
+    return "< 1 (from the first observation)" if k is not None and k < 1 else _f(k, ".1f")
+
+
 def _f(x, fmt=".3g"):
     return "—" if x is None else format(x, fmt)
 
@@ -532,7 +537,7 @@ def to_markdown(r: dict) -> str:
         t = _f(row["time_to_target_mean"])
         if key == "nuts" and row["reached"] < len(row["time_to_target_cpu_s"]):
             t = f"{_f(_mean(row['time_to_target_extrapolated']))} (extrapolated, KL ~ 1/samples)"
-        lines.append(f"| {names[key]} | {t} | {row['reached']}/{len(row['time_to_target_cpu_s'])} | {_f(row['break_even_K'], '.1f')} |")
+        lines.append(f"| {names[key]} | {t} | {row['reached']}/{len(row['time_to_target_cpu_s'])} | {_break_even(row['break_even_K'])} |")
     b = cmp_["budgets_cpu_s"]
     lines += ["", "## Accuracy at equal time", "",
               f"Budget per observation = the amortised guide's training / K + its answer time: K = {K}: {b[str(K)]:.3g} s; "

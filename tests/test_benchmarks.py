@@ -421,3 +421,10 @@ def test_amortization_only_keeps_the_other_methods_of_the_same_run_and_refuses_a
     other = am._parser().parse_args(["--network", "magic-niab", "--only", "svi", "--seed", "3"])
     with pytest.raises(SystemExit, match="other seed"):
         am._earlier_result(other)
+
+
+def test_amortization_break_even_below_one_observation_is_not_printed_as_zero():
+    from benchmarks.amortization import _break_even
+
+    assert _break_even(0.002) == "< 1 (from the first observation)"
+    assert _break_even(12.34) == "12.3" and _break_even(None) == "—"
